@@ -1,0 +1,1 @@
+"""Data: tokenizers, Megatron indexed datasets, sample indices, blends, loaders."""

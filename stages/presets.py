@@ -1,0 +1,111 @@
+"""``mtk presets list|show``: the named model and training recipes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import typer
+
+from stages.common import console, fail
+
+SUMMARY = "List the model presets (GPT-3, BERT, T5, Llama 3, RETRO, tiny) and show one in full."
+app = typer.Typer(no_args_is_help=True, help=SUMMARY)
+
+
+def _human(count: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.2f}{unit}"
+    return str(int(count))
+
+
+@app.command("list")
+def list_presets() -> None:
+    """One line per preset: architecture, size computed from its config, and default layout."""
+    from rich.table import Table
+
+    from mtk.presets import load_preset, preset_names
+
+    table = Table(title="mtk presets", title_justify="left")
+    for column in ("preset", "family", "layers", "hidden", "heads", "seq", "params", "TP", "PP", "CP"):
+        table.add_column(column, justify="left" if column in ("preset", "family") else "right")
+    for name in preset_names():
+        preset = load_preset(name)
+        model, parallel = preset.config.model, preset.config.parallel
+        layers = str(model.num_layers)
+        if model.family == "t5":
+            layers = f"{model.num_layers}+{model.decoder_num_layers}"
+        params = model.num_parameters(parallel.tensor_model_parallel_size)
+        table.add_row(
+            name,
+            model.family,
+            layers,
+            str(model.hidden_size),
+            str(model.num_attention_heads),
+            str(model.seq_length),
+            _human(params),
+            str(parallel.tensor_model_parallel_size),
+            str(parallel.pipeline_model_parallel_size),
+            str(parallel.context_parallel_size),
+        )
+    console.print(table)
+
+
+@app.command("show")
+def show_preset(
+    name: str = typer.Argument(..., help="Preset name, as printed by `mtk presets list`."),
+    as_json: bool = typer.Option(False, "--json", help="Print the resolved preset as JSON instead of tables."),
+) -> None:
+    """Every setting of one preset, the parameter count computed from it, and the published figures."""
+    from rich.table import Table
+
+    from mtk.config import ConfigError
+    from mtk.presets import load_preset
+
+    try:
+        preset = load_preset(name)
+    except ConfigError as err:
+        fail(str(err))
+    model, parallel = preset.config.model, preset.config.parallel
+    tp = parallel.tensor_model_parallel_size
+    params = model.num_parameters(tp)
+    if as_json:
+        payload = {
+            "name": preset.name,
+            "description": preset.description,
+            "tokenizer": preset.tokenizer,
+            "num_parameters": params,
+            "padded_vocab_size": model.padded_vocab_size(tp),
+            **preset.config.to_dict(),
+            "published": preset.published,
+        }
+        console.print_json(json.dumps(payload))
+        return
+    console.print(f"[bold]{preset.name}[/]: {preset.description}")
+    if preset.tokenizer:
+        console.print(f"tokenizer: {preset.tokenizer}")
+    console.print(
+        f"parameters: [bold]{params:,}[/] ({_human(params)}), computed from the config with the "
+        f"vocabulary padded to {model.padded_vocab_size(tp):,} (TP {tp})"
+    )
+    for section in ("model", "train", "parallel"):
+        table = Table(title=f"[{section}]", title_justify="left", show_header=False)
+        table.add_column("key")
+        table.add_column("value")
+        explicit = preset.explicit.get(section, set())
+        for item in dataclasses.fields(getattr(preset.config, section)):
+            value = getattr(getattr(preset.config, section), item.name)
+            shown = repr(value) if isinstance(value, str) else str(value)
+            if item.name in explicit:
+                table.add_row(item.name, f"[bold]{shown}[/]")
+            else:
+                table.add_row(f"[dim]{item.name}[/]", f"[dim]{shown} (default)[/]")
+        console.print(table)
+    if preset.published:
+        table = Table(title="published figures", title_justify="left", show_header=False)
+        table.add_column("key")
+        table.add_column("value")
+        for key, value in preset.published.items():
+            table.add_row(key, str(value))
+        console.print(table)
