@@ -205,6 +205,8 @@ def build_section(cls: type, values: dict[str, Any], where: str) -> Any:
 def _describe(annotation: Any) -> str:
     if typing.get_origin(annotation) is Literal:
         return " | ".join(repr(a) for a in typing.get_args(annotation))
+    if isinstance(annotation, type):
+        return annotation.__name__
     return str(annotation).replace("typing.", "")
 
 

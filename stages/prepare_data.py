@@ -2,8 +2,227 @@
 
 from __future__ import annotations
 
+import os
+from enum import StrEnum
+from pathlib import Path
+
+import typer
+
+from stages.common import console, fail
+
 SUMMARY = "Tokenize JSONL, Parquet or text into Megatron-compatible .bin/.idx files, fast."
 
 
-def prepare_data() -> None:
-    pass
+class TokenizerType(StrEnum):
+    auto = "auto"
+    hf = "hf"
+    gpt2bpe = "gpt2bpe"
+    wordpiece = "wordpiece"
+    null = "null"
+
+
+class OnError(StrEnum):
+    fail = "fail"
+    skip = "skip"
+
+
+class TextMode(StrEnum):
+    file = "file"
+    line = "line"
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def prepare_data(
+    inputs: list[str] = typer.Argument(
+        ...,
+        help="Input files, directories (searched recursively) or globs: .jsonl/.json (optionally .gz/.zst), "
+        ".parquet, or plain text with --text-mode.",
+        show_default=False,
+    ),
+    output_prefix: str = typer.Option(
+        ...,
+        "--output-prefix",
+        "-o",
+        help="Output prefix P: writes P_<key>_document.bin/.idx (or _sentence) "
+        "and P_<key>_document.mtk.json.",
+        show_default=False,
+    ),
+    tokenizer: str = typer.Option(
+        ...,
+        "--tokenizer",
+        "-t",
+        help="A tokenizer.json file, a directory holding tokenizer.json, GPT-2 "
+        "vocab.json + merges.txt, or BERT vocab.txt; or 'null' (text is whitespace-separated ids).",
+        show_default=False,
+    ),
+    tokenizer_type: TokenizerType = typer.Option(
+        TokenizerType.auto,
+        "--tokenizer-type",
+        help="Force the tokenizer kind instead of detecting it from the files.",
+    ),
+    vocab_size: int | None = typer.Option(
+        None,
+        "--vocab-size",
+        help="Vocabulary size for --tokenizer null (ids must be below it; eod = this value).",
+    ),
+    lower_case: bool | None = typer.Option(
+        None,
+        "--lower-case/--cased",
+        help="WordPiece only: lower-case (uncased BERT) or keep case. Default: detected from vocab.txt.",
+        show_default=False,
+    ),
+    json_keys: list[str] = typer.Option(
+        ["text"],
+        "--json-keys",
+        "-k",
+        help="JSON keys (Parquet columns) to tokenize, one output pair per key. "
+        "Repeat the option or separate with commas: --json-keys text,title.",
+    ),
+    append_eod: bool = typer.Option(
+        False, "--append-eod", help="Append the end-of-document token to every non-empty document."
+    ),
+    split_sentences: bool = typer.Option(
+        False,
+        "--split-sentences",
+        help="Store each document as a sequence of sentences (needed by BERT); "
+        "outputs are named _sentence. Splitter: sentencex.",
+    ),
+    language: str = typer.Option("en", "--language", help="Language code for --split-sentences."),
+    workers: int = typer.Option(
+        default_workers(), "--workers", "-w", min=1, help="Tokenizer processes (default: the CPUs available)."
+    ),
+    on_error: OnError = typer.Option(
+        OnError.fail,
+        "--on-error",
+        help="Bad line (malformed JSON, missing key, non-string value, non-UTF-8): "
+        "'fail' stops with file:line and writes nothing; 'skip' drops it and counts it.",
+    ),
+    text_mode: TextMode | None = typer.Option(
+        None,
+        "--text-mode",
+        help="Plain-text input: one document per 'file' or per 'line'. Required for files "
+        "that are not JSONL/Parquet.",
+        show_default=False,
+    ),
+    chunk_mb: float = typer.Option(
+        1.0, "--chunk-mb", min=0.01, help="Text per unit of work sent to a worker, in MB."
+    ),
+) -> None:
+    """Tokenize documents into Megatron's MMIDIDX .bin/.idx format (readable by Megatron-LM itself).
+
+    Example: mtk prepare-data corpus/ -o data/wiki -t gpt2-tokenizer/ --append-eod
+    """
+    from mtk.data.tokenizer import load_tokenizer
+    from rich.table import Table
+
+    from mtk.data.prepare import PrepareError
+    from mtk.data.prepare import prepare_data as run
+    from mtk.data.sources import InputError
+
+    keys = [key.strip() for spec in json_keys for key in spec.split(",") if key.strip()]
+    try:
+        tok = load_tokenizer(
+            tokenizer,
+            kind=None if tokenizer_type is TokenizerType.auto else tokenizer_type.value,
+            vocab_size=vocab_size,
+            lower_case=lower_case,
+        )
+    except (ValueError, OSError) as err:
+        fail(f"--tokenizer {tokenizer}: {err}")
+    with _ProgressBar() as bar:
+        try:
+            result = run(
+                inputs,
+                output_prefix,
+                tok,
+                json_keys=keys,
+                append_eod=append_eod,
+                split_sentences=split_sentences,
+                language=language,
+                workers=workers,
+                on_error=on_error.value,
+                text_mode=None if text_mode is None else text_mode.value,
+                chunk_bytes=int(chunk_mb * (1 << 20)),
+                progress=bar.update,
+            )
+        except (PrepareError, InputError) as err:
+            bar.stop()
+            fail(f"{err}\nNothing was written.")
+        except KeyboardInterrupt:
+            bar.stop()
+            fail("interrupted; partial outputs were removed, nothing was written.", code=130)
+    stats = result.stats
+    table = Table(title="prepare-data summary", title_justify="left", show_header=False)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    rate = lambda n: f"{n / max(stats.seconds, 1e-9):,.0f}/s"  # noqa: E731
+    table.add_row("tokenizer", f"{tok.kind} ({tok.backend}), vocab {tok.vocab_size:,}, eod {tok.eod}")
+    table.add_row("documents", f"{stats.documents:,}  ({rate(stats.documents)})")
+    table.add_row(
+        "input",
+        f"{stats.input_bytes / 1e6:,.1f} MB  ({stats.input_bytes / 1e6 / max(stats.seconds, 1e-9):,.1f} MB/s)",
+    )
+    for key, prefix in result.outputs.items():
+        table.add_row(f"[{key}] tokens", f"{stats.tokens[key]:,}  ({rate(stats.tokens[key])})")
+        table.add_row(f"[{key}] sequences", f"{stats.sequences[key]:,}")
+        table.add_row(f"[{key}] empty documents", f"{stats.empty_documents[key]:,}")
+        table.add_row(f"[{key}] output", f"{prefix}.bin/.idx")
+    table.add_row("skipped lines", f"{stats.skipped_lines:,}")
+    table.add_row("time", f"{stats.seconds:,.1f} s with {workers} worker(s)")
+    console.print(table)
+    for example in stats.skipped_examples:
+        console.print(f"[yellow]skipped[/] {example}", highlight=False)
+    if stats.skipped_lines > len(stats.skipped_examples):
+        console.print(
+            f"[yellow]... and {stats.skipped_lines - len(stats.skipped_examples)} more skipped lines[/]"
+        )
+    first = next(iter(result.outputs.values()))
+    console.print(f"Train on it with: mtk train --preset NAME --data {Path(first)}")
+
+
+class _ProgressBar:
+    """Rich progress bar fed by the pipeline's stats: bytes done, documents/s, tokens/s, MB/s."""
+
+    def __enter__(self) -> _ProgressBar:
+        from rich.progress import (
+            BarColumn,
+            Progress,
+            TaskProgressColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.progress = Progress(
+            TextColumn("[bold]tokenizing"),
+            BarColumn(),
+            TaskProgressColumn(),
+            TextColumn("{task.fields[docs]} docs/s  {task.fields[tokens]} tok/s  {task.fields[mbs]} MB/s"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task("tokenizing", total=None, docs="-", tokens="-", mbs="-")
+        return self
+
+    def update(self, stats, total_bytes: int) -> None:
+        seconds = max(stats.seconds, 1e-9)
+        self.progress.update(
+            self.task,
+            total=total_bytes,
+            completed=stats.input_bytes,
+            docs=f"{stats.documents / seconds:,.0f}",
+            tokens=f"{sum(stats.tokens.values()) / seconds:,.0f}",
+            mbs=f"{stats.input_bytes / 1e6 / seconds:,.1f}",
+        )
+
+    def stop(self) -> None:
+        self.progress.stop()
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()

@@ -55,7 +55,9 @@ def list_presets() -> None:
 @app.command("show")
 def show_preset(
     name: str = typer.Argument(..., help="Preset name, as printed by `mtk presets list`."),
-    as_json: bool = typer.Option(False, "--json", help="Print the resolved preset as JSON instead of tables."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print the resolved preset as JSON instead of tables."
+    ),
 ) -> None:
     """Every setting of one preset, the parameter count computed from it, and the published figures."""
     from rich.table import Table

@@ -56,9 +56,7 @@ def idx_path(prefix: str | os.PathLike) -> Path:
     return Path(f"{prefix}.idx")
 
 
-def encode_index(
-    dtype: np.dtype, sequence_lengths: np.ndarray, document_indices: np.ndarray
-) -> bytes:
+def encode_index(dtype: np.dtype, sequence_lengths: np.ndarray, document_indices: np.ndarray) -> bytes:
     """The exact bytes of an ``.idx`` file."""
     dtype = np.dtype(dtype)
     lengths = np.asarray(sequence_lengths, dtype=np.int32)
@@ -150,9 +148,7 @@ class IndexedDataset:
                 f"{self.dtype} ({total * self.dtype.itemsize} bytes); the pair does not belong together"
             )
         # np.memmap refuses empty files; an empty dataset gets an empty array instead.
-        self.tokens = (
-            np.memmap(data_file, dtype=self.dtype, mode="r") if total else np.zeros(0, self.dtype)
-        )
+        self.tokens = np.memmap(data_file, dtype=self.dtype, mode="r") if total else np.zeros(0, self.dtype)
 
     def __len__(self) -> int:
         """Number of sequences (documents, or sentences for ``_sentence`` files)."""

@@ -1,0 +1,379 @@
+"""Preprocessing: documents -> tokens -> Megatron ``.bin/.idx`` pairs, one pair per JSON key.
+
+The main process reads bounded chunks and writes outputs in input order; tokenization runs in
+worker processes (or in-process with one worker). Outputs are written under temporary names and
+renamed only when everything succeeded, so a failure or Ctrl-C never leaves a valid-looking pair.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import json
+import multiprocessing
+import os
+import signal
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from mtk.data.indexed import IndexWriter, bin_path, idx_path, token_dtype
+from mtk.data.sources import Chunk, TextMode, expand_inputs, read_chunks, total_input_bytes
+from mtk.manifest import data_manifest_path, describe_file, write_manifest
+
+OnError = Literal["fail", "skip"]
+
+
+class PrepareError(ValueError):
+    """Bad input found while preprocessing (message names file and line)."""
+
+
+@dataclass
+class EncodedKey:
+    tokens: np.ndarray  # all tokens of the chunk's documents, concatenated
+    sequence_lengths: np.ndarray  # int32, one per non-empty sentence (or document)
+    sequences_per_document: np.ndarray  # int64, one per document (0 for an empty one)
+
+
+@dataclass
+class EncodedChunk:
+    source: str
+    keys: dict[str, EncodedKey]
+    documents: int
+    errors: list[tuple[int, str]]  # (line, message) of rejected lines
+    input_bytes: int
+    text_bytes: int
+
+
+@dataclass
+class PrepareStats:
+    documents: int = 0
+    empty_documents: dict[str, int] = field(default_factory=dict)
+    skipped_lines: int = 0
+    sequences: dict[str, int] = field(default_factory=dict)
+    tokens: dict[str, int] = field(default_factory=dict)
+    input_bytes: int = 0
+    text_bytes: int = 0
+    seconds: float = 0.0
+    skipped_examples: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PrepareResult:
+    outputs: dict[str, str]  # key -> output prefix (without .bin/.idx)
+    stats: PrepareStats
+    manifests: dict[str, dict[str, Any]]
+
+
+class _Encoder:
+    """Turns chunks into tokens; one instance per worker process."""
+
+    def __init__(
+        self, tokenizer_entry: dict[str, Any], keys: list[str], append_eod: bool, sentences: str | None
+    ):
+        from mtk.data.tokenizer import tokenizer_from_manifest
+
+        self.tokenizer = tokenizer_from_manifest(tokenizer_entry)
+        self.keys = keys
+        self.append_eod = append_eod
+        self.dtype = token_dtype(self.tokenizer.vocab_size)
+        self.language = sentences
+        if sentences is not None:
+            from mtk.data.sentences import split_sentences
+
+            self.split = split_sentences
+
+    def _texts(self, chunk: Chunk) -> tuple[list[dict[str, str]], list[tuple[int, str]]]:
+        documents, errors = [], []
+        for position, item in enumerate(chunk.items):
+            line = chunk.first_line + position
+            try:
+                documents.append(self._document(item, chunk.format))
+            except ValueError as err:
+                errors.append((line, str(err)))
+        return documents, errors
+
+    def _document(self, item: Any, fmt: str) -> dict[str, str]:
+        if fmt == "jsonl":
+            try:
+                text = item.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(
+                    f"not valid UTF-8 (byte 0x{item[err.start]:02x} at offset {err.start})"
+                ) from None
+            if not text.strip():
+                raise ValueError("empty line, expected a JSON object")
+            try:
+                item = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"malformed JSON: {err.msg} at column {err.colno}") from None
+            if not isinstance(item, dict):
+                raise ValueError(f"expected a JSON object, got {type(item).__name__}")
+        document = {}
+        for key in self.keys:
+            if key not in item or item[key] is None:
+                raise ValueError(f"missing key '{key}' (keys present: {', '.join(map(str, item)) or 'none'})")
+            value = item[key]
+            if isinstance(value, bytes):
+                try:
+                    value = value.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise ValueError(
+                        f"not valid UTF-8 (byte 0x{value[err.start]:02x} at offset {err.start})"
+                    ) from None
+            if not isinstance(value, str):
+                raise ValueError(f"key '{key}' holds {type(value).__name__}, expected a string")
+            document[key] = value
+        return document
+
+    def _encode_key(self, texts: list[str]) -> EncodedKey:
+        if self.language is None:
+            sentences_per_text = [[text] for text in texts]
+        else:
+            sentences_per_text = [self.split(text, self.language) for text in texts]
+        flat = list(itertools.chain.from_iterable(sentences_per_text))
+        ids = self.tokenizer.encode_batch(flat) if flat else []
+        lengths, per_document, pieces = [], [], []
+        cursor = 0
+        for sentences in sentences_per_text:
+            doc_ids = [seq for seq in ids[cursor : cursor + len(sentences)] if seq]
+            cursor += len(sentences)
+            if doc_ids and self.append_eod:
+                doc_ids[-1] = [*doc_ids[-1], self.tokenizer.eod]
+            per_document.append(len(doc_ids))
+            lengths.extend(map(len, doc_ids))
+            pieces.extend(doc_ids)
+        total = sum(lengths)
+        tokens = np.fromiter(itertools.chain.from_iterable(pieces), dtype=np.int64, count=total)
+        return EncodedKey(
+            tokens=tokens.astype(self.dtype),
+            sequence_lengths=np.asarray(lengths, dtype=np.int32),
+            sequences_per_document=np.asarray(per_document, dtype=np.int64),
+        )
+
+    def __call__(self, chunk: Chunk) -> EncodedChunk:
+        documents, errors = self._texts(chunk)
+        keys = {key: self._encode_key([doc[key] for doc in documents]) for key in self.keys}
+        return EncodedChunk(chunk.source, keys, len(documents), errors, chunk.input_bytes, chunk.text_bytes)
+
+
+_worker_encoder: _Encoder | None = None
+
+
+def _init_worker(*args: Any) -> None:
+    global _worker_encoder
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and cleans up
+    _worker_encoder = _Encoder(*args)
+
+
+def _encode_in_worker(chunk: Chunk) -> EncodedChunk:
+    assert _worker_encoder is not None
+    return _worker_encoder(chunk)
+
+
+def _encode_all(chunks: Iterator[Chunk], encoder_args: tuple, workers: int) -> Iterator[EncodedChunk]:
+    """Encoded chunks in input order, with at most ``2 * workers`` chunks in flight."""
+    if workers <= 1:
+        encoder = _Encoder(*encoder_args)
+        yield from map(encoder, chunks)
+        return
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(workers, initializer=_init_worker, initargs=encoder_args) as pool:
+        pending: deque = deque()
+        for chunk in chunks:
+            pending.append(pool.apply_async(_encode_in_worker, (chunk,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Treat SIGTERM like Ctrl-C so the cleanup below runs (only possible in the main thread)."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _PairWriter:
+    """Writes one ``.bin/.idx`` pair under temporary names; ``commit`` renames them into place."""
+
+    def __init__(self, prefix: str, dtype: np.dtype) -> None:
+        self.prefix = prefix
+        self.final_bin, self.final_idx = bin_path(prefix), idx_path(prefix)
+        self.tmp_bin = self.final_bin.with_name(f".{self.final_bin.name}.tmp-{os.getpid()}")
+        self.tmp_idx = self.final_idx.with_name(f".{self.final_idx.name}.tmp-{os.getpid()}")
+        self.index = IndexWriter(dtype)
+        self.bin_sha256 = hashlib.sha256()
+        self.bin_file = open(self.tmp_bin, "wb", buffering=1 << 24)  # noqa: SIM115 - closed in commit/discard
+
+    def write(self, encoded: EncodedKey) -> None:
+        data = encoded.tokens.tobytes()
+        self.bin_file.write(data)
+        self.bin_sha256.update(data)
+        self.index.add_documents(encoded.sequence_lengths, encoded.sequences_per_document)
+
+    def commit(self) -> None:
+        self.bin_file.close()
+        self.tmp_idx.write_bytes(self.index.to_bytes())
+        # remove a previous .idx first: a crash between the renames then leaves no valid-looking pair
+        self.final_idx.unlink(missing_ok=True)
+        data_manifest_path(self.prefix).unlink(missing_ok=True)
+        os.replace(self.tmp_bin, self.final_bin)
+        os.replace(self.tmp_idx, self.final_idx)
+
+    def discard(self) -> None:
+        self.bin_file.close()
+        self.tmp_bin.unlink(missing_ok=True)
+        self.tmp_idx.unlink(missing_ok=True)
+
+
+def output_prefix_for(output_prefix: str, key: str, split_sentences: bool) -> str:
+    return f"{output_prefix}_{key}_{'sentence' if split_sentences else 'document'}"
+
+
+def prepare_data(
+    inputs: list[str],
+    output_prefix: str,
+    tokenizer: Any,
+    json_keys: list[str] | None = None,
+    append_eod: bool = False,
+    split_sentences: bool = False,
+    language: str = "en",
+    workers: int = 1,
+    on_error: OnError = "fail",
+    text_mode: TextMode | None = None,
+    chunk_bytes: int = 1 << 20,
+    progress: Callable[[PrepareStats, int], None] | None = None,
+) -> PrepareResult:
+    """Tokenize ``inputs`` into ``{output_prefix}_{key}_{document|sentence}.bin/.idx`` (+ manifest).
+
+    ``tokenizer`` is a loaded :class:`mtk.data.tokenizer.Tokenizer`. ``progress(stats, total_bytes)``
+    is called after each chunk. Raises :class:`PrepareError` on bad input with ``on_error="fail"``.
+    """
+    keys = list(json_keys or ["text"])
+    if len(set(keys)) != len(keys):
+        raise PrepareError(f"--json-keys lists a key twice: {keys}")
+    if append_eod and tokenizer.eod is None:
+        raise PrepareError(f"--append-eod: the {tokenizer.kind} tokenizer has no end-of-document token")
+    paths = expand_inputs(inputs, text_mode)
+    total_bytes = total_input_bytes(paths)
+    Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
+    dtype = token_dtype(tokenizer.vocab_size)
+    prefixes = {key: output_prefix_for(output_prefix, key, split_sentences) for key in keys}
+    stats = PrepareStats(
+        empty_documents=dict.fromkeys(keys, 0),
+        sequences=dict.fromkeys(keys, 0),
+        tokens=dict.fromkeys(keys, 0),
+    )
+    encoder_args = (tokenizer.describe(), keys, append_eod, language if split_sentences else None)
+    writers: dict[str, _PairWriter] = {}
+    start = time.perf_counter()
+    try:
+        with _sigterm_as_interrupt():
+            writers = {key: _PairWriter(prefix, dtype) for key, prefix in prefixes.items()}
+            chunks = read_chunks(paths, keys, text_mode, chunk_bytes)
+            for encoded in _encode_all(chunks, encoder_args, workers):
+                _account(encoded, stats, on_error)
+                for key, writer in writers.items():
+                    writer.write(encoded.keys[key])
+                    stats.sequences[key] += len(encoded.keys[key].sequence_lengths)
+                    stats.tokens[key] += len(encoded.keys[key].tokens)
+                    stats.empty_documents[key] += int((encoded.keys[key].sequences_per_document == 0).sum())
+                stats.seconds = time.perf_counter() - start
+                if progress is not None:
+                    progress(stats, total_bytes)
+            for writer in writers.values():
+                writer.commit()
+    except BaseException:
+        for writer in writers.values():
+            writer.discard()
+        raise
+    stats.seconds = time.perf_counter() - start
+    manifests = {
+        key: _write_data_manifest(
+            prefixes[key],
+            key,
+            tokenizer,
+            dtype,
+            paths,
+            stats,
+            writers[key],
+            split_sentences,
+            language,
+            append_eod,
+        )
+        for key in keys
+    }
+    return PrepareResult(outputs=prefixes, stats=stats, manifests=manifests)
+
+
+def _account(encoded: EncodedChunk, stats: PrepareStats, on_error: OnError) -> None:
+    if encoded.errors:
+        line, message = encoded.errors[0]
+        if on_error == "fail":
+            raise PrepareError(
+                f"{encoded.source}:{line}: {message}\n"
+                "Fix the line, or pass --on-error skip to drop bad lines (they are counted and reported)."
+            )
+        stats.skipped_lines += len(encoded.errors)
+        for line, message in encoded.errors[: max(0, 5 - len(stats.skipped_examples))]:
+            stats.skipped_examples.append(f"{encoded.source}:{line}: {message}")
+    stats.documents += encoded.documents
+    stats.input_bytes += encoded.input_bytes
+    stats.text_bytes += encoded.text_bytes
+
+
+def _write_data_manifest(
+    prefix: str,
+    key: str,
+    tokenizer: Any,
+    dtype: np.dtype,
+    paths: list[Path],
+    stats: PrepareStats,
+    writer: _PairWriter,
+    split_sentences: bool,
+    language: str,
+    append_eod: bool,
+) -> dict[str, Any]:
+    bin_entry = describe_file(writer.final_bin, with_hash=False)
+    bin_entry["sha256"] = writer.bin_sha256.hexdigest()
+    return write_manifest(
+        data_manifest_path(prefix),
+        stage="prepare-data",
+        prefix=str(Path(prefix).resolve()),
+        json_key=key,
+        level="sentence" if split_sentences else "document",
+        tokenizer=tokenizer.describe(),
+        vocab_size=tokenizer.vocab_size,
+        eod=tokenizer.eod,
+        dtype=str(dtype),
+        append_eod=append_eod,
+        sentence_splitter=f"sentencex ({language})" if split_sentences else None,
+        counts={
+            "documents": stats.documents,
+            "empty_documents": stats.empty_documents[key],
+            "sequences": stats.sequences[key],
+            "tokens": stats.tokens[key],
+            "skipped_lines": stats.skipped_lines,
+        },
+        inputs=[describe_file(p, with_hash=False) for p in paths],
+        outputs=[bin_entry, describe_file(writer.final_idx)],
+    )
