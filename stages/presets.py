@@ -23,13 +23,14 @@ def _human(count: float) -> str:
 @app.command("list")
 def list_presets() -> None:
     """One line per preset: architecture, size computed from its config, and default layout."""
+    from rich import box
     from rich.table import Table
 
     from mtk.presets import load_preset, preset_names
 
-    table = Table(title="mtk presets", title_justify="left")
+    table = Table(title="mtk presets", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     for column in ("preset", "family", "layers", "hidden", "heads", "seq", "params", "TP", "PP", "CP"):
-        table.add_column(column, justify="left" if column in ("preset", "family") else "right")
+        table.add_column(column, justify="left" if column in ("preset", "family") else "right", no_wrap=True)
     for name in preset_names():
         preset = load_preset(name)
         model, parallel = preset.config.model, preset.config.parallel
