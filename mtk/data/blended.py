@@ -1,0 +1,145 @@
+"""Megatron-style blends: ``--data "0.3 PREFIX_A 0.7 PREFIX_B"`` mixes datasets by weight."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mtk.data.gpt_dataset import GPTDataset, build_gpt_datasets, parse_split
+from mtk.data.helpers import build_blending_indices, cached_indices, default_cache_dir
+
+# Megatron asks each dataset for 0.5% more samples than its share, so the greedy blend never runs short.
+SAMPLE_SURPLUS = 1.005
+
+
+def parse_blend(text: str) -> list[tuple[float, str]]:
+    """``"0.3 A 0.7 B"`` -> ``[(0.3, "A"), (0.7, "B")]``; a lone ``"A"`` -> ``[(1.0, "A")]``.
+
+    Weights are not normalised here. Raises ValueError on an odd count or a weight that is not a
+    positive number, FileNotFoundError naming the first missing ``.bin``/``.idx``.
+    """
+    words = text.split()
+    if len(words) == 1:
+        blend = [(1.0, words[0])]
+    elif not words or len(words) % 2:
+        raise ValueError(
+            f"data {text!r}: expected a prefix, or pairs of 'WEIGHT PREFIX' ({len(words)} words given)"
+        )
+    else:
+        blend = []
+        for weight_text, prefix in zip(words[::2], words[1::2], strict=True):
+            try:
+                weight = float(weight_text)
+            except ValueError:
+                raise ValueError(
+                    f"data {text!r}: weight {weight_text!r} (before {prefix}) is not a number"
+                ) from None
+            if not math.isfinite(weight) or weight <= 0:
+                raise ValueError(
+                    f"data {text!r}: weight {weight_text!r} of {prefix} must be a positive number"
+                )
+            blend.append((weight, prefix))
+    for _, prefix in blend:
+        for suffix in (".bin", ".idx"):
+            if not Path(f"{prefix}{suffix}").is_file():
+                raise FileNotFoundError(
+                    f"data: {prefix}{suffix} not found (each prefix needs a .bin and an .idx)"
+                )
+    return blend
+
+
+class BlendedDataset:
+    """``num_samples`` samples drawn from ``datasets`` in proportion to ``weights`` (Megatron's greedy order).
+
+    ``datasets`` must have a ``description`` (their cache key), which together with the weights and size
+    keys this blend's cached indices in ``cache_dir``.
+    """
+
+    def __init__(
+        self,
+        datasets: Sequence[GPTDataset],
+        weights: Sequence[float],
+        num_samples: int,
+        cache_dir: str | os.PathLike,
+    ) -> None:
+        if len(datasets) != len(weights):
+            raise ValueError(f"{len(datasets)} datasets but {len(weights)} weights")
+        self.datasets = list(datasets)
+        self.weights = [weight / sum(weights) for weight in weights]
+        self.description = {
+            "class": type(self).__name__,
+            "datasets": [dataset.description for dataset in datasets],
+            "weights": self.weights,
+            "num_samples": num_samples,
+        }
+
+        def build() -> dict[str, np.ndarray]:
+            dataset_index, dataset_sample_index = build_blending_indices(self.weights, num_samples)
+            return {"dataset_index": dataset_index, "dataset_sample_index": dataset_sample_index}
+
+        arrays, self.built_indices = cached_indices(
+            cache_dir, self.description, ("dataset_index", "dataset_sample_index"), build
+        )
+        self.dataset_index = arrays["dataset_index"]
+        self.dataset_sample_index = arrays["dataset_sample_index"]
+        counts = np.bincount(self.dataset_index, minlength=len(datasets))
+        for dataset, count in zip(self.datasets, counts, strict=True):
+            if count > len(dataset):
+                raise ValueError(
+                    f"the blend needs {count} samples of {dataset.description['path_prefix']}, "
+                    f"which has {len(dataset)}: give that dataset more samples"
+                )
+
+    def __len__(self) -> int:
+        return len(self.dataset_index)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        dataset = self.datasets[self.dataset_index[index]]
+        return dataset[int(self.dataset_sample_index[index])]
+
+
+def build_blended_datasets(
+    data: str,
+    split: str,
+    num_samples: tuple[int, int, int],
+    seq_length: int,
+    seed: int,
+    cache_dir: str | os.PathLike | None = None,
+    eod: int | None = None,
+    eod_mask_loss: bool = False,
+) -> tuple[GPTDataset | BlendedDataset | None, ...]:
+    """Train, valid and test datasets for a ``--data`` string (see ``parse_blend``).
+
+    A single prefix gives plain GPTDatasets of exactly ``num_samples``. A blend asks each prefix for
+    ``ceil(n * weight * 1.005)`` samples of each split and blends them; None for a split with no weight
+    or samples. Every prefix is split by ``split`` on its own.
+    """
+    blend = parse_blend(data)
+    options = dict(
+        seq_length=seq_length, seed=seed, cache_dir=cache_dir, eod=eod, eod_mask_loss=eod_mask_loss
+    )
+    if len(blend) == 1:
+        return build_gpt_datasets(blend[0][1], split, num_samples, **options)
+    total = sum(weight for weight, _ in blend)
+    weights = [weight / total for weight, _ in blend]
+    per_prefix = [
+        build_gpt_datasets(
+            prefix, split, tuple(math.ceil(n * weight * SAMPLE_SURPLUS) for n in num_samples), **options
+        )
+        for weight, (_, prefix) in zip(weights, blend, strict=True)
+    ]
+    blend_cache_dir = cache_dir if cache_dir is not None else default_cache_dir(blend[0][1])
+    split_weights = parse_split(split)
+    return tuple(
+        BlendedDataset(
+            [datasets[i] for datasets in per_prefix], [weight for weight, _ in blend], n, blend_cache_dir
+        )
+        if split_weights[i] > 0 and n > 0
+        else None
+        for i, n in enumerate(num_samples)
+    )

@@ -1,0 +1,165 @@
+"""Index builders for GPT samples and blends (numba-compiled loops), and the disk cache that keeps them.
+
+The loops reproduce Megatron-LM's ``helpers.cpp`` (``build_sample_idx``, ``build_blending_indices``),
+so the same data, split and seed give the same samples in the same order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import weakref
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numba
+import numpy as np
+
+from mtk.data.indexed import IndexedDataset, idx_path
+from mtk.manifest import atomic_write_text, sha256_file
+
+
+def _jit(function: Callable) -> Callable:
+    """``numba.njit(cache=True)``, or plain ``njit`` where no cache folder is writable.
+
+    numba looks for a cache location when the function is decorated and raises if none is
+    writable (read-only install and home); compiling in every process is slower, not wrong.
+    """
+    try:
+        return numba.njit(cache=True)(function)
+    except RuntimeError:
+        return numba.njit(function)
+
+
+@_jit
+def _fill_sample_index(sequence_lengths, document_index, seq_length, sample_index):
+    position = 0  # into document_index
+    offset = 0  # token offset inside that document
+    sample_index[0, 0] = 0
+    sample_index[0, 1] = 0
+    for sample in range(1, sample_index.shape[0]):
+        remaining = seq_length + 1
+        while remaining != 0:
+            doc_length = sequence_lengths[document_index[position]] - offset
+            remaining -= doc_length
+            if remaining <= 0:
+                # The sample ends inside this document; the next one starts on its last token,
+                # which this sample keeps only as the label source (hence the -1).
+                offset += remaining + doc_length - 1
+                remaining = 0
+            else:
+                position += 1
+                offset = 0
+        sample_index[sample, 0] = position
+        sample_index[sample, 1] = offset
+
+
+def build_sample_index(
+    sequence_lengths: np.ndarray, document_index: np.ndarray, seq_length: int
+) -> np.ndarray:
+    """Where every sample of ``seq_length + 1`` tokens starts in the stream of ``document_index``'s documents.
+
+    Returns ``(num_samples + 1, 2)`` rows ``(position in document_index, token offset)``, where
+    ``num_samples = (total_tokens - 1) // seq_length`` (the last partial sample is dropped). Sample ``i``
+    runs from row ``i`` to row ``i + 1`` inclusive: consecutive samples share one token. Rows are int32
+    unless a position or a length needs int64 (as Megatron chooses).
+    """
+    if seq_length < 1:
+        raise ValueError(f"seq_length must be positive, got {seq_length}")
+    document_index = np.ascontiguousarray(document_index)
+    sequence_lengths = np.ascontiguousarray(sequence_lengths)
+    total_tokens = int(sequence_lengths[document_index].sum(dtype=np.int64))
+    num_samples = max(total_tokens - 1, 0) // seq_length
+    largest = max(len(document_index), int(sequence_lengths.max(initial=0)))
+    dtype = np.int32 if largest <= np.iinfo(np.int32).max else np.int64
+    sample_index = np.empty((num_samples + 1, 2), dtype=dtype)
+    _fill_sample_index(sequence_lengths, document_index, seq_length, sample_index)
+    return sample_index
+
+
+@_jit
+def _fill_blending_indices(weights, dataset_index, dataset_sample_index):
+    counts = np.zeros(len(weights), dtype=np.int64)
+    for sample in range(len(dataset_index)):
+        scale = max(float(sample), 1.0)
+        best = 0
+        best_error = weights[0] * scale - counts[0]
+        for dataset in range(1, len(weights)):
+            error = weights[dataset] * scale - counts[dataset]
+            if error > best_error:
+                best = dataset
+                best_error = error
+        dataset_index[sample] = best
+        dataset_sample_index[sample] = counts[best]
+        counts[best] += 1
+
+
+def build_blending_indices(weights: Sequence[float], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Megatron's greedy blend: sample ``i`` comes from the dataset furthest behind its share.
+
+    ``weights`` must be normalised. Returns ``dataset_index`` (int16, which dataset serves sample ``i``)
+    and ``dataset_sample_index`` (int64, the how-many-th sample of that dataset it is).
+    """
+    weights = np.asarray(weights, dtype=np.float64)
+    if not 0 < len(weights) <= np.iinfo(np.int16).max:
+        raise ValueError(f"a blend needs 1 to {np.iinfo(np.int16).max} datasets, got {len(weights)}")
+    dataset_index = np.empty(size, dtype=np.int16)
+    dataset_sample_index = np.empty(size, dtype=np.int64)
+    _fill_blending_indices(weights, dataset_index, dataset_sample_index)
+    return dataset_index, dataset_sample_index
+
+
+def default_cache_dir(prefix: str | os.PathLike) -> Path:
+    return Path(prefix).resolve().parent / ".mtk-cache"
+
+
+# Computed once per open dataset: the splits of one file share it, and a big .idx takes seconds to hash.
+_idx_hashes: weakref.WeakKeyDictionary[IndexedDataset, str] = weakref.WeakKeyDictionary()
+
+
+def idx_sha256(indexed: IndexedDataset) -> str:
+    """sha256 of the dataset's ``.idx``: it fixes every sequence length, hence every index built on it."""
+    if indexed not in _idx_hashes:
+        _idx_hashes[indexed] = sha256_file(idx_path(indexed.prefix))
+    return _idx_hashes[indexed]
+
+
+def _save_atomic(path: Path, array: np.ndarray) -> None:
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as sink:
+            np.save(sink, array, allow_pickle=False)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def cached_indices(
+    cache_dir: str | os.PathLike,
+    description: dict[str, Any],
+    names: Sequence[str],
+    build: Callable[[], dict[str, np.ndarray]],
+) -> tuple[dict[str, np.ndarray], bool]:
+    """Load the arrays ``names`` cached under ``description``, or ``build()`` and cache them.
+
+    Files are ``CACHE_DIR/<class>-<md5 of description JSON>-<name>.npy`` plus ``...-description.json``.
+    Each is written under a temporary name and renamed; the description goes last and marks the entry
+    complete, so a crash or a concurrent builder never leaves a half-written entry that gets loaded.
+    Returns the arrays (memory-mapped when loaded) and whether they were built now.
+    """
+    cache_dir = Path(cache_dir)
+    text = json.dumps(description, sort_keys=True, indent=2)
+    stem = f"{description['class']}-{hashlib.md5(text.encode()).hexdigest()}"
+    description_path = cache_dir / f"{stem}-description.json"
+    paths = {name: cache_dir / f"{stem}-{name}.npy" for name in names}
+    if description_path.exists() and all(path.exists() for path in paths.values()):
+        return {name: np.load(path, mmap_mode="r") for name, path in paths.items()}, False
+    arrays = build()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    for name, path in paths.items():
+        _save_atomic(path, arrays[name])
+    atomic_write_text(description_path, text + "\n")
+    return arrays, True
