@@ -89,24 +89,21 @@ class _Encoder:
 
             self.split = split_sentences
 
-    def _texts(self, chunk: Chunk) -> tuple[list[dict[str, str]], list[tuple[int, str]]]:
-        documents, errors = [], []
+    def _texts(self, chunk: Chunk) -> tuple[list[int], list[dict[str, str]], list[tuple[int, str]]]:
+        lines, documents, errors = [], [], []
         for position, item in enumerate(chunk.items):
             line = chunk.first_line + position
             try:
                 documents.append(self._document(item, chunk.format))
+                lines.append(line)
             except ValueError as err:
                 errors.append((line, str(err)))
-        return documents, errors
+        return lines, documents, errors
 
     def _document(self, item: Any, fmt: str) -> dict[str, str]:
+        escapes = False  # only a JSON \\uXXXX escape can smuggle in a lone surrogate
         if fmt == "jsonl":
-            try:
-                text = item.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise ValueError(
-                    f"not valid UTF-8 (byte 0x{item[err.start]:02x} at offset {err.start})"
-                ) from None
+            text = _decode_utf8(item)
             if not text.strip():
                 raise ValueError("empty line, expected a JSON object")
             try:
@@ -115,20 +112,23 @@ class _Encoder:
                 raise ValueError(f"malformed JSON: {err.msg} at column {err.colno}") from None
             if not isinstance(item, dict):
                 raise ValueError(f"expected a JSON object, got {type(item).__name__}")
+            escapes = "\\u" in text
         document = {}
         for key in self.keys:
             if key not in item or item[key] is None:
                 raise ValueError(f"missing key '{key}' (keys present: {', '.join(map(str, item)) or 'none'})")
             value = item[key]
             if isinstance(value, bytes):
-                try:
-                    value = value.decode("utf-8")
-                except UnicodeDecodeError as err:
-                    raise ValueError(
-                        f"not valid UTF-8 (byte 0x{value[err.start]:02x} at offset {err.start})"
-                    ) from None
+                value = _decode_utf8(value)
             if not isinstance(value, str):
                 raise ValueError(f"key '{key}' holds {type(value).__name__}, expected a string")
+            if escapes:
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError as err:
+                    raise ValueError(
+                        f"key '{key}' holds a lone surrogate \\u{ord(value[err.start]):04x}, not valid UTF-8"
+                    ) from None
             document[key] = value
         return document
 
@@ -158,9 +158,31 @@ class _Encoder:
         )
 
     def __call__(self, chunk: Chunk) -> EncodedChunk:
-        documents, errors = self._texts(chunk)
-        keys = {key: self._encode_key([doc[key] for doc in documents]) for key in self.keys}
+        lines, documents, errors = self._texts(chunk)
+        try:
+            keys = {key: self._encode_key([doc[key] for doc in documents]) for key in self.keys}
+        except ValueError:
+            # A tokenizer rejected some text (e.g. a non-integer for the null tokenizer): find which
+            # documents, report them by line like any other bad line, and encode the rest.
+            good = []
+            for line, document in zip(lines, documents, strict=True):
+                try:
+                    for key in self.keys:
+                        self.tokenizer.encode(document[key])
+                    good.append(document)
+                except ValueError as err:
+                    errors.append((line, str(err)))
+            errors.sort()
+            documents = good
+            keys = {key: self._encode_key([doc[key] for doc in documents]) for key in self.keys}
         return EncodedChunk(chunk.source, keys, len(documents), errors, chunk.input_bytes, chunk.text_bytes)
+
+
+def _decode_utf8(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"not valid UTF-8 (byte 0x{raw[err.start]:02x} at offset {err.start})") from None
 
 
 _worker_encoder: _Encoder | None = None

@@ -160,6 +160,8 @@ BAD_LINES = [
     (b'{"text": "1 \xff 2"}\n', "not valid UTF-8"),
     (b'["text"]\n', "expected a JSON object, got list"),
     (b"\n", "empty line"),
+    (b'{"text": "1 \\ud800 2"}\n', r"key 'text' holds a lone surrogate \\ud800"),
+    (b'{"text": "1 x 2"}\n', "null tokenizer: 'x' is not an integer token id"),
 ]
 
 
