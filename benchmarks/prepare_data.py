@@ -15,8 +15,10 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -26,17 +28,23 @@ import numpy as np
 def generate_corpus(path: Path, megabytes: float, seed: int = 0) -> int:
     """Zipf-distributed pseudo-English with punctuation, numbers and some non-ASCII words."""
     rng = np.random.default_rng(seed)
-    syllables = "ka ri to na me su lo vi de pa or an el is ter ing ed er ow ch th st pl gr mi".split()
-    lexicon = sorted({"".join(rng.choice(syllables, rng.integers(1, 4))) for _ in range(60000)})
+    onsets = "b c d f g h j k l m n p r s t v w z br ch cl dr fl gr pl pr sh st th tr".split()
+    vowels = "a e i o u ai ea ee ie oo ou".split()
+    codas = ["", "", "n", "r", "s", "t", "l", "m", "nd", "st", "ng", "rt", "ck"]
+    syllables = [o + v + c for o in onsets for v in vowels for c in codas]
+    picks = rng.integers(0, len(syllables), (200000, 3))
+    lengths = rng.integers(1, 4, 200000)
+    lexicon = sorted({"".join(syllables[s] for s in row[:n]) for row, n in zip(picks, lengths, strict=True)})
     lexicon += ["café", "naïve", "東京", "Zürich", "señor", "don't", "it's", "we're", "🙂"]
     ranks = np.arange(1, len(lexicon) + 1)
     weights = 1 / ranks**1.1
-    weights /= weights.sum()
+    cumulative = np.cumsum(weights / weights.sum())
     order = rng.permutation(len(lexicon))
     target, written, docs = int(megabytes * 1e6), 0, 0
     with open(path, "w", encoding="utf-8") as out:
         while written < target:
-            words = [lexicon[i] for i in order[rng.choice(len(lexicon), rng.integers(100, 1500), p=weights)]]
+            drawn = np.searchsorted(cumulative, rng.random(rng.integers(100, 1500)) * cumulative[-1])
+            words = [lexicon[i] for i in order[drawn]]
             for i in range(0, len(words), 12):
                 words[i] = words[i].capitalize()
                 if i:
@@ -60,10 +68,55 @@ def run_child(args: list[str], env: dict | None = None) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def peak_rss_mb() -> float:
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return max(own, children) / 1024
+class PeakMemory:
+    """Samples the summed RSS of this process and all its descendants (worker processes included).
+
+    ``ru_maxrss`` cannot be used: Linux carries it over fork and exec, so a child reports at least
+    the RSS its parent had when it was started.
+    """
+
+    def __init__(self, interval: float = 0.1) -> None:
+        self.peak = 0
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _tree_rss(root: int) -> int:
+        parents, rss = {}, {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as handle:
+                        fields = handle.read().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                parents[int(entry)] = int(fields[1])
+                rss[int(entry)] = int(fields[21]) * resource.getpagesize()
+        tree, frontier = {root}, [root]
+        while frontier:
+            current = frontier.pop()
+            children = [pid for pid, parent in parents.items() if parent == current]
+            tree.update(children)
+            frontier.extend(children)
+        return sum(rss.get(pid, 0) for pid in tree)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._tree_rss(os.getpid()))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def megabytes(self) -> float:
+        return self.peak / 2**20
 
 
 def child_raw_tokenizers(corpus: Path, tokenizer_json: Path) -> dict:
@@ -74,26 +127,27 @@ def child_raw_tokenizers(corpus: Path, tokenizer_json: Path) -> dict:
     nbytes = os.path.getsize(corpus)
     start = time.perf_counter()
     tokens = 0
-    for i in range(0, len(texts), 1000):
-        tokens += sum(len(e.ids) for e in tok.encode_batch(texts[i : i + 1000], add_special_tokens=False))
+    with PeakMemory() as memory:
+        for i in range(0, len(texts), 1000):
+            tokens += sum(len(e.ids) for e in tok.encode_batch(texts[i : i + 1000], add_special_tokens=False))
     seconds = time.perf_counter() - start
     return {
         "seconds": seconds,
         "tokens": tokens,
         "docs": len(texts),
         "bytes": nbytes,
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb": memory.megabytes,
     }
 
 
 def child_mtk(corpus: Path, tokenizer_dir: Path, out_prefix: Path, workers: int) -> dict:
-    from mtk.data.tokenizer import load_tokenizer
-
     from mtk.data.prepare import prepare_data
+    from mtk.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(str(tokenizer_dir))
     start = time.perf_counter()
-    result = prepare_data([str(corpus)], str(out_prefix), tok, append_eod=True, workers=workers)
+    with PeakMemory() as memory:
+        result = prepare_data([str(corpus)], str(out_prefix), tok, append_eod=True, workers=workers)
     seconds = time.perf_counter() - start
     stats = result.stats
     return {
@@ -102,21 +156,44 @@ def child_mtk(corpus: Path, tokenizer_dir: Path, out_prefix: Path, workers: int)
         "docs": stats.documents,
         "bytes": stats.input_bytes,
         "backend": tok.backend,
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb": memory.megabytes,
     }
 
 
-def child_megatron(corpus: Path, tokenizer_dir: Path, out_prefix: Path, workers: int, megatron: Path) -> dict:
+def megatron_tokenizer_dir(tokenizer_dir: Path, out: Path) -> Path:
+    """Our tokenizer.json plus the tokenizer_config.json that Megatron's HuggingFaceTokenizer needs offline."""
+    target = out / "megatron-tokenizer"
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.copy(tokenizer_dir / "tokenizer.json", target / "tokenizer.json")
+    config = {
+        "tokenizer_class": "GPT2TokenizerFast",
+        **dict.fromkeys(("eos_token", "bos_token", "unk_token"), "<|endoftext|>"),
+    }
+    (target / "tokenizer_config.json").write_text(json.dumps(config))
+    return target
+
+
+def child_megatron(
+    corpus: Path, tokenizer_dir: Path, out_prefix: Path, workers: int, megatron: Path, python: str
+) -> dict:
+    """Megatron's preprocess_data.py with its Hugging Face tokenizer path on the same tokenizer.
+
+    (Its GPT2BPETokenizer type asks the Hugging Face hub for "gpt2" even with local vocab/merges.)
+    """
+    out_prefix.parent.mkdir(parents=True, exist_ok=True)  # Megatron hangs if the folder is missing
     command = [
-        sys.executable, str(megatron / "tools" / "preprocess_data.py"), "--input", str(corpus),
-        "--output-prefix", str(out_prefix), "--tokenizer-type", "GPT2BPETokenizer",
-        "--vocab-file", str(tokenizer_dir / "vocab.json"), "--merge-file", str(tokenizer_dir / "merges.txt"),
-        "--append-eod", "--workers", str(workers), "--log-interval", "100000",
+        python, str(megatron / "tools" / "preprocess_data.py"), "--input", str(corpus), "--output-prefix",
+        str(out_prefix), "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model",
+        str(megatron_tokenizer_dir(tokenizer_dir, out_prefix.parent)), "--append-eod", "--workers", str(workers),
+        "--log-interval", "100000",
     ]  # fmt: skip
+    pythonpath = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(megatron)]))
+    env = {**os.environ, "PYTHONPATH": pythonpath, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     start = time.perf_counter()
-    subprocess.run(command, check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(megatron)})
+    with PeakMemory() as memory:
+        subprocess.run(command, check=True, capture_output=True, env=env)
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "bytes": os.path.getsize(corpus), "peak_rss_mb": peak_rss_mb()}
+    return {"seconds": seconds, "bytes": os.path.getsize(corpus), "peak_rss_mb": memory.megabytes}
 
 
 def main() -> None:
@@ -127,6 +204,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--vocab-size", type=int, default=32000)
     parser.add_argument("--megatron-dir", type=Path, help="a Megatron-LM checkout to compare against")
+    parser.add_argument(
+        "--megatron-python",
+        default=sys.executable,
+        help="interpreter with Megatron's needs (transformers ...)",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
     parser.add_argument("--skip-memory", action="store_true", help="skip the 4x-corpus memory run")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
@@ -138,7 +220,9 @@ def main() -> None:
         elif kind == "mtk":
             report = child_mtk(Path(rest[0]), Path(rest[1]), Path(rest[2]), int(rest[3]))
         else:
-            report = child_megatron(Path(rest[0]), Path(rest[1]), Path(rest[2]), int(rest[3]), Path(rest[4]))
+            report = child_megatron(
+                Path(rest[0]), Path(rest[1]), Path(rest[2]), int(rest[3]), Path(rest[4]), rest[5]
+            )
         print(json.dumps(report))
         return
 
@@ -154,7 +238,7 @@ def main() -> None:
     if not (tok_dir / "vocab.json").exists():
         sample = out / "tokenizer-sample.txt"
         with open(corpus, encoding="utf-8") as src, open(sample, "w", encoding="utf-8") as dst:
-            for _, line in zip(range(3000), src, strict=False):
+            for _, line in zip(range(12000), src, strict=False):
                 dst.write(json.loads(line)["text"] + "\n")
         print(f"training a {args.vocab_size} BPE vocabulary ...", flush=True)
         train_tokenizer(
@@ -188,7 +272,7 @@ def main() -> None:
         )
         if args.megatron_dir:
             record("Megatron preprocess_data.py", workers, run_child(
-                ["--child", "megatron", str(corpus), str(tok_dir), str(out / f"megatron-w{workers}"), str(workers), str(args.megatron_dir)]
+                ["--child", "megatron", str(corpus), str(tok_dir), str(out / f"megatron-w{workers}"), str(workers), str(args.megatron_dir), args.megatron_python]
             ))  # fmt: skip
     if not args.skip_memory:
         big = out / f"corpus-{4 * args.mb:g}mb.jsonl"

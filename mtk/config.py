@@ -232,3 +232,62 @@ class RunConfig:
                 for name, section_cls in SECTIONS.items()
             }
         )
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key=value`` -> (key, value); the value is read as JSON (numbers, true/false, null, lists) or text."""
+    import json
+
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set num_layers=4")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def apply_overrides(sections: dict[str, dict[str, Any]], overrides: dict[str, Any]) -> RunConfig:
+    """The config of ``sections`` (explicit values only, e.g. a preset's) with ``overrides`` applied.
+
+    Keys are field names (``num_layers``) or ``section.field``. Values left unset stay derived
+    (``kv_channels`` follows a new ``hidden_size``).
+    """
+    data = {name: dict(sections.get(name, {})) for name in SECTIONS}
+    for key, value in overrides.items():
+        section, _, name = key.rpartition(".")
+        if section:
+            if section not in SECTIONS:
+                raise ConfigError(f"--set {key}: unknown section '{section}' (known: {', '.join(SECTIONS)})")
+            sections = [section]
+        else:
+            sections = [s for s, cls in SECTIONS.items() if name in {f.name for f in dataclasses.fields(cls)}]
+        if not sections:
+            raise ConfigError(f"--set {key}: unknown key '{name}'; `mtk presets show NAME` lists every key")
+        data[sections[0]][name] = value
+    return RunConfig.from_dict(data, where="--set")
+
+
+def validate_run(config: RunConfig, data_parallel_size: int = 1) -> None:
+    """Checks across sections, done once at start-up; each error says what to change."""
+    model, train = config.model, config.train
+    per_step = train.micro_batch_size * data_parallel_size
+    batches = [train.global_batch_size, *(int(b) for _, b in train.batch_size_ramp or [])]
+    for batch in batches:
+        if batch % per_step:
+            raise ConfigError(
+                f"global batch size {batch} is not a multiple of micro_batch_size ({train.micro_batch_size}) "
+                f"x data-parallel size ({data_parallel_size}); change --global-batch-size or --micro-batch-size"
+            )
+    if train.train_iters is None and train.train_samples is None:
+        raise ConfigError("give --train-iters or --train-samples")
+    if (
+        model.position_embedding_type == "learned_absolute"
+        and model.seq_length > model.max_position_embeddings
+    ):
+        raise ConfigError(
+            f"seq_length {model.seq_length} exceeds max_position_embeddings {model.max_position_embeddings}"
+        )
+    if train.min_lr > train.lr:
+        raise ConfigError(f"min_lr {train.min_lr} is above lr {train.lr}")

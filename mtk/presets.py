@@ -19,7 +19,7 @@ class Preset:
     tokenizer: str = ""
     tiny: bool = False
     published: dict[str, Any] = field(default_factory=dict)
-    explicit: dict[str, set[str]] = field(default_factory=dict)  # keys the file sets, per section
+    sections: dict[str, dict[str, Any]] = field(default_factory=dict)  # the values the file sets
 
 
 def _preset_files() -> dict[str, Any]:
@@ -56,5 +56,5 @@ def load_preset(name: str) -> Preset:
         tokenizer=tokenizer,
         tiny=tiny,
         published=published,
-        explicit={section: set(values) for section, values in sections.items()},
+        sections=sections,
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from stages import merge_data, prepare_data, presets, tokenizer
+from stages import bench, checkpoint, merge_data, plot, prepare_data, presets, tokenizer, train
 
 app = typer.Typer(
     name="mtk",
@@ -16,6 +16,10 @@ app = typer.Typer(
 )
 app.command("prepare-data", help=prepare_data.SUMMARY)(prepare_data.prepare_data)
 app.command("merge-data", help=merge_data.SUMMARY)(merge_data.merge_data)
+app.command("train", help=train.SUMMARY)(train.train)
+app.command("bench", help=bench.SUMMARY)(bench.bench)
+app.command("plot", help=plot.SUMMARY)(plot.plot)
+app.add_typer(checkpoint.app, name="checkpoint", help=checkpoint.SUMMARY)
 app.add_typer(presets.app, name="presets", help=presets.SUMMARY)
 app.add_typer(tokenizer.app, name="tokenizer", help=tokenizer.SUMMARY)
 

@@ -96,7 +96,7 @@ def show_preset(
         table = Table(title=f"[{section}]", title_justify="left", show_header=False)
         table.add_column("key")
         table.add_column("value")
-        explicit = preset.explicit.get(section, set())
+        explicit = preset.sections.get(section, {})
         for item in dataclasses.fields(getattr(preset.config, section)):
             value = getattr(getattr(preset.config, section), item.name)
             shown = repr(value) if isinstance(value, str) else str(value)

@@ -1,0 +1,95 @@
+"""Checkpoints: ``SAVE/iter_NNNNNNN/`` folders, a tracker naming the latest complete one, atomic writes.
+
+A checkpoint is written into a temporary folder and renamed into place before the tracker is
+updated, so a crash at any moment leaves the previous checkpoint usable and never a half one.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+TRACKER = "latest_checkpointed_iteration.txt"  # Megatron's name, so its users find it
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing or unreadable."""
+
+
+def iteration_dir(root: str | os.PathLike, iteration: int) -> Path:
+    return Path(root) / f"iter_{iteration:07d}"
+
+
+def latest_iteration(root: str | os.PathLike) -> int | None:
+    """The iteration the tracker names, or None when ``root`` holds no complete checkpoint."""
+    tracker = Path(root) / TRACKER
+    if not tracker.is_file():
+        return None
+    text = tracker.read_text().strip()
+    if not text.isdigit():
+        raise CheckpointError(f"{tracker}: expected an iteration number, found {text!r}")
+    iteration = int(text)
+    if not (iteration_dir(root, iteration) / "state.pt").is_file():
+        raise CheckpointError(
+            f"{tracker} names iteration {iteration}, but {iteration_dir(root, iteration)} is missing"
+        )
+    return iteration
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    root: str | os.PathLike, iteration: int, state: dict[str, Any], keep_last: int | None = None
+) -> Path:
+    """Write ``state`` as checkpoint ``iteration`` of ``root``; then drop all but the newest ``keep_last``."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = iteration_dir(root, iteration)
+    tmp = root / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        torch.save(state, tmp / "state.pt")
+        if final.exists():  # re-saving the same iteration (e.g. after a resume)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    tracker_tmp = root / f".{TRACKER}.tmp-{os.getpid()}"
+    tracker_tmp.write_text(f"{iteration}\n")
+    os.replace(tracker_tmp, root / TRACKER)
+    if keep_last:
+        for old in sorted(root.glob("iter_*"))[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(root: str | os.PathLike, iteration: int | None = None) -> dict[str, Any]:
+    """The state saved at ``iteration`` (default: the latest complete one) of ``root``."""
+    if iteration is None:
+        iteration = latest_iteration(root)
+        if iteration is None:
+            raise CheckpointError(f"{root}: no checkpoint ({TRACKER} not found)")
+    path = iteration_dir(root, iteration) / "state.pt"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    return torch.load(path, map_location="cpu", weights_only=False)

@@ -1,0 +1,96 @@
+"""Multi-head attention with grouped-query heads, optional RoPE, self or cross, and a KV cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtk.config import ModelConfig
+from mtk.layers.rotary import RotaryEmbedding
+
+
+@dataclass
+class KVCache:
+    """Keys and values of the positions seen so far, for incremental decoding of one layer."""
+
+    keys: torch.Tensor  # (batch, groups, max_length, head_dim)
+    values: torch.Tensor
+    length: int = 0
+
+
+class Attention(nn.Module):
+    """Scaled dot-product attention through ``F.scaled_dot_product_attention`` (flash kernels on GPU).
+
+    Separate q/k/v/out projections keep tensor-parallel plans a plain column/row split per layer.
+    """
+
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding | None = None) -> None:
+        super().__init__()
+        self.heads, self.groups, self.head_dim = (
+            config.num_attention_heads,
+            config.num_query_groups,
+            config.kv_channels,
+        )
+        hidden, bias = config.hidden_size, config.add_bias_linear
+        self.q_proj = nn.Linear(hidden, self.heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, self.groups * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, self.groups * self.head_dim, bias=bias)
+        self.out_proj = nn.Linear(self.heads * self.head_dim, hidden, bias=bias)
+        self.rotary = rotary
+        self.dropout = config.attention_dropout
+
+    def _split_heads(self, x: torch.Tensor, heads: int) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        return x.view(batch, seq, heads, self.head_dim).transpose(1, 2)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        causal: bool = True,
+        attention_mask: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """``x`` (batch, seq, hidden) -> (batch, seq, hidden).
+
+        ``context`` switches to cross-attention (keys/values from it, no causal mask, no RoPE).
+        ``attention_mask`` (broadcastable to (batch, heads, seq, keys), True = attend) overrides ``causal``.
+        """
+        source = x if context is None else context
+        q = self._split_heads(self.q_proj(x), self.heads)
+        k = self._split_heads(self.k_proj(source), self.groups)
+        v = self._split_heads(self.v_proj(source), self.groups)
+        if self.rotary is not None and context is None:
+            q, k = self.rotary(q, position_ids), self.rotary(k, position_ids)
+        is_causal = causal and context is None and attention_mask is None
+        if kv_cache is not None:
+            start, end = kv_cache.length, kv_cache.length + x.shape[1]
+            kv_cache.keys[:, :, start:end] = k
+            kv_cache.values[:, :, start:end] = v
+            kv_cache.length = end
+            k, v = kv_cache.keys[:, :, :end], kv_cache.values[:, :, :end]
+            if is_causal and start > 0:  # queries sit at positions start..end-1 of the keys
+                keys = torch.arange(end, device=x.device)
+                attention_mask = keys[None, :] <= torch.arange(start, end, device=x.device)[:, None]
+                is_causal = False
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=attention_mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=is_causal,
+            enable_gqa=self.groups != self.heads,
+        )
+        batch, _, seq, _ = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(batch, seq, self.heads * self.head_dim))
+
+    def new_cache(self, batch: int, max_length: int, device: torch.device, dtype: torch.dtype) -> KVCache:
+        shape = (batch, self.groups, max_length, self.head_dim)
+        return KVCache(
+            torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
+        )

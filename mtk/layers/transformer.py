@@ -1,0 +1,86 @@
+"""Pre-norm transformer layers and the stack of them."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from mtk.config import ModelConfig
+from mtk.layers.attention import Attention, KVCache
+from mtk.layers.mlp import MLP
+from mtk.layers.norms import build_norm
+from mtk.layers.rotary import RotaryEmbedding
+
+
+class TransformerLayer(nn.Module):
+    """x + attention(norm(x)), then x + mlp(norm(x)); an optional cross-attention block in between."""
+
+    def __init__(
+        self, config: ModelConfig, rotary: RotaryEmbedding | None = None, cross_attention: bool = False
+    ):
+        super().__init__()
+        self.attention_norm = build_norm(config)
+        self.attention = Attention(config, rotary)
+        self.cross_norm = build_norm(config) if cross_attention else None
+        self.cross_attention = Attention(config) if cross_attention else None
+        self.mlp_norm = build_norm(config)
+        self.mlp = MLP(config)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        causal: bool = True,
+        attention_mask: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        x = x + self.dropout(
+            self.attention(self.attention_norm(x), position_ids, causal, attention_mask, kv_cache=kv_cache)
+        )
+        if self.cross_attention is not None:
+            x = x + self.dropout(self.cross_attention(self.cross_norm(x), context=context))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+
+class TransformerBlock(nn.Module):
+    """``num_layers`` layers and a final norm; RoPE tables shared by all layers when used."""
+
+    def __init__(self, config: ModelConfig, num_layers: int, cross_attention: bool = False) -> None:
+        super().__init__()
+        self.rotary = (
+            RotaryEmbedding(config.kv_channels, config.max_position_embeddings, config.rotary_base)
+            if config.position_embedding_type == "rope"
+            else None
+        )
+        self.layers = nn.ModuleList(
+            TransformerLayer(config, self.rotary, cross_attention) for _ in range(num_layers)
+        )
+        self.final_norm = build_norm(config)
+
+    def forward(self, x: torch.Tensor, kv_caches: list[KVCache] | None = None, **kwargs) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x, kv_cache=None if kv_caches is None else kv_caches[i], **kwargs)
+        return self.final_norm(x)
+
+
+def init_weights(module: nn.Module, config: ModelConfig, num_layers: int) -> None:
+    """Megatron's init: normal(0, std) weights, output projections scaled by 1/sqrt(2 * layers), zero biases."""
+    scaled_std = config.init_method_std / math.sqrt(2.0 * num_layers)
+    for name, child in module.named_modules():
+        if isinstance(child, nn.Linear):
+            std = scaled_std if name.endswith(("out_proj", "fc2")) else config.init_method_std
+            nn.init.normal_(child.weight, mean=0.0, std=std)
+            if child.bias is not None:
+                nn.init.zeros_(child.bias)
+        elif isinstance(child, nn.Embedding):
+            nn.init.normal_(child.weight, mean=0.0, std=config.init_method_std)
+        elif isinstance(child, (nn.LayerNorm, nn.RMSNorm)):
+            nn.init.ones_(child.weight)
+            if getattr(child, "bias", None) is not None:
+                nn.init.zeros_(child.bias)
+        elif isinstance(child, RotaryEmbedding):
+            child.reset_parameters(child.cos.device)

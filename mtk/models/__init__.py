@@ -1,0 +1,1 @@
+"""Model families: plain single-device ``nn.Module``s built from ``mtk.layers``."""

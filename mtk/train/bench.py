@@ -1,0 +1,92 @@
+"""Steady-state training-step benchmark on mock data: step time, tokens/s, TFLOP/s, MFU, peak memory."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from mtk.config import RunConfig
+from mtk.data.loader import build_loader
+from mtk.data.mock import MockGPTDataset
+from mtk.models.gpt import GPTModel
+from mtk.train.loop import Trainer, TrainOptions
+from mtk.train.metrics import device_peak_tflops, memory_gib, model_flops_per_token
+
+
+@dataclass
+class BenchResult:
+    preset: str
+    device: str
+    precision: str
+    parameters: int
+    global_batch_size: int
+    micro_batch_size: int
+    seq_length: int
+    warmup_iters: int
+    iters: int
+    step_seconds: float
+    tokens_per_s: float
+    tflops: float
+    flops_convention: str
+    peak_tflops: float | None
+    mfu: float | None
+    peak_memory_gib: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def benchmark(
+    config: RunConfig, preset: str, iters: int, warmup: int, device: str, peak_tflops: float | None
+) -> BenchResult:
+    """Time ``iters`` training steps after ``warmup`` untimed ones (compilation, allocator, caches)."""
+    train = config.train
+    torch.manual_seed(train.seed)
+    samples = (iters + warmup) * train.global_batch_size
+    data = MockGPTDataset(samples, config.model.seq_length, config.model.vocab_size, train.seed)
+    with torch.device(device):
+        model = GPTModel(config.model)
+    with tempfile.TemporaryDirectory() as scratch:
+        trainer = Trainer(config, model, (data, None, None), TrainOptions(save=Path(scratch), device=device))
+        batches = iter(build_loader(data, train.micro_batch_size, num_workers=0))
+        micro_batches = train.global_batch_size // train.micro_batch_size
+        for _ in range(warmup):
+            trainer.train_step(batches, micro_batches)
+        _sync(device)
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        for _ in range(iters):
+            trainer.train_step(batches, micro_batches)
+        _sync(device)
+        seconds = (time.perf_counter() - start) / iters
+    tokens = train.global_batch_size * config.model.seq_length
+    tflops = tokens * model_flops_per_token(config.model) / seconds / 1e12
+    peak = peak_tflops or device_peak_tflops(train.precision, device)
+    return BenchResult(
+        preset=preset,
+        device=torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+        precision=train.precision,
+        parameters=config.model.num_parameters(),
+        global_batch_size=train.global_batch_size,
+        micro_batch_size=train.micro_batch_size,
+        seq_length=config.model.seq_length,
+        warmup_iters=warmup,
+        iters=iters,
+        step_seconds=seconds,
+        tokens_per_s=tokens / seconds,
+        tflops=tflops,
+        flops_convention="6 * parameters + 12 * layers * hidden * seq per token (PaLM), no recompute",
+        peak_tflops=peak,
+        mfu=tflops / peak if peak else None,
+        peak_memory_gib=memory_gib(device),
+    )

@@ -1,0 +1,151 @@
+"""Run metrics: ``metrics.jsonl`` (one object per log interval / evaluation), TensorBoard, console, plot."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mtk.config import ModelConfig
+
+# Dense (non-sparse) peak TFLOP/s per device, by precision; FP8 is twice bf16 on Hopper.
+PEAK_TFLOPS = {
+    "H100": {"bf16": 989.0, "fp16": 989.0, "fp8": 1979.0, "fp32": 67.0},
+    "H200": {"bf16": 989.0, "fp16": 989.0, "fp8": 1979.0, "fp32": 67.0},
+    "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
+}
+
+
+def model_flops_per_token(model: ModelConfig) -> float:
+    """Training FLOPs per token: 6 * parameters (forward + backward matmuls) + 12 * layers * hidden * seq (attention).
+
+    The PaLM convention (Chowdhery et al., 2022, appendix B); no recomputation counted.
+    """
+    return 6.0 * model.num_parameters() + 12.0 * model.num_layers * model.hidden_size * model.seq_length
+
+
+def device_peak_tflops(precision: str, device: str) -> float | None:
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, table in PEAK_TFLOPS.items():
+        if key in name:
+            return table.get(precision)
+    return None
+
+
+def memory_gib(device: str) -> float:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class MetricsLogger:
+    """Writes every record to ``RUN/metrics.jsonl`` and TensorBoard, and shows it on the console."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        tensorboard_dir: Path | None = None,
+        peak_tflops: float | None = None,
+        device: str = "cpu",
+        show: Callable[[str], None] | None = None,
+    ) -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = run_dir / "metrics.jsonl"
+        self.peak, self.device, self.show = peak_tflops, device, show or print
+        self.writer = None
+        if tensorboard_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(tensorboard_dir))
+
+    def _append(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def log_train(self, record: dict[str, Any]) -> None:
+        record["memory_gib"] = memory_gib(self.device)
+        if self.peak:
+            record["mfu"] = record["tflops"] / self.peak
+        self._append(record)
+        if self.writer is not None:
+            for key in (
+                "loss",
+                "lr",
+                "grad_norm",
+                "loss_scale",
+                "tokens_per_s",
+                "tflops",
+                "global_batch_size",
+            ):
+                self.writer.add_scalar(f"train/{key}", record[key], record["iteration"])
+            self.writer.flush()
+        mfu = f" | MFU {record['mfu']:.1%}" if "mfu" in record else ""
+        self.show(
+            f"iter {record['iteration']:>7} | samples {record['consumed_samples']:>9,} | tokens {record['consumed_tokens']:>12,}"
+            f" | lr {record['lr']:.3e} | loss {record['loss']:.4f} | grad {record['grad_norm']:.3f}"
+            f" | scale {record['loss_scale']:g} | {record['tokens_per_s']:,.0f} tok/s | {record['tflops']:.2f} TFLOP/s{mfu}"
+            f" | mem {record['memory_gib']:.2f} GiB"
+        )
+
+    def log_eval(self, record: dict[str, Any] | None) -> None:
+        if record is None:
+            return
+        self._append(record)
+        if self.writer is not None:
+            self.writer.add_scalar(f"{record['split']}/loss", record["loss"], record["iteration"])
+            self.writer.add_scalar(f"{record['split']}/ppl", record["ppl"], record["iteration"])
+            self.writer.flush()
+        self.show(
+            f"{record['split']} at iter {record['iteration']}: loss {record['loss']:.4f} | ppl {record['ppl']:.2f}"
+        )
+
+    def message(self, text: str) -> None:
+        self.show(text)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no metrics (is {run_dir} an mtk run directory?)")
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def plot_loss(run_dir: Path, out: Path | None = None) -> Path:
+    """Loss curve (train, and valid where evaluated) of a run as a PNG; returns its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(run_dir)
+    out = Path(out) if out is not None else Path(run_dir) / "loss.png"
+    figure, axis = plt.subplots(figsize=(7, 4))
+    train = [r for r in records if "split" not in r]
+    axis.plot([r["iteration"] for r in train], [r["loss"] for r in train], label="train")
+    for split in ("valid", "test"):
+        points = [r for r in records if r.get("split") == split]
+        if points:
+            axis.plot([r["iteration"] for r in points], [r["loss"] for r in points], "o-", label=split)
+    axis.set_xlabel("iteration")
+    axis.set_ylabel("loss")
+    axis.set_title(Path(run_dir).resolve().name)
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.png")
+    figure.savefig(tmp, dpi=100)
+    plt.close(figure)
+    os.replace(tmp, out)
+    return out

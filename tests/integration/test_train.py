@@ -1,0 +1,248 @@
+"""`mtk train` end to end on CPU: learning, exact resume (also after SIGKILL), atomic saves, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mtk.checkpoint import TRACKER, latest_iteration, load_checkpoint
+from mtk.data.prepare import prepare_data
+from mtk.data.tokenizer import load_tokenizer
+from mtk.models.gpt import GPTModel
+from mtk.presets import load_preset
+from mtk.train.loop import Trainer, TrainingError, TrainOptions
+from stages.main import app
+
+runner = CliRunner()
+VOCAB = 64
+
+
+@pytest.fixture(scope="module")
+def counting_data(tmp_path_factory) -> str:
+    """A learnable corpus: each document counts upwards modulo the vocabulary from a random start."""
+    root = tmp_path_factory.mktemp("data")
+    lines = []
+    for doc in range(300):
+        start = (doc * 7) % VOCAB
+        lines.append(json.dumps({"text": " ".join(str((start + i) % VOCAB) for i in range(40 + doc % 30))}))
+    (root / "count.jsonl").write_text("\n".join(lines) + "\n")
+    result = prepare_data(
+        [str(root / "count.jsonl")], str(root / "count"), load_tokenizer("null", vocab_size=VOCAB)
+    )
+    return result.outputs["text"]
+
+
+BASE = ["--preset", "gpt-tiny", "--seq-length", "32", "--micro-batch-size", "4", "--global-batch-size", "8",
+        "--log-interval", "1", "--eval-interval", "0", "--num-workers", "0", "--device", "cpu", "--split", "90,5,5"]  # fmt: skip
+
+
+def train(*args: str) -> str:
+    result = runner.invoke(app, ["train", *BASE, *args])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def losses(run: Path) -> dict[int, float]:
+    """Train loss per iteration from metrics.jsonl (a resumed run's later records win)."""
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["iteration"]: r["loss"] for r in records if "split" not in r}
+
+
+def test_loss_decreases_and_run_directory_describes_itself(tmp_path, counting_data):
+    run = tmp_path / "run"
+    train("--data", counting_data, "--save", str(run), "--train-iters", "60", "--lr", "3e-3",
+          "--tensorboard-dir", str(tmp_path / "tb"), "--eval-interval", "30", "--eval-iters", "2")  # fmt: skip
+    curve = losses(run)
+    assert curve[1] > 3.5  # about ln(65) at the start
+    assert sum(curve[i] for i in range(56, 61)) / 5 < 0.5 * curve[1]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    keys = {"iteration", "consumed_samples", "loss", "lr", "grad_norm", "tokens_per_s"}
+    assert keys <= set(records[0])
+    assert {r["split"] for r in records if "split" in r} == {"valid", "test"}
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"]["vocab_size"] == VOCAB + 1  # inherited from the data manifest
+    manifest = json.loads((run / "mtk.json").read_text())
+    assert manifest["stage"] == "train" and manifest["tokenizer"]["kind"] == "null"
+    assert (run / "loss.png").stat().st_size > 1000
+    assert latest_iteration(run) == 60
+    events = list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert events and b"train/loss" in events[0].read_bytes()
+
+
+def test_resume_is_exact(tmp_path, counting_data):
+    common = [
+        "--data",
+        counting_data,
+        "--train-iters",
+        "20",
+        "--set",
+        "hidden_dropout=0.1",
+        "--set",
+        "attention_dropout=0.1",
+    ]
+    train(*common, "--save", str(tmp_path / "straight"))
+    train(*common, "--save", str(tmp_path / "resumed"), "--exit-after", "10")
+    assert latest_iteration(tmp_path / "resumed") == 10
+    output = train(*common, "--save", str(tmp_path / "resumed"))
+    assert "resumed from iteration 10" in output
+    assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")
+
+
+def test_resume_after_sigkill_between_saves_is_exact(tmp_path, counting_data):
+    common = ["--data", counting_data, "--train-iters", "40", "--set", "hidden_dropout=0.1"]
+    train(*common, "--save", str(tmp_path / "straight"))
+    run = tmp_path / "killed"
+    command = [
+        sys.executable,
+        "-m",
+        "stages.main",
+        "train",
+        *BASE,
+        *common,
+        "--save",
+        str(run),
+        "--save-interval",
+        "5",
+    ]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, cwd=os.getcwd())
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        tracker = run / TRACKER
+        if tracker.is_file() and int(tracker.read_text()) >= 10:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    stopped_at = latest_iteration(run)
+    assert stopped_at is not None and stopped_at < 40
+    train(*common, "--save", str(run), "--save-interval", "5")
+    assert losses(tmp_path / "straight") == losses(run)
+
+
+def test_sigterm_finishes_the_step_saves_and_exits_zero(tmp_path, counting_data):
+    run = tmp_path / "preempted"
+    command = [sys.executable, "-m", "stages.main", "train", *BASE, "--data", counting_data, "--train-iters", "100000",
+               "--save", str(run)]  # fmt: skip
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=os.getcwd())
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (
+        (run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").stat().st_size
+    ):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 0, output
+    assert "checkpoint saved" in output
+    stopped = latest_iteration(run)
+    assert stopped is not None and stopped == max(losses(run))
+
+
+def test_crash_during_save_keeps_previous_checkpoint(tmp_path, counting_data, monkeypatch):
+    run = tmp_path / "run"
+    train("--data", counting_data, "--save", str(run), "--train-iters", "4", "--save-interval", "2")
+    before = load_checkpoint(run)
+    real_save = torch.save
+
+    def broken_save(obj, path, *args, **kwargs):
+        real_save(obj, path, *args, **kwargs)
+        Path(path).write_bytes(Path(path).read_bytes()[:100])  # a torn write ...
+        raise OSError("disk full")  # ... and the crash
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    result = runner.invoke(
+        app, ["train", *BASE, "--data", counting_data, "--save", str(run), "--train-iters", "6"]
+    )
+    assert result.exit_code != 0
+    assert latest_iteration(run) == 4
+    after = load_checkpoint(run)
+    assert after["iteration"] == before["iteration"] == 4
+    assert not [p for p in run.iterdir() if ".tmp-" in p.name]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "num_layer=3"], "unknown key 'num_layer'"),
+        (["--set", "hidden_size=big"], "'hidden_size' = 'big' is not of type int"),
+        (["--global-batch-size", "6", "--micro-batch-size", "4"], "global batch size 6 is not a multiple"),
+        (["--vocab-size", "100"], "explicit value 100 conflicts with 65"),
+        (["--set", "max_position_embeddings=16"], "seq_length 32 exceeds max_position_embeddings 16"),
+    ],
+)
+def test_bad_settings_are_clear_errors(tmp_path, counting_data, args, message):
+    result = runner.invoke(
+        app,
+        ["train", *BASE, "--data", counting_data, "--save", str(tmp_path / "r"), "--train-iters", "2", *args],
+    )
+    assert result.exit_code == 2
+    assert message in " ".join(result.output.split())
+
+
+def _tiny_trainer(tmp_path, **train_overrides) -> Trainer:
+    from mtk.config import apply_overrides
+    from mtk.data.mock import MockGPTDataset
+
+    preset = load_preset("gpt-tiny")
+    config = apply_overrides(
+        preset.sections,
+        {"seq_length": 16, "train_iters": 4, "global_batch_size": 4, "lr_warmup_iters": 0, **train_overrides},
+    )
+    data = MockGPTDataset(64, 16, config.model.vocab_size, 0)
+    return Trainer(config, GPTModel(config.model), (data, None, None), TrainOptions(save=tmp_path))
+
+
+def test_fp16_overflow_step_is_skipped_and_scale_backs_off(tmp_path):
+    trainer = _tiny_trainer(tmp_path, precision="fp16")
+    state = trainer.scaler.state_dict()
+    state["scale"] = 2.0**120  # far beyond fp16: the scaled gradients overflow
+    trainer.scaler.load_state_dict(state)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    batches = iter(torch.utils.data.DataLoader(trainer.train_data, batch_size=4))
+    step = trainer.train_step(batches, 1)
+    assert step["skipped"]
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters(), strict=True))
+    assert trainer.scaler.get_scale() == 2.0**119
+    trainer.scaler.update(new_scale=2.0**8)  # at a sane scale the next step goes through
+    step = trainer.train_step(batches, 1)
+    assert not step["skipped"]
+    assert not all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters(), strict=True))
+
+
+def test_nan_loss_stops_with_the_iteration_or_is_skipped(tmp_path):
+    trainer = _tiny_trainer(tmp_path)
+    with torch.no_grad():
+        trainer.model.embedding.weight[0, 0] = float("nan")
+    batch = {"tokens": torch.zeros(4, 16, dtype=torch.long), "labels": torch.zeros(4, 16, dtype=torch.long),
+             "loss_mask": torch.ones(4, 16), "position_ids": torch.arange(16).expand(4, 16)}  # fmt: skip
+    with pytest.raises(TrainingError, match="iteration 1: loss is nan"):
+        trainer.train_step(iter([batch]), 1)
+    trainer.options.skip_nan = True
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    assert trainer.train_step(iter([batch]), 1)["skipped"]
+    assert all(
+        torch.equal(
+            a,
+            b,
+        )
+        or torch.isnan(a).any()
+        for a, b in zip(before, trainer.model.parameters(), strict=True)
+    )
+
+
+def test_checkpoint_inspect(tmp_path, counting_data):
+    run = tmp_path / "run"
+    train("--data", counting_data, "--save", str(run), "--train-iters", "2")
+    result = runner.invoke(app, ["checkpoint", "inspect", str(run)], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "iteration" in result.output and "decoder.layers.0.attention.q_proj.weight" in result.output
+    params = sum(t.numel() for t in load_checkpoint(run)["model"].values())
+    assert f"{params:,}" in result.output

@@ -1,0 +1,106 @@
+"""The decoder model: parameter counts, architecture switches, attention against a reference, KV cache."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mtk.config import apply_overrides
+from mtk.models.gpt import GPTModel
+from mtk.presets import load_preset, preset_names
+
+
+@pytest.mark.parametrize("name", ["gpt-tiny", "llama-tiny"])
+def test_module_parameter_count_equals_config_formula(name):
+    config = load_preset(name).config.model
+    model = GPTModel(config)
+    assert sum(p.numel() for p in model.parameters()) == config.num_parameters()
+
+
+def test_every_gpt_family_preset_builds_on_meta_device():
+    for name in preset_names():
+        config = load_preset(name).config.model
+        if config.family != "gpt":
+            continue
+        with torch.device("meta"):
+            model = GPTModel(config)
+        assert sum(p.numel() for p in model.parameters()) == config.num_parameters(), name
+
+
+def test_architecture_switches():
+    gpt = GPTModel(load_preset("gpt-tiny").config.model)
+    llama = GPTModel(load_preset("llama-tiny").config.model)
+    assert isinstance(gpt.decoder.final_norm, torch.nn.LayerNorm) and gpt.position_embedding is not None
+    assert gpt.output is None  # tied: logits use the embedding matrix
+    assert isinstance(llama.decoder.final_norm, torch.nn.RMSNorm) and llama.position_embedding is None
+    assert llama.output is not None and llama.decoder.layers[0].mlp.gate is not None
+    attention = llama.decoder.layers[0].attention
+    assert attention.k_proj.out_features == 2 * attention.head_dim  # 2 query groups
+    assert attention.q_proj.bias is None
+
+
+def reference_attention(layer, x, position_ids):
+    """Plain softmax attention with keys/values repeated per group and explicit RoPE."""
+    att = layer.attention
+    batch, seq, _ = x.shape
+    q = att.q_proj(x).view(batch, seq, att.heads, att.head_dim).transpose(1, 2)
+    k = att.k_proj(x).view(batch, seq, att.groups, att.head_dim).transpose(1, 2)
+    v = att.v_proj(x).view(batch, seq, att.groups, att.head_dim).transpose(1, 2)
+    if att.rotary is not None:
+        half = att.head_dim // 2
+        inv_freq = 1.0 / (att.rotary.base ** (torch.arange(0, att.head_dim, 2).float() / att.head_dim))
+        angles = position_ids[..., None].float() * inv_freq  # (batch, seq, half)
+        cos, sin = angles.cos()[:, None], angles.sin()[:, None]
+
+        def rotate(t):
+            a, b = t[..., :half], t[..., half:]
+            return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
+
+        q, k = rotate(q), rotate(k)
+    repeat = att.heads // att.groups
+    k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(att.head_dim)
+    scores = scores.masked_fill(torch.triu(torch.ones(seq, seq, dtype=torch.bool), 1), float("-inf"))
+    out = scores.softmax(-1) @ v
+    return att.out_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+@pytest.mark.parametrize("name", ["gpt-tiny", "llama-tiny"])
+def test_attention_matches_reference(name):
+    torch.manual_seed(0)
+    model = GPTModel(load_preset(name).config.model).eval()
+    layer = model.decoder.layers[0]
+    x = torch.randn(2, 12, model.config.hidden_size)
+    positions = torch.arange(12).expand(2, 12)
+    torch.testing.assert_close(
+        layer.attention(x, positions), reference_attention(layer, x, positions), atol=1e-5, rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize("name", ["gpt-tiny", "llama-tiny"])
+def test_kv_cache_decoding_equals_full_forward(name):
+    torch.manual_seed(0)
+    model = GPTModel(load_preset(name).config.model).eval()
+    tokens = torch.randint(0, 4000, (2, 20))
+    with torch.no_grad():
+        full = model(tokens)
+        caches = model.new_kv_caches(2, 32)
+        pieces = [model(tokens[:, :8], kv_caches=caches)]
+        pieces += [model(tokens[:, i : i + 1], kv_caches=caches) for i in range(8, 14)]
+        pieces.append(model(tokens[:, 14:], kv_caches=caches))
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_init_follows_megatron():
+    config = apply_overrides(
+        load_preset("gpt-tiny").sections, {"init_method_std": 0.02, "num_layers": 8, "hidden_size": 256}
+    )
+    model = GPTModel(config.model)
+    layer = model.decoder.layers[0]
+    assert layer.attention.q_proj.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert layer.attention.out_proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
+    assert layer.mlp.fc2.weight.std().item() == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
+    assert torch.count_nonzero(layer.attention.q_proj.bias) == 0
+    assert torch.all(layer.attention_norm.weight == 1)
