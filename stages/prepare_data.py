@@ -115,12 +115,12 @@ def prepare_data(
 
     Example: mtk prepare-data corpus/ -o data/wiki -t gpt2-tokenizer/ --append-eod
     """
-    from mtk.data.tokenizer import load_tokenizer
     from rich.table import Table
 
     from mtk.data.prepare import PrepareError
     from mtk.data.prepare import prepare_data as run
     from mtk.data.sources import InputError
+    from mtk.data.tokenizer import load_tokenizer
 
     keys = [key.strip() for spec in json_keys for key in spec.split(",") if key.strip()]
     try:
@@ -166,10 +166,10 @@ def prepare_data(
         f"{stats.input_bytes / 1e6:,.1f} MB  ({stats.input_bytes / 1e6 / max(stats.seconds, 1e-9):,.1f} MB/s)",
     )
     for key, prefix in result.outputs.items():
-        table.add_row(f"[{key}] tokens", f"{stats.tokens[key]:,}  ({rate(stats.tokens[key])})")
-        table.add_row(f"[{key}] sequences", f"{stats.sequences[key]:,}")
-        table.add_row(f"[{key}] empty documents", f"{stats.empty_documents[key]:,}")
-        table.add_row(f"[{key}] output", f"{prefix}.bin/.idx")
+        table.add_row(f"{key}: tokens", f"{stats.tokens[key]:,}  ({rate(stats.tokens[key])})")
+        table.add_row(f"{key}: sequences", f"{stats.sequences[key]:,}")
+        table.add_row(f"{key}: empty documents", f"{stats.empty_documents[key]:,}")
+        table.add_row(f"{key}: output", f"{prefix}.bin/.idx")
     table.add_row("skipped lines", f"{stats.skipped_lines:,}")
     table.add_row("time", f"{stats.seconds:,.1f} s with {workers} worker(s)")
     console.print(table)

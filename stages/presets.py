@@ -93,7 +93,7 @@ def show_preset(
         f"vocabulary padded to {model.padded_vocab_size(tp):,} (TP {tp})"
     )
     for section in ("model", "train", "parallel"):
-        table = Table(title=f"[{section}]", title_justify="left", show_header=False)
+        table = Table(title=f"{section} settings", title_justify="left", show_header=False)
         table.add_column("key")
         table.add_column("value")
         explicit = preset.sections.get(section, {})

@@ -17,6 +17,8 @@ import signal
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -205,15 +207,28 @@ def _encode_all(chunks: Iterator[Chunk], encoder_args: tuple, workers: int) -> I
         encoder = _Encoder(*encoder_args)
         yield from map(encoder, chunks)
         return
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(workers, initializer=_init_worker, initargs=encoder_args) as pool:
+    # An executor, not multiprocessing.Pool: a worker that cannot start raises BrokenProcessPool
+    # here instead of being respawned forever.
+    pool = ProcessPoolExecutor(
+        workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_init_worker,
+        initargs=encoder_args,
+    )
+    try:
         pending: deque = deque()
         for chunk in chunks:
-            pending.append(pool.apply_async(_encode_in_worker, (chunk,)))
+            pending.append(pool.submit(_encode_in_worker, chunk))
             if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
+                yield pending.popleft().result()
         while pending:
-            yield pending.popleft().get()
+            yield pending.popleft().result()
+    except BrokenProcessPool:
+        raise PrepareError(
+            "a tokenizer worker process could not start or died; run with --workers 1 to see why"
+        ) from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 @contextlib.contextmanager

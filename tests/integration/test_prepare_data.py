@@ -291,3 +291,16 @@ def test_sigint_during_cli_run_leaves_nothing(tmp_path):
     assert proc.returncode == 130, output
     assert "interrupted" in output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.jsonl"]
+
+
+def test_worker_that_cannot_start_fails_cleanly_instead_of_hanging(tmp_path, bpe_dir):
+    tokenizer_copy = tmp_path / "tok"
+    tokenizer_copy.mkdir()
+    for name in ("vocab.json", "merges.txt"):
+        (tokenizer_copy / name).write_bytes((bpe_dir / name).read_bytes())
+    tok = load_tokenizer(str(tokenizer_copy), kind="gpt2bpe")
+    (tokenizer_copy / "merges.txt").write_text("#version: 0.2\n")  # changed after loading: workers refuse it
+    src = write_jsonl(tmp_path / "in.jsonl", [{"text": "The fox."}] * 20)
+    with pytest.raises(PrepareError, match="worker process could not start"):
+        prepare_data([str(src)], str(tmp_path / "out"), tok, workers=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "tok"]
