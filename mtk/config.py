@@ -140,6 +140,7 @@ class TrainConfig:
     lr_decay_iters: int | None = None
     lr_warmup_fraction: float | None = None
     lr_warmup_iters: int = 0
+    lr_warmup_samples: int | None = None
     weight_decay: float = 0.01
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999

@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import typer
 
-from stages import bench, checkpoint, merge_data, plot, prepare_data, presets, tokenizer, train
+from stages import (
+    bench,
+    checkpoint,
+    generate,
+    merge_data,
+    plot,
+    prepare_data,
+    presets,
+    quickstart,
+    tokenizer,
+    train,
+)
 
 app = typer.Typer(
     name="mtk",
@@ -14,10 +25,12 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+app.command("quickstart", help=quickstart.SUMMARY)(quickstart.quickstart)
 app.command("prepare-data", help=prepare_data.SUMMARY)(prepare_data.prepare_data)
 app.command("merge-data", help=merge_data.SUMMARY)(merge_data.merge_data)
 app.command("train", help=train.SUMMARY)(train.train)
 app.command("bench", help=bench.SUMMARY)(bench.bench)
+app.command("generate", help=generate.SUMMARY)(generate.generate)
 app.command("plot", help=plot.SUMMARY)(plot.plot)
 app.add_typer(checkpoint.app, name="checkpoint", help=checkpoint.SUMMARY)
 app.add_typer(presets.app, name="presets", help=presets.SUMMARY)

@@ -31,6 +31,7 @@ FLAG_KEYS = {
     "lr_decay_iters": "lr_decay_iters",
     "lr_warmup_iters": "lr_warmup_iters",
     "lr_warmup_fraction": "lr_warmup_fraction",
+    "lr_warmup_samples": "lr_warmup_samples",
     "weight_decay": "weight_decay",
     "clip_grad": "clip_grad",
     "log_interval": "log_interval",
@@ -96,6 +97,9 @@ def train(
         None, "--lr-decay-iters", help="Steps of decay (default: the run)."
     ),
     lr_warmup_iters: int | None = typer.Option(None, "--lr-warmup-iters", help="Linear warmup steps."),
+    lr_warmup_samples: int | None = typer.Option(
+        None, "--lr-warmup-samples", help="Warmup length in samples."
+    ),
     lr_warmup_fraction: float | None = typer.Option(
         None, "--lr-warmup-fraction", help="Warmup as a fraction of decay steps."
     ),

@@ -10,6 +10,8 @@ from mtk.config import TrainConfig
 def warmup_iters(config: TrainConfig, decay_iters: int) -> int:
     if config.lr_warmup_fraction is not None:
         return int(config.lr_warmup_fraction * decay_iters)
+    if config.lr_warmup_samples is not None:
+        return config.lr_warmup_samples // config.global_batch_size
     return config.lr_warmup_iters
 
 

@@ -282,6 +282,8 @@ def test_sigint_during_cli_run_leaves_nothing(tmp_path):
         [sys.executable, "-m", "stages.main", "prepare-data", str(src), "-o", str(out), "-t", "null",
          "--vocab-size", "1000", "-w", "1", "--chunk-mb", "0.05"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=os.getcwd(),
+        # a shell may start background jobs with SIGINT ignored; a user's terminal would not
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     deadline = time.monotonic() + 60
     while not [p for p in tmp_path.iterdir() if ".tmp-" in p.name] and time.monotonic() < deadline:

@@ -246,3 +246,20 @@ def test_checkpoint_inspect(tmp_path, counting_data):
     assert "iteration" in result.output and "decoder.layers.0.attention.q_proj.weight" in result.output
     params = sum(t.numel() for t in load_checkpoint(run)["model"].values())
     assert f"{params:,}" in result.output
+
+
+def test_generate_continues_the_learned_pattern(tmp_path, counting_data):
+    run = tmp_path / "run"
+    train("--data", counting_data, "--save", str(run), "--train-iters", "80", "--lr", "3e-3")
+    result = runner.invoke(app, ["generate", "--load", str(run), "--prompt", "20 21 22 23 24", "--temperature", "0",
+                                 "--max-new-tokens", "5"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert result.output.split() == [str(i) for i in range(20, 30)]
+
+
+def test_quickstart_runs_end_to_end(tmp_path):
+    result = runner.invoke(app, ["quickstart", "--out", str(tmp_path / "qs"), "--train-iters", "4"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "qs" / "run" / "loss.png").is_file()
+    assert latest_iteration(tmp_path / "qs" / "run") == 4
+    assert "The assert statement" in result.output and "mtk generate --load" in result.output

@@ -26,6 +26,8 @@ def test_linear_constant_and_warmup_fraction():
     )
     assert learning_rate(linear, 10, 1000) == pytest.approx(2.0)  # warmup = 0.1 * decay iters
     assert learning_rate(linear, 55, 1000) == pytest.approx(1.0)
+    by_samples = TrainConfig(lr=1.0, lr_warmup_samples=640, global_batch_size=32, lr_decay_style="constant")
+    assert learning_rate(by_samples, 10, 100) == pytest.approx(0.5)  # 640 samples = 20 steps of 32
     constant = TrainConfig(lr=3.0, lr_decay_style="constant")
     assert learning_rate(constant, 77, 100) == 3.0
 

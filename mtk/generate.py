@@ -1,0 +1,82 @@
+"""Text generation from a trained run: greedy, top-k and top-p (nucleus) sampling with a KV cache."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mtk.checkpoint import load_checkpoint
+from mtk.config import RunConfig
+from mtk.manifest import read_manifest
+from mtk.models.gpt import GPTModel
+
+
+def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[GPTModel, Any]:
+    """The model of a run directory's latest checkpoint, and its tokenizer (None for mock-data runs)."""
+    from mtk.data.tokenizer import tokenizer_from_manifest
+
+    run_dir = Path(run_dir)
+    config = RunConfig.from_dict(
+        json.loads((run_dir / "config.json").read_text()), where=str(run_dir / "config.json")
+    )
+    model = GPTModel(config.model)
+    model.load_state_dict(load_checkpoint(run_dir)["model"])
+    entry = read_manifest(run_dir / "mtk.json").get("tokenizer")
+    tokenizer = tokenizer_from_manifest(entry) if entry else None
+    return model.to(device).eval(), tokenizer
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Logits with everything outside the top-k and outside the top-p probability mass set to -inf."""
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1, None]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probabilities = sorted_logits.softmax(-1)
+        # drop a token when the mass before it already reaches top_p (the first token always stays)
+        drop = probabilities.cumsum(-1) - probabilities >= top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def generate(
+    model: GPTModel,
+    prompt: list[int],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eod: int | None = None,
+    seed: int | None = None,
+) -> list[int]:
+    """Continue ``prompt``; ``temperature=0`` is greedy. Stops at ``eod`` or the model's context length."""
+    if not prompt:
+        raise ValueError("the prompt is empty")
+    limit = model.config.max_position_embeddings
+    if len(prompt) >= limit:
+        raise ValueError(f"the prompt has {len(prompt)} tokens; the model's context is {limit}")
+    generator = torch.Generator(device=model.embedding.weight.device)
+    if seed is not None:
+        generator.manual_seed(seed)
+    total = min(len(prompt) + max_new_tokens, limit)
+    caches = model.new_kv_caches(1, total)
+    tokens = torch.tensor([prompt], device=model.embedding.weight.device)
+    logits = model(tokens, kv_caches=caches)[0, -1]
+    produced: list[int] = []
+    for _ in range(total - len(prompt)):
+        logits = logits[: model.config.vocab_size].float()  # never sample vocabulary padding
+        if temperature == 0:
+            token = int(logits.argmax())
+        else:
+            probabilities = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
+            token = int(torch.multinomial(probabilities, 1, generator=generator))
+        produced.append(token)
+        if token == eod or len(prompt) + len(produced) == total:
+            break
+        logits = model(torch.tensor([[token]], device=tokens.device), kv_caches=caches)[0, -1]
+    return produced

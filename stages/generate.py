@@ -1,0 +1,62 @@
+"""``mtk generate``: continue a prompt with a trained run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from stages.common import console, fail
+
+SUMMARY = "Generate text from a trained run (greedy, top-k, top-p; KV cache)."
+
+
+def generate(
+    load: Path = typer.Option(
+        ...,
+        "--load",
+        help="Run directory of `mtk train` (its latest checkpoint is used).",
+        show_default=False,
+    ),
+    prompt: str = typer.Option(
+        ...,
+        "--prompt",
+        help="Text to continue (token ids separated by spaces for mock-data runs).",
+        show_default=False,
+    ),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Tokens to generate at most."),
+    temperature: float = typer.Option(
+        0.8, "--temperature", min=0.0, help="Sampling temperature; 0 is greedy."
+    ),
+    top_k: int = typer.Option(0, "--top-k", min=0, help="Sample among the k most likely tokens (0: all)."),
+    top_p: float = typer.Option(
+        1.0, "--top-p", min=0.0, max=1.0, help="Sample within this probability mass (nucleus)."
+    ),
+    seed: int | None = typer.Option(None, "--seed", help="Seed for reproducible samples."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+) -> None:
+    """Print the prompt's continuation; generation stops at the end-of-document token."""
+    from mtk.checkpoint import CheckpointError
+    from mtk.generate import generate as run
+    from mtk.generate import load_run
+
+    try:
+        model, tokenizer = load_run(load, device)
+    except (CheckpointError, FileNotFoundError, ValueError) as err:
+        fail(str(err))
+    try:
+        ids = tokenizer.encode(prompt) if tokenizer else [int(t) for t in prompt.split()]
+        produced = run(
+            model, ids, max_new_tokens, temperature, top_k, top_p, tokenizer.eod if tokenizer else None, seed
+        )
+    except ValueError as err:
+        fail(f"--prompt: {err}")
+    eod = tokenizer.eod if tokenizer else None
+    text_ids = ids + [
+        t for t in produced if t != eod
+    ]  # decoded whole, so pieces join as the tokenizer joins them
+    console.print(
+        tokenizer.decode(text_ids) if tokenizer else " ".join(map(str, text_ids)),
+        highlight=False,
+        markup=False,
+    )

@@ -1,0 +1,37 @@
+"""``mtk quickstart``: the whole pipeline on the bundled corpus, on CPU, in about two minutes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from stages.common import console
+
+SUMMARY = "Prepare the bundled corpus, train a tiny GPT on CPU (~2 min), plot the loss, generate a sample."
+
+
+def quickstart(
+    out: Path = typer.Option(Path("runs/quickstart"), "--out", help="Where data, run directory and plot go."),
+    train_iters: int = typer.Option(
+        300, "--train-iters", min=1, help="Training iterations (300 take about two minutes)."
+    ),
+) -> None:
+    """A first run of mtk with nothing to download: data preparation, training, checkpoint, loss curve, sample."""
+    from mtk.quickstart import run_quickstart
+
+    result = run_quickstart(
+        out, train_iters, show=lambda line: console.print(line, highlight=False, markup=False)
+    )
+    console.print(result.sample, highlight=False, markup=False)
+    console.print(
+        f"\nloss {result.first_loss:.2f} -> {result.last_loss:.2f}; checkpoint and metrics in {result.run_dir}, "
+        f"loss curve {result.run_dir / 'loss.png'}\n\nNext:\n"
+        f'  mtk generate --load {result.run_dir} --prompt "The import statement"\n'
+        f"  mtk train --preset gpt-tiny --data {result.data_prefix} --save runs/mine --train-iters 1000\n"
+        "  mtk tokenizer train YOUR.jsonl --kind bpe --vocab-size 32000 --out tok\n"
+        "  mtk prepare-data YOUR.jsonl -o data/yours -t tok --append-eod\n"
+        "  mtk presets list",
+        highlight=False,
+        markup=False,
+    )
