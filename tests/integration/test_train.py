@@ -15,6 +15,7 @@ import torch
 from typer.testing import CliRunner
 
 from mtk.checkpoint import TRACKER, latest_iteration, load_checkpoint
+from mtk.config import apply_overrides
 from mtk.data.prepare import prepare_data
 from mtk.data.tokenizer import load_tokenizer
 from mtk.models.gpt import GPTModel
@@ -188,7 +189,6 @@ def test_bad_settings_are_clear_errors(tmp_path, counting_data, args, message):
 
 
 def _tiny_trainer(tmp_path, **train_overrides) -> Trainer:
-    from mtk.config import apply_overrides
     from mtk.data.mock import MockGPTDataset
 
     preset = load_preset("gpt-tiny")
@@ -263,3 +263,28 @@ def test_quickstart_runs_end_to_end(tmp_path):
     assert (tmp_path / "qs" / "run" / "loss.png").is_file()
     assert latest_iteration(tmp_path / "qs" / "run") == 4
     assert "The assert statement" in result.output and "mtk generate --load" in result.output
+
+
+def test_keep_last_and_batch_size_ramp(tmp_path, counting_data):
+    run = tmp_path / "run"
+    # ramp: 4 samples per step until 32 * 32 tokens are consumed, then 8 (seq_length is 32)
+    train("--data", counting_data, "--save", str(run), "--train-iters", "12", "--save-interval", "2",
+          "--keep-last", "2", "--set", "batch_size_ramp=[[0, 4], [1024, 8]]")  # fmt: skip
+    assert sorted(p.name for p in run.glob("iter_*")) == ["iter_0000010", "iter_0000012"]
+    records = [
+        json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "split" not in line
+    ]
+    assert [r["global_batch_size"] for r in records] == [4] * 8 + [8] * 4
+    assert records[-1]["consumed_samples"] == 8 * 4 + 4 * 8
+
+
+def test_bench_reports_throughput_as_json(tmp_path):
+    out = tmp_path / "bench.json"
+    result = runner.invoke(app, ["bench", "--preset", "gpt-tiny", "--iters", "2", "--warmup", "1", "--seq-length", "32",
+                                 "--global-batch-size", "4", "--micro-batch-size", "2", "--device", "cpu", "--json", str(out)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["iters"] == 2 and report["global_batch_size"] == 4 and report["seq_length"] == 32
+    assert report["tokens_per_s"] == pytest.approx(4 * 32 / report["step_seconds"])
+    expected = apply_overrides(load_preset("gpt-tiny").sections, {"seq_length": 32}).model.num_parameters()
+    assert report["mfu"] is None and report["parameters"] == expected
