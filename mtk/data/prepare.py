@@ -103,7 +103,7 @@ class _Encoder:
         return lines, documents, errors
 
     def _document(self, item: Any, fmt: str) -> dict[str, str]:
-        escapes = False  # only a JSON \\uXXXX escape can smuggle in a lone surrogate
+        escapes = False  # only a JSON escape sequence (backslash-u) can smuggle in a lone surrogate
         if fmt == "jsonl":
             text = _decode_utf8(item)
             if not text.strip():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -53,7 +54,7 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 @dataclass(eq=False)
-class Tokenizer:
+class Tokenizer(ABC):
     """A loaded tokenizer: every id is below ``vocab_size``; ``eod`` ends a document (None: no such token).
 
     Subclasses differ only in how they encode and decode; ``backend`` names the encoder in use.
@@ -70,12 +71,13 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self.encode_batch([text])[0]
 
+    @abstractmethod
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Ids of each text; single-threaded (parallelism comes from worker processes)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def decode(self, ids: Sequence[int]) -> str:
-        raise NotImplementedError
+        """The text of ``ids``."""
 
     def describe(self) -> dict[str, Any]:
         """The manifest entry: kind, settings, vocab_size, eod, and the files read, with sha256."""

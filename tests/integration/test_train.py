@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -288,3 +289,17 @@ def test_bench_reports_throughput_as_json(tmp_path):
     assert report["tokens_per_s"] == pytest.approx(4 * 32 / report["step_seconds"])
     expected = apply_overrides(load_preset("gpt-tiny").sections, {"seq_length": 32}).model.num_parameters()
     assert report["mfu"] is None and report["parameters"] == expected
+
+
+def test_llama_tiny_trains_in_bf16_and_load_resumes_into_a_new_directory(tmp_path, counting_data):
+    common = ["--preset", "llama-tiny", "--data", counting_data, "--bf16"]
+    train(*common, "--save", str(tmp_path / "a"), "--train-iters", "4")
+    saved = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert saved["train"]["precision"] == "bf16" and saved["model"]["normalization"] == "RMSNorm"
+    assert all(math.isfinite(loss) for loss in losses(tmp_path / "a").values())
+    output = train(
+        *common, "--load", str(tmp_path / "a"), "--save", str(tmp_path / "b"), "--train-iters", "6"
+    )
+    assert "resumed from iteration 4" in output
+    assert sorted(losses(tmp_path / "b")) == [5, 6]
+    assert latest_iteration(tmp_path / "b") == 6 and latest_iteration(tmp_path / "a") == 4
