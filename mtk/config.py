@@ -164,6 +164,9 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = 1
     context_parallel_size: int = 1
     virtual_pipeline_model_parallel_size: int | None = None
+    # count the embedding / the loss as one layer each when splitting layers over pipeline stages
+    account_for_embedding_in_pipeline_split: bool = False
+    account_for_loss_in_pipeline_split: bool = False
     use_distributed_optimizer: bool = False
 
 

@@ -1,0 +1,1 @@
+"""Parallelism applied from outside the plain models: layout, device mesh, wrappers."""
