@@ -218,6 +218,11 @@ class Trainer:
     # ---- the run ----------------------------------------------------------------------------
     def run(self, logger: MetricsLogger) -> TrainState:
         train, options, state = self.config.train, self.options, self.state
+        if state.iteration >= self.iters:
+            logger.message(
+                f"the run is complete: iteration {state.iteration} of {self.iters}; raise --train-iters to go on"
+            )
+            return state
         loader = build_loader(
             self.train_data,
             train.micro_batch_size,

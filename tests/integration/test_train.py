@@ -303,3 +303,12 @@ def test_llama_tiny_trains_in_bf16_and_load_resumes_into_a_new_directory(tmp_pat
     assert "resumed from iteration 4" in output
     assert sorted(losses(tmp_path / "b")) == [5, 6]
     assert latest_iteration(tmp_path / "b") == 6 and latest_iteration(tmp_path / "a") == 4
+
+
+def test_rerunning_a_finished_run_changes_nothing(tmp_path, counting_data):
+    run = tmp_path / "run"
+    train("--data", counting_data, "--save", str(run), "--train-iters", "3")
+    before = (run / "metrics.jsonl").read_text()
+    output = train("--data", counting_data, "--save", str(run), "--train-iters", "3")
+    assert "the run is complete: iteration 3 of 3" in output
+    assert (run / "metrics.jsonl").read_text() == before
