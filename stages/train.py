@@ -40,6 +40,10 @@ FLAG_KEYS = {
     "save_interval": "save_interval",
     "split": "split",
     "seed": "seed",
+    "tp": "tensor_model_parallel_size",
+    "pp": "pipeline_model_parallel_size",
+    "cp": "context_parallel_size",
+    "vp": "virtual_pipeline_model_parallel_size",
 }
 
 
@@ -138,6 +142,20 @@ def train(
         "--data-cache-path",
         help="Where sample indices are cached (default: .mtk-cache beside the data).",
     ),
+    nproc_per_node: int | None = typer.Option(
+        None,
+        "--nproc-per-node",
+        min=1,
+        help="Start this many local processes through torchrun (data parallel).",
+    ),
+    tp: int | None = typer.Option(None, "--tp", help="Tensor-parallel size (tensor_model_parallel_size)."),
+    pp: int | None = typer.Option(
+        None, "--pp", help="Pipeline-parallel size (pipeline_model_parallel_size)."
+    ),
+    cp: int | None = typer.Option(None, "--cp", help="Context-parallel size (context_parallel_size)."),
+    vp: int | None = typer.Option(
+        None, "--vp", help="Virtual pipeline stages per rank (interleaved schedule)."
+    ),
     exit_after: int | None = typer.Option(
         None, "--exit-after", help="Save and stop after this iteration (resume later)."
     ),
@@ -146,13 +164,13 @@ def train(
 
     Example: mtk train --preset gpt-tiny --data data/corpus_text_document --save runs/tiny --train-iters 200
     """
-    import torch
-
     from mtk.config import ConfigError, apply_overrides, parse_override
     from mtk.manifest import ManifestError
     from mtk.presets import load_preset
     from mtk.train.run import TrainingError, TrainOptions, run_training
 
+    if nproc_per_node is not None:
+        _relaunch_with_torchrun(nproc_per_node)
     if (data is None) == (not mock_data):
         fail("give exactly one of --data PREFIX and --mock-data")
     if bf16 and fp16:
@@ -170,7 +188,6 @@ def train(
         config = apply_overrides(base.sections, values)
     except ConfigError as err:
         fail(str(err))
-    chosen_device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     options = TrainOptions(
         save=save,
         load=load,
@@ -178,7 +195,7 @@ def train(
         tensorboard_dir=tensorboard_dir,
         skip_nan=skip_nan,
         num_workers=num_workers,
-        device=chosen_device,
+        device=device,
         stop_after=exit_after,
     )
     try:
@@ -208,3 +225,24 @@ def _printer(config):
         console.print(line, highlight=False)
 
     return show
+
+
+def _relaunch_with_torchrun(nproc_per_node: int) -> None:
+    """Run this same command as ``nproc_per_node`` local ranks under torchrun, and exit with its status."""
+    import os
+    import subprocess
+    import sys
+
+    if "LOCAL_RANK" in os.environ:
+        fail("--nproc-per-node is for starting a job; under torchrun leave it out")
+    args, skip = [], False
+    for arg in sys.argv[1:]:  # drop --nproc-per-node N / --nproc-per-node=N
+        if skip:
+            skip = False
+        elif arg == "--nproc-per-node":
+            skip = True
+        elif not arg.startswith("--nproc-per-node="):
+            args.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc_per_node}",
+               "-m", "stages.main", *args]  # fmt: skip
+    raise typer.Exit(subprocess.call(command))

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
 from mtk.data.indexed import IndexWriter
+from mtk.data.prepare import prepare_data
+from mtk.data.tokenizer import load_tokenizer
+
+COUNTING_VOCAB = 64
 
 
 @pytest.fixture
@@ -25,3 +31,20 @@ def write_corpus(tmp_path):
         return str(prefix)
 
     return write
+
+
+@pytest.fixture(scope="session")
+def counting_data(tmp_path_factory) -> str:
+    """A learnable corpus: each document counts upwards modulo the vocabulary from a random start."""
+    root = tmp_path_factory.mktemp("data")
+    lines = []
+    for doc in range(300):
+        start = (doc * 7) % COUNTING_VOCAB
+        lines.append(
+            json.dumps({"text": " ".join(str((start + i) % COUNTING_VOCAB) for i in range(40 + doc % 30))})
+        )
+    (root / "count.jsonl").write_text("\n".join(lines) + "\n")
+    result = prepare_data(
+        [str(root / "count.jsonl")], str(root / "count"), load_tokenizer("null", vocab_size=COUNTING_VOCAB)
+    )
+    return result.outputs["text"]

@@ -18,10 +18,18 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from mtk.checkpoint import latest_iteration, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from mtk.config import RunConfig
 from mtk.data.loader import build_loader
+from mtk.parallel.distributed import any_rank, gather_objects, mean_across_ranks
 from mtk.train.loss import masked_cross_entropy
 from mtk.train.metrics import MetricsLogger, model_flops_per_token
 from mtk.train.optim import build_optimizer
@@ -42,8 +50,10 @@ class TrainOptions:
     tensorboard_dir: Path | None = None
     skip_nan: bool = False
     num_workers: int = 0
-    device: str = "cpu"
+    device: str | None = "cpu"  # None: cuda:LOCAL_RANK when CUDA is available, else cpu
     stop_after: int | None = None  # stop (and save) after this iteration, as if preempted
+    dp_rank: int = 0  # this process's data-parallel rank ...
+    dp_size: int = 1  # ... among this many (the model is sharded over them by mtk.parallel)
     on_log: Callable[[dict[str, Any]], None] | None = None
 
 
@@ -116,15 +126,21 @@ class Trainer:
 
     # ---- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """The whole training state, gathered to rank 0 (other ranks get empty model/optimizer dicts).
+
+        Full (unsharded) weights and optimizer state keyed by parameter name, so a checkpoint loads
+        into any data-parallel layout; every rank's RNG state, so dropout resumes exactly.
+        """
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": get_model_state_dict(self.model, options=full),
+            "optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=full),
             "scaler": self.scaler.state_dict(),
             "iteration": self.state.iteration,
             "consumed_samples": self.state.consumed_samples,
             "consumed_tokens": self.state.consumed_tokens,
             "skipped_iterations": self.state.skipped_iterations,
-            "rng": rng_state(),
+            "rng": gather_objects(rng_state()),
             "config": self.config.to_dict(),
         }
 
@@ -133,14 +149,17 @@ class Trainer:
         for root in (self.options.load, self.options.save):
             if root is not None and latest_iteration(root) is not None:
                 state = load_checkpoint(root)
-                self.model.load_state_dict(state["model"])
-                self.optimizer.load_state_dict(state["optimizer"])
+                full = StateDictOptions(full_state_dict=True)
+                set_model_state_dict(self.model, state["model"], options=full)
+                set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=full)
                 self.scaler.load_state_dict(state["scaler"])
                 self.state.iteration = state["iteration"]
                 self.state.consumed_samples = state["consumed_samples"]
                 self.state.consumed_tokens = state["consumed_tokens"]
                 self.state.skipped_iterations = state["skipped_iterations"]
-                set_rng_state(state["rng"])
+                rngs = state["rng"]
+                # the same layout continues each rank's stream; another layout restarts from rank 0's
+                set_rng_state(rngs[self.options.dp_rank] if len(rngs) == self.options.dp_size else rngs[0])
                 return True
         return False
 
@@ -175,7 +194,10 @@ class Trainer:
             group["lr"] = lr
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), train.clip_grad or math.inf)
-        loss_value, grad_value = total.item(), grad_norm.item()
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor when parameters are sharded
+            grad_norm = grad_norm.full_tensor()
+        # every rank sees the same values, so all take the same branch below
+        loss_value, grad_value = mean_across_ranks(total).item(), grad_norm.item()
         scale = self.scaler.get_scale()
         finite = math.isfinite(loss_value) and math.isfinite(grad_value)
         if not finite and not self.scaler.is_enabled():
@@ -204,10 +226,13 @@ class Trainer:
             return None
         self.model.eval()
         train = self.config.train
-        loader = build_loader(dataset, train.micro_batch_size, num_workers=0)
-        wanted = train.eval_iters * train.global_batch_size // train.micro_batch_size
-        losses = [self._loss(batch).item() for _, batch in zip(range(wanted), loader, strict=False)]
-        loss = sum(losses) / max(len(losses), 1)
+        options = self.options
+        loader = build_loader(
+            dataset, train.micro_batch_size, 0, options.dp_rank, options.dp_size, num_workers=0
+        )
+        wanted = train.eval_iters * train.global_batch_size // (train.micro_batch_size * options.dp_size)
+        losses = [self._loss(batch) for _, batch in zip(range(wanted), loader, strict=False)]
+        loss = mean_across_ranks(torch.stack(losses).mean()).item()
         return {
             "split": split,
             "iteration": self.state.iteration,
@@ -227,6 +252,8 @@ class Trainer:
             self.train_data,
             train.micro_batch_size,
             state.consumed_samples,
+            options.dp_rank,
+            options.dp_size,
             num_workers=options.num_workers,
             seed=train.seed,
         )
@@ -237,7 +264,7 @@ class Trainer:
         with _Preemption() as preemption:
             while state.iteration < self.iters:
                 batch_size = global_batch_size(train, state.consumed_tokens)
-                micro_batches = batch_size // train.micro_batch_size
+                micro_batches = batch_size // (train.micro_batch_size * options.dp_size)
                 step = self.train_step(batches, micro_batches)
                 state.iteration += 1
                 state.consumed_samples += batch_size
@@ -271,7 +298,7 @@ class Trainer:
                     and state.iteration < self.iters
                 ):
                     logger.log_eval(self.evaluate(self.valid_data, "valid"))
-                stop = preemption.requested or (
+                stop = any_rank(preemption.requested) or (
                     options.stop_after is not None and state.iteration >= options.stop_after
                 )
                 if (train.save_interval and state.iteration % train.save_interval == 0) or stop:

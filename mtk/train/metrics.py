@@ -56,21 +56,24 @@ class MetricsLogger:
         peak_tflops: float | None = None,
         device: str = "cpu",
         show: Callable[[str], None] | None = None,
+        enabled: bool = True,  # False on every data-parallel rank but the first
     ) -> None:
-        run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / "metrics.jsonl"
-        self.peak, self.device, self.show = peak_tflops, device, show or print
+        self.peak, self.device, self.show, self.enabled = peak_tflops, device, show or print, enabled
         self.writer = None
-        if tensorboard_dir is not None:
+        if enabled and tensorboard_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=str(tensorboard_dir))
 
     def _append(self, record: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
 
     def log_train(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         record["memory_gib"] = memory_gib(self.device)
         if self.peak:
             record["mfu"] = record["tflops"] / self.peak
@@ -96,7 +99,7 @@ class MetricsLogger:
         )
 
     def log_eval(self, record: dict[str, Any] | None) -> None:
-        if record is None:
+        if record is None or not self.enabled:
             return
         self._append(record)
         if self.writer is not None:
@@ -108,7 +111,8 @@ class MetricsLogger:
         )
 
     def message(self, text: str) -> None:
-        self.show(text)
+        if self.enabled:
+            self.show(text)
 
     def close(self) -> None:
         if self.writer is not None:

@@ -136,12 +136,22 @@ def run_training(
     cache_dir: Path | None = None,
     show: Any = None,
 ) -> TrainState:
-    """Train ``config`` on ``data`` (a prefix or blend; None = mock data) into ``options.save``."""
-    from mtk.models.gpt import GPTModel
+    """Train ``config`` on ``data`` (a prefix or blend; None = mock data) into ``options.save``.
 
+    Under torchrun every rank calls this; the data-parallel ranks share the model through FSDP2 and
+    only rank 0 writes the run description, metrics, checkpoints and plot.
+    """
+    from mtk.models.gpt import GPTModel
+    from mtk.parallel.apply import parallelize
+    from mtk.parallel.dims import ParallelDims
+    from mtk.parallel.distributed import barrier, init_distributed
+
+    env = init_distributed(options.device)
     facts = data_facts(data) if data is not None else None
     config = resolve_vocab(config, facts, explicit_vocab)
-    validate_run(config)
+    dims = ParallelDims.from_config(config, env.world_size)
+    dims.validate(config)
+    validate_run(config, dims.dp)
     if config.model.family != "gpt":
         raise ConfigError(
             f"`mtk train` supports the gpt family so far; {config.model.family} is not trained yet"
@@ -149,8 +159,39 @@ def run_training(
     check_resumable(config, options)
     seed_everything(config.train.seed)
     datasets = build_datasets(config, data, facts, cache_dir)
-    model = GPTModel(config.model)
+    model = GPTModel(config.model).to(env.device)
+    mesh = dims.build_mesh(env.device.split(":")[0]) if env.world_size > 1 else None
+    model = parallelize(model, dims, mesh)
+    options.device, options.dp_rank, options.dp_size = env.device, env.rank, dims.dp
     trainer = Trainer(config, model, datasets, options)
+    if env.is_main:
+        write_run_description(config, options, data, facts)
+    barrier()
+    peak = device_peak_tflops(config.train.precision, options.device)
+    logger = MetricsLogger(
+        options.save, options.tensorboard_dir, peak, options.device, show, enabled=env.is_main
+    )
+    logger.message(
+        f"{config.model.num_parameters():,} parameters, {trainer.iters} iterations on "
+        f"{env.world_size} x {options.device}, {'mock data' if data is None else data}"
+    )
+    try:
+        if trainer.resume():
+            logger.message(
+                f"resumed from iteration {trainer.state.iteration} ({trainer.state.consumed_samples:,} samples)"
+            )
+        state = trainer.run(logger)
+    finally:
+        logger.close()
+    if env.is_main:
+        plot_loss(options.save)
+    return state
+
+
+def write_run_description(
+    config: RunConfig, options: TrainOptions, data: str | None, facts: DataFacts | None
+) -> None:
+    """``config.json`` and the stage manifest ``mtk.json`` of the run directory."""
     options.save.mkdir(parents=True, exist_ok=True)
     atomic_write_text(options.save / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
     write_manifest(
@@ -165,27 +206,6 @@ def run_training(
         tokenizer=facts.tokenizer if facts else None,
         parameters=config.model.num_parameters(),
     )
-    logger = MetricsLogger(
-        options.save,
-        options.tensorboard_dir,
-        device_peak_tflops(config.train.precision, options.device),
-        options.device,
-        show,
-    )
-    logger.message(
-        f"{config.model.num_parameters():,} parameters, {trainer.iters} iterations on {options.device}, "
-        f"{'mock data' if data is None else data}"
-    )
-    try:
-        if trainer.resume():
-            logger.message(
-                f"resumed from iteration {trainer.state.iteration} ({trainer.state.consumed_samples:,} samples)"
-            )
-        state = trainer.run(logger)
-    finally:
-        logger.close()
-    plot_loss(options.save)
-    return state
 
 
 __all__ = ["run_training", "TrainingError", "TrainOptions", "data_facts", "resolve_vocab"]

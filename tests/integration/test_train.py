@@ -17,30 +17,12 @@ from typer.testing import CliRunner
 
 from mtk.checkpoint import TRACKER, latest_iteration, load_checkpoint
 from mtk.config import apply_overrides
-from mtk.data.prepare import prepare_data
-from mtk.data.tokenizer import load_tokenizer
 from mtk.models.gpt import GPTModel
 from mtk.presets import load_preset
 from mtk.train.loop import Trainer, TrainingError, TrainOptions
 from stages.main import app
 
 runner = CliRunner()
-VOCAB = 64
-
-
-@pytest.fixture(scope="module")
-def counting_data(tmp_path_factory) -> str:
-    """A learnable corpus: each document counts upwards modulo the vocabulary from a random start."""
-    root = tmp_path_factory.mktemp("data")
-    lines = []
-    for doc in range(300):
-        start = (doc * 7) % VOCAB
-        lines.append(json.dumps({"text": " ".join(str((start + i) % VOCAB) for i in range(40 + doc % 30))}))
-    (root / "count.jsonl").write_text("\n".join(lines) + "\n")
-    result = prepare_data(
-        [str(root / "count.jsonl")], str(root / "count"), load_tokenizer("null", vocab_size=VOCAB)
-    )
-    return result.outputs["text"]
 
 
 BASE = ["--preset", "gpt-tiny", "--seq-length", "32", "--micro-batch-size", "4", "--global-batch-size", "8",
@@ -71,7 +53,7 @@ def test_loss_decreases_and_run_directory_describes_itself(tmp_path, counting_da
     assert keys <= set(records[0])
     assert {r["split"] for r in records if "split" in r} == {"valid", "test"}
     config = json.loads((run / "config.json").read_text())
-    assert config["model"]["vocab_size"] == VOCAB + 1  # inherited from the data manifest
+    assert config["model"]["vocab_size"] == 64 + 1  # inherited from the data manifest
     manifest = json.loads((run / "mtk.json").read_text())
     assert manifest["stage"] == "train" and manifest["tokenizer"]["kind"] == "null"
     assert (run / "loss.png").stat().st_size > 1000

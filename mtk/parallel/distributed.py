@@ -1,0 +1,77 @@
+"""Process-group set-up from torchrun's environment, and the few collectives the training loop needs."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistributedEnv:
+    world_size: int
+    rank: int
+    local_rank: int
+    device: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str | None = None, timeout_minutes: float = 10.0) -> DistributedEnv:
+    """Join the job torchrun started (WORLD_SIZE, RANK, LOCAL_RANK); a plain single process otherwise.
+
+    NCCL on CUDA, gloo on CPU. ``device`` None picks ``cuda:LOCAL_RANK`` when CUDA is available.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        device = f"cuda:{local_rank}"
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
+    return DistributedEnv(world_size, rank, local_rank, device)
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def mean_across_ranks(value: torch.Tensor, group=None) -> torch.Tensor:
+    """The mean of ``value`` over the ranks of ``group`` (identity in a single process)."""
+    if not is_distributed():
+        return value
+    value = value.detach().clone()
+    dist.all_reduce(value, group=group)
+    return value / dist.get_world_size(group)
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if it is True on any (e.g. one rank received SIGTERM)."""
+    if not is_distributed():
+        return flag
+    tensor = torch.tensor([int(flag)])
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
+def gather_objects(obj: object) -> list:
+    """Every rank's ``obj``, in rank order, on every rank."""
+    if not is_distributed():
+        return [obj]
+    objects: list = [None] * dist.get_world_size()
+    dist.all_gather_object(objects, obj)
+    return objects
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
