@@ -8,6 +8,7 @@ from stages import (
     bench,
     checkpoint,
     generate,
+    launch,
     merge_data,
     plot,
     prepare_data,
@@ -32,6 +33,7 @@ app.command("train", help=train.SUMMARY)(train.train)
 app.command("bench", help=bench.SUMMARY)(bench.bench)
 app.command("generate", help=generate.SUMMARY)(generate.generate)
 app.command("plot", help=plot.SUMMARY)(plot.plot)
+app.add_typer(launch.app, name="launch", help=launch.SUMMARY)
 app.add_typer(checkpoint.app, name="checkpoint", help=checkpoint.SUMMARY)
 app.add_typer(presets.app, name="presets", help=presets.SUMMARY)
 app.add_typer(tokenizer.app, name="tokenizer", help=tokenizer.SUMMARY)

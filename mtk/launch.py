@@ -1,0 +1,120 @@
+"""Launch commands for multi-node jobs: a torchrun command line and a Slurm batch script.
+
+One torchrun per node with a c10d rendezvous on the first node; ``mtk train`` reads the standard
+torchrun environment, resumes from its ``--save`` directory, and saves on SIGTERM, so a requeued
+Slurm job continues where the preempted one stopped.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+
+
+@dataclass
+class LaunchSpec:
+    command: list[str]  # the mtk command to run on every rank, e.g. ["mtk", "train", ...]
+    nodes: int = 1
+    gpus_per_node: int = 8
+    port: int = 29500
+    job_name: str = "mtk"
+    partition: str | None = None
+    account: str | None = None
+    time: str | None = None  # Slurm time limit, e.g. 04:00:00
+    log_dir: str = "logs"
+    container_image: str | None = None
+    container_mounts: list[str] = field(default_factory=list)
+    preempt_warning_seconds: int = 120  # SIGTERM this long before the time limit: save, then requeue
+
+    def __post_init__(self) -> None:
+        if not self.command:
+            raise ValueError(
+                "no command to launch: put it after --, e.g. -- mtk train --preset gpt3-857m ..."
+            )
+        if any(arg.startswith("--nproc-per-node") for arg in self.command):
+            raise ValueError("leave --nproc-per-node out of the command: the launcher starts the processes")
+        if self.nodes < 1 or self.gpus_per_node < 1:
+            raise ValueError("--nodes and --gpus-per-node must be at least 1")
+
+
+def _entry(command: list[str]) -> list[str]:
+    """torchrun runs a module or a script: ``mtk ...`` becomes ``-m stages.main ...``."""
+    if command[0] == "mtk":
+        return ["-m", "stages.main", *command[1:]]
+    return command
+
+
+def torchrun_command(spec: LaunchSpec, endpoint: str, job_id: str) -> list[str]:
+    return [
+        "torchrun",
+        f"--nnodes={spec.nodes}",
+        f"--nproc-per-node={spec.gpus_per_node}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={endpoint}",
+        f"--rdzv-id={job_id}",
+        *_entry(spec.command),
+    ]
+
+
+def torchrun_text(spec: LaunchSpec, head: str = "HEAD_NODE_ADDRESS") -> str:
+    """The command to start on every node of a plain (non-Slurm) cluster."""
+    command = torchrun_command(spec, f"{head}:{spec.port}", spec.job_name)
+    return " \\\n    ".join(shlex.join(part) for part in _groups(command))
+
+
+def _groups(command: list[str]) -> list[list[str]]:
+    """Split a command into lines at its options, for a readable script."""
+    groups: list[list[str]] = []
+    for arg in command:
+        if not groups or arg.startswith("-"):
+            groups.append([arg])
+        else:
+            groups[-1].append(arg)
+    return groups
+
+
+def slurm_script(spec: LaunchSpec) -> str:
+    lines = [
+        "#!/bin/bash",
+        f"#SBATCH --job-name={spec.job_name}",
+        f"#SBATCH --nodes={spec.nodes}",
+        "#SBATCH --ntasks-per-node=1  # one torchrun per node; it starts the per-GPU ranks",
+        f"#SBATCH --gpus-per-node={spec.gpus_per_node}",
+        "#SBATCH --exclusive",
+        f"#SBATCH --output={spec.log_dir}/%x-%j.out",
+        "#SBATCH --open-mode=append  # a requeued job appends to the same log",
+        "#SBATCH --requeue",
+        f"#SBATCH --signal=B:USR1@{spec.preempt_warning_seconds}  # near the time limit: requeue (see below)",
+    ]
+    for option, value in (("partition", spec.partition), ("account", spec.account), ("time", spec.time)):
+        if value:
+            lines.append(f"#SBATCH --{option}={value}")
+    container = []
+    if spec.container_image:
+        container.append(f"--container-image={spec.container_image}")
+        if spec.container_mounts:
+            container.append(f"--container-mounts={','.join(spec.container_mounts)}")
+    run = [["srun", "--kill-on-bad-exit=1"], *([arg] for arg in container)]
+    run += _groups(torchrun_command(spec, '"$HEAD_NODE:$MASTER_PORT"', '"$SLURM_JOB_ID"'))
+    body = " \\\n    ".join(" ".join(_quote(arg) for arg in part) for part in run)
+    lines += [
+        "",
+        "set -euo pipefail",
+        f"mkdir -p {shlex.quote(spec.log_dir)}",
+        'HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+        f"MASTER_PORT={spec.port}",
+        'echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NUM_NODES nodes, rendezvous $HEAD_NODE:$MASTER_PORT"',
+        "# Requeueing sends SIGTERM to every rank: mtk train finishes its step, saves and exits; the",
+        "# requeued job resumes from the --save directory. Preemption (with --requeue) does the same.",
+        'trap \'echo "time limit near: requeueing"; scontrol requeue "$SLURM_JOB_ID"\' USR1',
+        "",
+        body + " &",
+        'wait "$!" || wait "$!"  # the first wait returns early when the trap fires',
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _quote(arg: str) -> str:
+    """Shell-quote, except the "$VAR" placeholders the script fills in."""
+    return arg if '"$' in arg else shlex.quote(arg)
