@@ -168,6 +168,8 @@ class ParallelConfig:
     account_for_embedding_in_pipeline_split: bool = False
     account_for_loss_in_pipeline_split: bool = False
     use_distributed_optimizer: bool = False
+    # activation recomputation: "selective" recomputes attention blocks, "full" whole layers
+    recompute_granularity: Literal["selective", "full"] | None = None
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "train": TrainConfig, "parallel": ParallelConfig}

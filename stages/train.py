@@ -12,6 +12,11 @@ from stages.common import console, fail
 SUMMARY = "Train a preset (GPT-3, Llama 3 ...) on prepared or mock data; checkpoints resume exactly."
 
 
+class Recompute(StrEnum):
+    selective = "selective"
+    full = "full"
+
+
 class DecayStyle(StrEnum):
     cosine = "cosine"
     linear = "linear"
@@ -44,6 +49,7 @@ FLAG_KEYS = {
     "pp": "pipeline_model_parallel_size",
     "cp": "context_parallel_size",
     "vp": "virtual_pipeline_model_parallel_size",
+    "recompute_granularity": "recompute_granularity",
 }
 
 
@@ -155,6 +161,11 @@ def train(
     cp: int | None = typer.Option(None, "--cp", help="Context-parallel size (context_parallel_size)."),
     vp: int | None = typer.Option(
         None, "--vp", help="Virtual pipeline stages per rank (interleaved schedule)."
+    ),
+    recompute_granularity: Recompute | None = typer.Option(
+        None,
+        "--recompute-granularity",
+        help="Recompute activations in backward: 'selective' (attention) or 'full'.",
     ),
     exit_after: int | None = typer.Option(
         None, "--exit-after", help="Save and stop after this iteration (resume later)."

@@ -13,6 +13,7 @@ from mtk.config import RunConfig
 from mtk.data.loader import build_loader
 from mtk.data.mock import MockGPTDataset
 from mtk.models.gpt import GPTModel
+from mtk.parallel.apply import apply_recompute
 from mtk.train.loop import Trainer, TrainOptions
 from mtk.train.metrics import device_peak_tflops, memory_gib, model_flops_per_token
 
@@ -55,6 +56,7 @@ def benchmark(
     data = MockGPTDataset(samples, config.model.seq_length, config.model.vocab_size, train.seed)
     with torch.device(device):
         model = GPTModel(config.model)
+    apply_recompute(model, config.parallel.recompute_granularity)
     with tempfile.TemporaryDirectory() as scratch:
         trainer = Trainer(config, model, (data, None, None), TrainOptions(save=Path(scratch), device=device))
         batches = iter(build_loader(data, train.micro_batch_size, num_workers=0))

@@ -161,7 +161,7 @@ def run_training(
     datasets = build_datasets(config, data, facts, cache_dir)
     model = GPTModel(config.model).to(env.device)
     mesh = dims.build_mesh(env.device.split(":")[0]) if env.world_size > 1 else None
-    model = parallelize(model, dims, mesh)
+    model = parallelize(model, dims, mesh, config.parallel)
     options.device, options.dp_rank, options.dp_size = env.device, env.rank, dims.dp
     trainer = Trainer(config, model, datasets, options)
     if env.is_main:

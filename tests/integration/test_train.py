@@ -294,3 +294,11 @@ def test_rerunning_a_finished_run_changes_nothing(tmp_path, counting_data):
     output = train("--data", counting_data, "--save", str(run), "--train-iters", "3")
     assert "the run is complete: iteration 3 of 3" in output
     assert (run / "metrics.jsonl").read_text() == before
+
+
+def test_recomputation_gives_the_same_losses(tmp_path, counting_data):
+    common = ["--data", counting_data, "--train-iters", "3", "--set", "hidden_dropout=0.1"]
+    train(*common, "--save", str(tmp_path / "plain"))
+    train(*common, "--save", str(tmp_path / "full"), "--recompute-granularity", "full")
+    assert losses(tmp_path / "full") == pytest.approx(losses(tmp_path / "plain"), rel=1e-6)
+    assert json.loads((tmp_path / "full" / "config.json").read_text())["parallel"]["recompute_granularity"] == "full"

@@ -104,3 +104,30 @@ def test_init_follows_megatron():
     assert layer.mlp.fc2.weight.std().item() == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
     assert torch.count_nonzero(layer.attention.q_proj.bias) == 0
     assert torch.all(layer.attention_norm.weight == 1)
+
+
+@pytest.mark.parametrize("granularity", ["selective", "full"])
+def test_recomputation_changes_neither_gradients_nor_parameter_names(granularity):
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    from mtk.parallel.apply import apply_recompute
+
+    config = apply_overrides(
+        load_preset("llama-tiny").sections, {"hidden_dropout": 0.1, "attention_dropout": 0.1}
+    )
+    torch.manual_seed(0)
+    plain = GPTModel(config.model)
+    recomputed = GPTModel(config.model)
+    recomputed.load_state_dict(plain.state_dict())
+    apply_recompute(recomputed, granularity)
+    wrapped = (
+        recomputed.decoder.layers[0] if granularity == "full" else recomputed.decoder.layers[0].attention
+    )
+    assert type(wrapped).__name__ == "CheckpointWrapper"
+    tokens = torch.randint(0, 4000, (2, 24))
+    for model in (plain, recomputed):
+        torch.manual_seed(1)  # the same dropout masks in both
+        model(tokens).float().logsumexp(-1).mean().backward()
+    for a, b in zip(plain.parameters(), recomputed.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad)
+    assert get_model_state_dict(recomputed).keys() == plain.state_dict().keys()
