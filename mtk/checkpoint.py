@@ -93,3 +93,25 @@ def load_checkpoint(root: str | os.PathLike, iteration: int | None = None) -> di
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def export_safetensors(root: str | os.PathLike, out: str | os.PathLike, iteration: int | None = None) -> Path:
+    """The weights of a checkpoint as one ``.safetensors`` file (config and iteration in its metadata).
+
+    Shared storage (tied weights) is written once per name, as plain copies, which safetensors requires.
+    """
+    import json
+
+    from safetensors.torch import save_file
+
+    state = load_checkpoint(root, iteration)
+    weights = {name: tensor.detach().contiguous().clone() for name, tensor in state["model"].items()}
+    metadata = {"format": "pt", "iteration": str(state["iteration"]), "config": json.dumps(state["config"])}
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        save_file(weights, str(tmp), metadata=metadata)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out

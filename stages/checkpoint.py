@@ -8,7 +8,7 @@ import typer
 
 from stages.common import console, fail
 
-SUMMARY = "Inspect checkpoints: iteration, config, parameter count, tensors and shapes."
+SUMMARY = "Inspect checkpoints (iteration, config, tensors) and convert them to safetensors."
 app = typer.Typer(no_args_is_help=True, help=SUMMARY)
 
 
@@ -47,3 +47,19 @@ def inspect(
             name, str(tuple(tensor.shape)), str(tensor.dtype).removeprefix("torch."), f"{tensor.numel():,}"
         )
     console.print(tensors)
+
+
+@app.command("convert")
+def convert(
+    run_dir: Path = typer.Argument(..., help="A run directory (--save of `mtk train`).", show_default=False),
+    out: Path = typer.Option(..., "--out", "-o", help="The .safetensors file to write.", show_default=False),
+    iteration: int | None = typer.Option(None, "--iteration", help="Which checkpoint (default: the latest)."),
+) -> None:
+    """Write the model weights as a single .safetensors file (whatever data-parallel layout saved them)."""
+    from mtk.checkpoint import CheckpointError, export_safetensors
+
+    try:
+        path = export_safetensors(run_dir, out, iteration)
+    except CheckpointError as err:
+        fail(str(err))
+    console.print(f"wrote {path} ({path.stat().st_size / 2**20:,.1f} MiB)")

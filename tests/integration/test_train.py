@@ -301,4 +301,26 @@ def test_recomputation_gives_the_same_losses(tmp_path, counting_data):
     train(*common, "--save", str(tmp_path / "plain"))
     train(*common, "--save", str(tmp_path / "full"), "--recompute-granularity", "full")
     assert losses(tmp_path / "full") == pytest.approx(losses(tmp_path / "plain"), rel=1e-6)
-    assert json.loads((tmp_path / "full" / "config.json").read_text())["parallel"]["recompute_granularity"] == "full"
+    assert (
+        json.loads((tmp_path / "full" / "config.json").read_text())["parallel"]["recompute_granularity"]
+        == "full"
+    )
+
+
+def test_checkpoint_convert_writes_safetensors_with_the_same_weights(tmp_path, counting_data):
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    train("--data", counting_data, "--save", str(run), "--train-iters", "2")
+    result = runner.invoke(
+        app, ["checkpoint", "convert", str(run), "-o", str(tmp_path / "model.safetensors")]
+    )
+    assert result.exit_code == 0, result.output
+    exported = load_file(tmp_path / "model.safetensors")
+    saved = load_checkpoint(run)["model"]
+    assert exported.keys() == saved.keys()
+    assert all(torch.equal(exported[name], saved[name]) for name in saved)
+    missing = runner.invoke(
+        app, ["checkpoint", "convert", str(tmp_path / "nothing"), "-o", str(tmp_path / "x.safetensors")]
+    )
+    assert missing.exit_code == 2 and "no checkpoint" in missing.output
