@@ -58,7 +58,10 @@ def any_rank(flag: bool) -> bool:
     """True on every rank if it is True on any (e.g. one rank received SIGTERM)."""
     if not is_distributed():
         return flag
-    tensor = torch.tensor([int(flag)])
+    device = (
+        torch.cuda.current_device() if dist.get_backend() == "nccl" else "cpu"
+    )  # NCCL reduces GPU tensors
+    tensor = torch.tensor([int(flag)], device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return bool(tensor.item())
 

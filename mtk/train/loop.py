@@ -118,7 +118,10 @@ class Trainer:
         precision = config.train.precision
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self.scaler = torch.amp.GradScaler(
-            options.device, init_scale=2.0**16, growth_interval=1000, enabled=precision == "fp16"
+            options.device.split(":")[0],
+            init_scale=2.0**16,
+            growth_interval=1000,
+            enabled=precision == "fp16",
         )
         self.state = TrainState()
         self.iters = total_iterations(config)
