@@ -29,7 +29,7 @@ from torch.distributed.checkpoint.state_dict import (
 from mtk.checkpoint import latest_iteration, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from mtk.config import RunConfig
 from mtk.data.loader import build_loader
-from mtk.parallel.distributed import any_rank, gather_objects, mean_across_ranks
+from mtk.parallel.distributed import any_rank, barrier, gather_objects, mean_across_ranks
 from mtk.train.loss import masked_cross_entropy
 from mtk.train.metrics import MetricsLogger, model_flops_per_token
 from mtk.train.optim import build_optimizer
@@ -166,10 +166,11 @@ class Trainer:
                 return True
         return False
 
-    def save(self) -> Path:
-        return save_checkpoint(
-            self.options.save, self.state.iteration, self.state_dict(), self.options.keep_last
-        )
+    def save(self) -> None:
+        state = self.state_dict()  # collective: every rank takes part in gathering the shards
+        if self.options.dp_rank == 0:
+            save_checkpoint(self.options.save, self.state.iteration, state, self.options.keep_last)
+        barrier()
 
     # ---- one step ---------------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager:

@@ -43,6 +43,8 @@ def test_dp2_losses_match_one_process_and_checkpoints_move_between_layouts(tmp_p
     assert "2 x cpu" in output
     reference = losses(tmp_path / "one")
     assert losses(tmp_path / "two") == pytest.approx(reference, rel=TOLERANCE)
+    lines = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
+    assert len([line for line in lines if '"split"' not in line]) == 6  # only rank 0 writes metrics
     # the DP2 checkpoint holds whole tensors: same names and shapes as the single-process one
     sharded, plain = load_checkpoint(tmp_path / "two")["model"], load_checkpoint(tmp_path / "one")["model"]
     assert {k: tuple(v.shape) for k, v in sharded.items()} == {k: tuple(v.shape) for k, v in plain.items()}
