@@ -167,6 +167,12 @@ def train(
         "--recompute-granularity",
         help="Recompute activations in backward: 'selective' (attention) or 'full'.",
     ),
+    timeout_minutes: float = typer.Option(
+        10.0,
+        "--timeout-minutes",
+        min=0.01,
+        help="Abort the job when a collective waits longer (a hung or dead rank).",
+    ),
     exit_after: int | None = typer.Option(
         None, "--exit-after", help="Save and stop after this iteration (resume later)."
     ),
@@ -208,6 +214,7 @@ def train(
         num_workers=num_workers,
         device=device,
         stop_after=exit_after,
+        timeout_minutes=timeout_minutes,
     )
     try:
         state = run_training(config, options, data, vocab_size, data_cache_path, show=_printer(config))

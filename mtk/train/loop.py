@@ -54,6 +54,7 @@ class TrainOptions:
     stop_after: int | None = None  # stop (and save) after this iteration, as if preempted
     dp_rank: int = 0  # this process's data-parallel rank ...
     dp_size: int = 1  # ... among this many (the model is sharded over them by mtk.parallel)
+    timeout_minutes: float = 10.0  # a collective waiting longer than this aborts the job
     on_log: Callable[[dict[str, Any]], None] | None = None
 
 
@@ -124,6 +125,7 @@ class Trainer:
             enabled=precision == "fp16",
         )
         self.state = TrainState()
+        self.phase = "start-up"  # what the ranks are doing together: named when a collective times out
         self.iters = total_iterations(config)
         self.flops_per_token = model_flops_per_token(config.model)
 
@@ -134,6 +136,7 @@ class Trainer:
         Full (unsharded) weights and optimizer state keyed by parameter name, so a checkpoint loads
         into any data-parallel layout; every rank's RNG state, so dropout resumes exactly.
         """
+        self.phase = "checkpoint gather (all-gather of the parameter and optimizer shards)"
         full = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return {
             "model": get_model_state_dict(self.model, options=full),
@@ -189,6 +192,7 @@ class Trainer:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.options.device)
+        self.phase = f"iteration {self.state.iteration + 1}: forward/backward (parameter all-gather, gradient reduce-scatter)"
         for _ in range(micro_batches):
             loss = self._loss(next(batches)) / micro_batches
             self.scaler.scale(loss).backward()
@@ -197,6 +201,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.scaler.unscale_(self.optimizer)
+        self.phase = f"iteration {self.state.iteration + 1}: gradient-norm and loss all-reduce"
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), train.clip_grad or math.inf)
         if hasattr(grad_norm, "full_tensor"):  # a DTensor when parameters are sharded
             grad_norm = grad_norm.full_tensor()
@@ -229,6 +234,7 @@ class Trainer:
         if dataset is None or self.config.train.eval_iters == 0:
             return None
         self.model.eval()
+        self.phase = f"{split} evaluation (parameter all-gather, loss all-reduce)"
         train = self.config.train
         options = self.options
         loader = build_loader(
@@ -302,6 +308,7 @@ class Trainer:
                     and state.iteration < self.iters
                 ):
                     logger.log_eval(self.evaluate(self.valid_data, "valid"))
+                self.phase = f"iteration {state.iteration}: preemption-flag all-reduce"
                 stop = any_rank(preemption.requested) or (
                     options.stop_after is not None and state.iteration >= options.stop_after
                 )

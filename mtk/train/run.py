@@ -146,7 +146,7 @@ def run_training(
     from mtk.parallel.dims import ParallelDims
     from mtk.parallel.distributed import barrier, init_distributed
 
-    env = init_distributed(options.device)
+    env = init_distributed(options.device, options.timeout_minutes)
     facts = data_facts(data) if data is not None else None
     config = resolve_vocab(config, facts, explicit_vocab)
     dims = ParallelDims.from_config(config, env.world_size)
@@ -181,6 +181,14 @@ def run_training(
                 f"resumed from iteration {trainer.state.iteration} ({trainer.state.consumed_samples:,} samples)"
             )
         state = trainer.run(logger)
+    except RuntimeError as err:  # torch.distributed's errors (DistBackendError ...) are RuntimeErrors
+        if env.world_size > 1 and "timed out" in str(err).lower():
+            raise TrainingError(
+                f"rank {env.rank}: {trainer.phase} did not complete within {options.timeout_minutes:g} minutes "
+                f"({str(err).strip().splitlines()[0]}); another rank is stuck or died, so this job stops "
+                "instead of hanging. Resume from the last checkpoint once the cause is fixed."
+            ) from None
+        raise
     finally:
         logger.close()
     if env.is_main:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -55,3 +56,52 @@ def test_dp2_losses_match_one_process_and_checkpoints_move_between_layouts(tmp_p
     assert latest_iteration(tmp_path / "moved") == 3
     single(*common, "--save", str(tmp_path / "moved"))
     assert losses(tmp_path / "moved") == pytest.approx(reference, rel=TOLERANCE)
+
+
+def _worker_pid(rank: int, marker: str) -> int | None:
+    """The torchrun worker of ``rank`` whose command line contains ``marker``."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if (
+            marker in cmdline
+            and f"RANK={rank}".encode() in environ
+            and b"LOCAL_RANK=" + str(rank).encode() in environ
+        ):
+            return int(entry.name)
+    return None
+
+
+def test_a_hung_rank_aborts_the_job_with_the_rank_and_the_collective(tmp_path):
+    import signal
+    import time
+
+    run = tmp_path / "hung"
+    command = [sys.executable, "-m", "stages.main", "train", *ARGS, "--mock-data", "--train-iters", "100000",
+               "--save", str(run), "--timeout-minutes", "0.1", "--nproc-per-node", "2"]  # fmt: skip
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=os.getcwd()
+    )
+    deadline, stopped = time.monotonic() + 120, None
+    try:
+        while time.monotonic() < deadline and stopped is None:
+            if (run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").stat().st_size:
+                stopped = _worker_pid(1, str(run))
+            time.sleep(0.1)
+        assert stopped is not None, "the job did not start"
+        os.kill(stopped, signal.SIGSTOP)  # rank 1 hangs: it never joins the next collective
+        output = proc.communicate(timeout=180)[0]
+    finally:
+        if stopped is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(stopped, signal.SIGKILL)
+        proc.kill()
+    assert proc.returncode != 0
+    flat = " ".join(output.split())
+    assert "rank 0: iteration" in flat and "did not complete within 0.1 minutes" in flat
+    assert "all-reduce" in flat or "all-gather" in flat
