@@ -42,6 +42,15 @@ def wheel(tmp_path_factory) -> Path:
 
 def test_wheel_contains_packages_presets_and_assets(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
+    sources = {
+        str(p.relative_to(ROOT)) for folder in ("mtk", "stages") for p in (ROOT / folder).rglob("*.py")
+    }
+    assert sources <= names, f"missing from the wheel: {sorted(sources - names)}"
+    assert {
+        "mtk/assets/tokenizer/vocab.json",
+        "mtk/assets/tokenizer/merges.txt",
+        "mtk/assets/NOTICE.txt",
+    } <= names
     for preset in preset_names():
         assert f"mtk/preset_files/{preset}.toml" in names
     assert {"mtk/assets/sample.jsonl", "stages/main.py", "mtk/data/indexed.py"} <= names
@@ -56,12 +65,18 @@ def test_installed_wheel_finds_presets_outside_the_checkout(wheel, tmp_path):
         check=True,
         capture_output=True,
     )
-    code = "import mtk.presets as p; print(p.__file__); print(' '.join(p.preset_names()))"
+    code = (
+        "import mtk.presets as p; print(p.__file__); print(' '.join(p.preset_names()));"
+        "from mtk.quickstart import asset; from mtk.data.tokenizer import load_tokenizer;"
+        "import mtk.train.loop, mtk.parallel.apply, mtk.models.gpt;"
+        "print(load_tokenizer(str(asset('tokenizer'))).vocab_size)"
+    )
     env = {**os.environ, "PYTHONPATH": str(target)}
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, check=True
     )
-    where, names = out.stdout.splitlines()
+    where, names, vocab = out.stdout.splitlines()
+    assert vocab == "4096"  # the bundled tokenizer ships too
     assert where.startswith(str(target))
     assert names.split() == preset_names()
 
