@@ -34,8 +34,11 @@ class ParallelDims:
         )
 
     def validate(self, config: RunConfig) -> None:
-        """Reject layouts that cannot run, saying what to change. Checks every rule, reports all failures."""
-        model, train = config.model, config.train
+        """Reject layouts that cannot run, saying what to change. Checks every rule, reports all failures.
+
+        Batch sizes against micro batch x DP are checked with the rest of the run (``validate_run``).
+        """
+        model = config.model
         problems = []
         model_parallel = self.tp * self.pp * self.cp
         if min(self.tp, self.pp, self.cp, self.vp) < 1:
@@ -73,15 +76,6 @@ class ParallelDims:
                 f"seq_length {model.seq_length} is not divisible by 2 x CP = {2 * self.cp} "
                 "(load-balanced causal sharding cuts the sequence into 2 x CP chunks)"
             )
-        if not problems and self.world_size % model_parallel == 0:
-            step = train.micro_batch_size * self.dp
-            for batch in [train.global_batch_size, *(int(b) for _, b in train.batch_size_ramp or [])]:
-                if batch % step:
-                    problems.append(
-                        f"global batch size {batch} is not a multiple of micro batch {train.micro_batch_size} x "
-                        f"DP {self.dp} = {step}"
-                    )
-                    break
         if problems:
             raise ConfigError("parallel layout rejected:\n  - " + "\n  - ".join(problems))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mtk.config import ConfigError, apply_overrides
+from mtk.config import ConfigError, apply_overrides, validate_run
 from mtk.parallel.dims import ParallelDims
 from mtk.presets import load_preset
 
@@ -22,9 +22,10 @@ def test_seed_recipe_layouts_are_valid():
         ("llama3-70b", 64),
         ("llama3-405b", 1024),
     ]:
-        cfg = config(name)
+        cfg = config(name, train_iters=1)
         dims = ParallelDims.from_config(cfg, world)
         dims.validate(cfg)
+        validate_run(cfg, dims.dp)  # batch sizes (and the GPT-3 ramp) fit micro batch x DP
     llama405 = ParallelDims.from_config(config("llama3-405b"), 1024)
     assert (llama405.tp, llama405.pp, llama405.cp, llama405.vp, llama405.dp) == (8, 8, 2, 8, 8)
     assert llama405.mesh_shape() == (8, 8, 2, 8)
@@ -38,11 +39,6 @@ def test_seed_recipe_layouts_are_valid():
         ({"context_parallel_size": 3}, 3, "seq_length 128 is not divisible by 2 x CP = 6"),
         ({"tensor_model_parallel_size": 2}, 3, "world size 3 is not a multiple of TP x PP x CP"),
         ({"virtual_pipeline_model_parallel_size": 2}, 1, "need pipeline parallelism"),
-        (
-            {"global_batch_size": 12, "micro_batch_size": 4},
-            2,
-            "global batch size 12 is not a multiple of micro batch 4 x DP 2",
-        ),
     ],
 )
 def test_invalid_layouts_are_rejected_with_the_fix(overrides, world, message):
@@ -50,6 +46,17 @@ def test_invalid_layouts_are_rejected_with_the_fix(overrides, world, message):
     with pytest.raises(ConfigError, match="parallel layout rejected") as err:
         ParallelDims.from_config(cfg, world).validate(cfg)
     assert message in str(err.value)
+
+
+def test_global_batch_must_divide_by_micro_batch_times_dp():
+    cfg = config("gpt-tiny", global_batch_size=12, micro_batch_size=4)
+    dims = ParallelDims.from_config(cfg, 2)
+    dims.validate(cfg)  # the layout itself is fine ...
+    with pytest.raises(
+        ConfigError,
+        match=r"global batch size 12 is not a multiple of micro_batch_size \(4\) x data-parallel size \(2\)",
+    ):
+        validate_run(cfg, dims.dp)  # ... the batch is not
 
 
 def test_query_groups_must_divide_by_tp():
