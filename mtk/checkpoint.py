@@ -1,7 +1,11 @@
 """Checkpoints: ``SAVE/iter_NNNNNNN/`` folders, a tracker naming the latest complete one, atomic writes.
 
-A checkpoint is written into a temporary folder and renamed into place before the tracker is
-updated, so a crash at any moment leaves the previous checkpoint usable and never a half one.
+Weights and optimizer state are saved with ``torch.distributed.checkpoint`` (DCP): every rank writes
+its own shards, keyed by parameter name with their place in the whole tensor, so a checkpoint loads
+into any parallel layout (DCP reshards on load). ``trainer.pt`` holds the rest (iteration, samples,
+loss scaler, every rank's RNG state, config); rank 0 writes it last. A checkpoint is written into a
+temporary folder and renamed into place before the tracker is updated, so a crash at any moment
+leaves the previous checkpoint usable and never a half one.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import numpy as np
 import torch
 
 TRACKER = "latest_checkpointed_iteration.txt"  # Megatron's name, so its users find it
+TRAINER_STATE = "trainer.pt"
 
 
 class CheckpointError(ValueError):
@@ -35,7 +40,7 @@ def latest_iteration(root: str | os.PathLike) -> int | None:
     if not text.isdigit():
         raise CheckpointError(f"{tracker}: expected an iteration number, found {text!r}")
     iteration = int(text)
-    if not (iteration_dir(root, iteration) / "state.pt").is_file():
+    if not (iteration_dir(root, iteration) / TRAINER_STATE).is_file():
         raise CheckpointError(
             f"{tracker} names iteration {iteration}, but {iteration_dir(root, iteration)} is missing"
         )
@@ -57,23 +62,25 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(
-    root: str | os.PathLike, iteration: int, state: dict[str, Any], keep_last: int | None = None
+def staging_dir(root: str | os.PathLike, iteration: int) -> Path:
+    """Where checkpoint ``iteration`` is written before it is renamed into place (same on every rank)."""
+    return Path(root) / f".{iteration_dir(root, iteration).name}.tmp"
+
+
+def publish_checkpoint(
+    root: str | os.PathLike, iteration: int, trainer_state: dict[str, Any], keep_last: int | None = None
 ) -> Path:
-    """Write ``state`` as checkpoint ``iteration`` of ``root``; then drop all but the newest ``keep_last``."""
+    """Complete a checkpoint whose shards are in ``staging_dir``: add the trainer state, rename it into
+    place, point the tracker at it, drop all but the newest ``keep_last``. Runs on one rank."""
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    final = iteration_dir(root, iteration)
-    tmp = root / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    final, staged = iteration_dir(root, iteration), staging_dir(root, iteration)
     try:
-        torch.save(state, tmp / "state.pt")
+        torch.save(trainer_state, staged / TRAINER_STATE)
         if final.exists():  # re-saving the same iteration (e.g. after a resume)
             shutil.rmtree(final)
-        os.replace(tmp, final)
+        os.replace(staged, final)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(staged, ignore_errors=True)
     tracker_tmp = root / f".{TRACKER}.tmp-{os.getpid()}"
     tracker_tmp.write_text(f"{iteration}\n")
     os.replace(tracker_tmp, root / TRACKER)
@@ -83,16 +90,38 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(root: str | os.PathLike, iteration: int | None = None) -> dict[str, Any]:
-    """The state saved at ``iteration`` (default: the latest complete one) of ``root``."""
+def _checkpoint_path(root: str | os.PathLike, iteration: int | None) -> Path:
     if iteration is None:
         iteration = latest_iteration(root)
         if iteration is None:
             raise CheckpointError(f"{root}: no checkpoint ({TRACKER} not found)")
-    path = iteration_dir(root, iteration) / "state.pt"
-    if not path.is_file():
+    path = iteration_dir(root, iteration)
+    if not (path / TRAINER_STATE).is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return path
+
+
+def load_trainer_state(root: str | os.PathLike, iteration: int | None = None) -> dict[str, Any]:
+    """Iteration, samples, scaler, RNG states and config of a checkpoint (no tensors of the model)."""
+    return torch.load(_checkpoint_path(root, iteration) / TRAINER_STATE, map_location="cpu", weights_only=False)
+
+
+def load_checkpoint(root: str | os.PathLike, iteration: int | None = None) -> dict[str, Any]:
+    """A checkpoint as plain full tensors in this process: ``model`` (name -> tensor) and the trainer
+    state. For tools (inspect, convert, generate); training resumes shard by shard instead."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    path = _checkpoint_path(root, iteration)
+    state: dict[str, Any] = {}
+    _load_state_dict(
+        state,
+        storage_reader=FileSystemReader(path),
+        planner=_EmptyStateDictLoadPlanner(keys={"model"}),
+        no_dist=True,
+    )
+    return {**load_trainer_state(root, iteration), "model": state["model"]}
 
 
 def export_safetensors(root: str | os.PathLike, out: str | os.PathLike, iteration: int | None = None) -> Path:

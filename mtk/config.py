@@ -167,7 +167,11 @@ class ParallelConfig:
     # count the embedding / the loss as one layer each when splitting layers over pipeline stages
     account_for_embedding_in_pipeline_split: bool = False
     account_for_loss_in_pipeline_split: bool = False
-    use_distributed_optimizer: bool = False
+    use_distributed_optimizer: bool = False  # shard optimizer state and gradients (= optim_grads)
+    # Megatron's names: no_shard (DDP), optim_grads (ZeRO-2), optim_grads_params (ZeRO-3, FSDP);
+    # None: optim_grads with use_distributed_optimizer, else no_shard
+    data_parallel_sharding_strategy: Literal["no_shard", "optim_grads", "optim_grads_params"] | None = None
+    grad_reduce_in_bf16: bool = False  # average data-parallel gradients in bf16 instead of fp32
     # activation recomputation: "selective" recomputes attention blocks, "full" whole layers
     recompute_granularity: Literal["selective", "full"] | None = None
 

@@ -17,6 +17,12 @@ class Recompute(StrEnum):
     full = "full"
 
 
+class Sharding(StrEnum):
+    no_shard = "no_shard"
+    optim_grads = "optim_grads"
+    optim_grads_params = "optim_grads_params"
+
+
 class DecayStyle(StrEnum):
     cosine = "cosine"
     linear = "linear"
@@ -50,6 +56,7 @@ FLAG_KEYS = {
     "cp": "context_parallel_size",
     "vp": "virtual_pipeline_model_parallel_size",
     "recompute_granularity": "recompute_granularity",
+    "data_parallel_sharding_strategy": "data_parallel_sharding_strategy",
 }
 
 
@@ -167,6 +174,24 @@ def train(
         "--recompute-granularity",
         help="Recompute activations in backward: 'selective' (attention) or 'full'.",
     ),
+    data_parallel_sharding_strategy: Sharding | None = typer.Option(
+        None,
+        "--data-parallel-sharding-strategy",
+        help="What data-parallel ranks shard: no_shard (DDP), optim_grads (Megatron's distributed "
+        "optimizer, ZeRO-2), optim_grads_params (FSDP, ZeRO-3). Default: optim_grads when the preset "
+        "sets use_distributed_optimizer, else no_shard.",
+    ),
+    use_distributed_optimizer: bool = typer.Option(
+        False,
+        "--use-distributed-optimizer",
+        help="Shard optimizer state and gradients over data-parallel ranks (= optim_grads).",
+    ),
+    grad_reduce_in_bf16: bool = typer.Option(
+        False, "--grad-reduce-in-bf16", help="Average data-parallel gradients in bf16 instead of fp32."
+    ),
+    async_save: bool = typer.Option(
+        False, "--async-save", help="Write checkpoints in the background while training continues."
+    ),
     timeout_minutes: float = typer.Option(
         10.0,
         "--timeout-minutes",
@@ -202,6 +227,10 @@ def train(
                 values[key] = value.value if isinstance(value, Enum) else value
         if bf16 or fp16:
             values["precision"] = "bf16" if bf16 else "fp16"
+        if use_distributed_optimizer:
+            values["use_distributed_optimizer"] = True
+        if grad_reduce_in_bf16:
+            values["grad_reduce_in_bf16"] = True
         config = apply_overrides(base.sections, values)
     except ConfigError as err:
         fail(str(err))
@@ -215,6 +244,7 @@ def train(
         device=device,
         stop_after=exit_after,
         timeout_minutes=timeout_minutes,
+        async_save=async_save,
     )
     try:
         state = run_training(config, options, data, vocab_size, data_cache_path, show=_printer(config))

@@ -42,9 +42,13 @@ class Attention(nn.Module):
         self.rotary = rotary
         self.dropout = config.attention_dropout
 
-    def _split_heads(self, x: torch.Tensor, heads: int) -> torch.Tensor:
+        # (q, k, v, attn_mask, dropout_p, is_causal, enable_gqa) -> out; context parallelism swaps it
+        self.core_attention = F.scaled_dot_product_attention
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, seq, heads * head_dim) -> (batch, heads, seq, head_dim); the heads this rank holds."""
         batch, seq, _ = x.shape
-        return x.view(batch, seq, heads, self.head_dim).transpose(1, 2)
+        return x.view(batch, seq, -1, self.head_dim).transpose(1, 2)
 
     def forward(
         self,
@@ -61,9 +65,9 @@ class Attention(nn.Module):
         ``attention_mask`` (broadcastable to (batch, heads, seq, keys), True = attend) overrides ``causal``.
         """
         source = x if context is None else context
-        q = self._split_heads(self.q_proj(x), self.heads)
-        k = self._split_heads(self.k_proj(source), self.groups)
-        v = self._split_heads(self.v_proj(source), self.groups)
+        q = self._split_heads(self.q_proj(x))
+        k = self._split_heads(self.k_proj(source))
+        v = self._split_heads(self.v_proj(source))
         if self.rotary is not None and context is None:
             q, k = self.rotary(q, position_ids), self.rotary(k, position_ids)
         is_causal = causal and context is None and attention_mask is None
@@ -77,7 +81,7 @@ class Attention(nn.Module):
                 keys = torch.arange(end, device=x.device)
                 attention_mask = keys[None, :] <= torch.arange(start, end, device=x.device)[:, None]
                 is_causal = False
-        out = F.scaled_dot_product_attention(
+        out = self.core_attention(
             q,
             k,
             v,
@@ -87,7 +91,7 @@ class Attention(nn.Module):
             enable_gqa=self.groups != self.heads,
         )
         batch, _, seq, _ = out.shape
-        return self.out_proj(out.transpose(1, 2).reshape(batch, seq, self.heads * self.head_dim))
+        return self.out_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
     def new_cache(self, batch: int, max_length: int, device: torch.device, dtype: torch.dtype) -> KVCache:
         shape = (batch, self.groups, max_length, self.head_dim)

@@ -39,7 +39,13 @@ class TransformerLayer(nn.Module):
         kv_cache: KVCache | None = None,
     ) -> torch.Tensor:
         x = x + self.dropout(
-            self.attention(self.attention_norm(x), position_ids, causal, attention_mask, kv_cache=kv_cache)
+            self.attention(
+                self.attention_norm(x),
+                position_ids=position_ids,
+                causal=causal,
+                attention_mask=attention_mask,
+                kv_cache=kv_cache,
+            )
         )
         if self.cross_attention is not None:
             x = x + self.dropout(self.cross_attention(self.cross_norm(x), context=context))
@@ -47,7 +53,12 @@ class TransformerLayer(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """``num_layers`` layers and a final norm; RoPE tables shared by all layers when used."""
+    """``num_layers`` layers and a final norm; RoPE tables shared by all layers when used.
+
+    Layers sit in a ModuleDict keyed by their global index ("0", "1", ...): a pipeline stage keeps a
+    subset and the parameter names stay those of the whole model. A stage without the final norm
+    (``final_norm = None``) returns the residual stream as is.
+    """
 
     def __init__(self, config: ModelConfig, num_layers: int, cross_attention: bool = False) -> None:
         super().__init__()
@@ -56,15 +67,15 @@ class TransformerBlock(nn.Module):
             if config.position_embedding_type == "rope"
             else None
         )
-        self.layers = nn.ModuleList(
-            TransformerLayer(config, self.rotary, cross_attention) for _ in range(num_layers)
+        self.layers = nn.ModuleDict(
+            {str(i): TransformerLayer(config, self.rotary, cross_attention) for i in range(num_layers)}
         )
-        self.final_norm = build_norm(config)
+        self.final_norm: nn.Module | None = build_norm(config)
 
     def forward(self, x: torch.Tensor, kv_caches: list[KVCache] | None = None, **kwargs) -> torch.Tensor:
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self.layers.values()):
             x = layer(x, kv_cache=None if kv_caches is None else kv_caches[i], **kwargs)
-        return self.final_norm(x)
+        return x if self.final_norm is None else self.final_norm(x)
 
 
 def init_weights(module: nn.Module, config: ModelConfig, num_layers: int) -> None:

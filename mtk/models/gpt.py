@@ -11,7 +11,16 @@ from mtk.layers.transformer import TransformerBlock, init_weights
 
 
 class GPTModel(nn.Module):
-    """tokens (batch, seq) -> logits (batch, seq, padded vocab)."""
+    """tokens (batch, seq) -> logits (batch, seq, padded vocab).
+
+    A pipeline stage is this model with parts removed (``mtk.parallel.pipeline``): ``pre_process``
+    (Megatron's name) says the stage embeds tokens, else its input is the previous stage's hidden
+    states; ``post_process`` says it ends with the final norm and the output layer, else it returns
+    hidden states. With tied embeddings the last stage keeps ``embedding`` for the output projection.
+    """
+
+    pre_process: bool = True
+    post_process: bool = True
 
     def __init__(self, config: ModelConfig, tensor_parallel: int = 1) -> None:
         super().__init__()
@@ -35,9 +44,6 @@ class GPTModel(nn.Module):
     def init_weights(self) -> None:
         init_weights(self, self.config, self.config.num_layers)
 
-    def output_weight(self) -> torch.Tensor:
-        return self.embedding.weight if self.output is None else self.output.weight
-
     def forward(
         self,
         tokens: torch.Tensor,
@@ -49,15 +55,21 @@ class GPTModel(nn.Module):
             position_ids = torch.arange(start, start + tokens.shape[1], device=tokens.device).expand_as(
                 tokens
             )
-        x = self.embedding(tokens)
-        if self.position_embedding is not None:
-            x = x + self.position_embedding(position_ids)
-        x = self.decoder(self.embedding_dropout(x), kv_caches=kv_caches, position_ids=position_ids)
-        return nn.functional.linear(x, self.output_weight())
+        if self.pre_process:
+            x = self.embedding(tokens)
+            if self.position_embedding is not None:
+                x = x + self.position_embedding(position_ids)
+            x = self.embedding_dropout(x)
+        else:
+            x = tokens
+        x = self.decoder(x, kv_caches=kv_caches, position_ids=position_ids)
+        if not self.post_process:
+            return x
+        return self.output(x) if self.output is not None else nn.functional.linear(x, self.embedding.weight)
 
     def new_kv_caches(self, batch: int, max_length: int, dtype: torch.dtype | None = None) -> list[KVCache]:
         weight = self.embedding.weight
         return [
             layer.attention.new_cache(batch, max_length, weight.device, dtype or weight.dtype)
-            for layer in self.decoder.layers
+            for layer in self.decoder.layers.values()
         ]

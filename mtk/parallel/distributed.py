@@ -45,13 +45,8 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def mean_across_ranks(value: torch.Tensor, group=None) -> torch.Tensor:
-    """The mean of ``value`` over the ranks of ``group`` (identity in a single process)."""
-    if not is_distributed():
-        return value
-    value = value.detach().clone()
-    dist.all_reduce(value, group=group)
-    return value / dist.get_world_size(group)
+def global_rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def any_rank(flag: bool) -> bool:

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator
+from itertools import islice
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,11 +28,19 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from mtk.checkpoint import latest_iteration, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from mtk.checkpoint import (
+    iteration_dir,
+    latest_iteration,
+    load_trainer_state,
+    publish_checkpoint,
+    rng_state,
+    set_rng_state,
+    staging_dir,
+)
 from mtk.config import RunConfig
 from mtk.data.loader import build_loader
-from mtk.parallel.distributed import any_rank, barrier, gather_objects, mean_across_ranks
-from mtk.train.loss import masked_cross_entropy
+from mtk.parallel.apply import ParallelModel
+from mtk.parallel.distributed import any_rank, barrier, gather_objects, global_rank, is_distributed
 from mtk.train.metrics import MetricsLogger, model_flops_per_token
 from mtk.train.optim import build_optimizer
 from mtk.train.schedule import global_batch_size, learning_rate
@@ -55,6 +65,7 @@ class TrainOptions:
     dp_rank: int = 0  # this process's data-parallel rank ...
     dp_size: int = 1  # ... among this many (the model is sharded over them by mtk.parallel)
     timeout_minutes: float = 10.0  # a collective waiting longer than this aborts the job
+    async_save: bool = False  # write checkpoints in the background while training goes on
     on_log: Callable[[dict[str, Any]], None] | None = None
 
 
@@ -112,10 +123,14 @@ class _Preemption:
 
 
 class Trainer:
-    def __init__(self, config: RunConfig, model: nn.Module, datasets: tuple, options: TrainOptions) -> None:
-        self.config, self.model, self.options = config, model.to(options.device), options
+    def __init__(
+        self, config: RunConfig, model: nn.Module | ParallelModel, datasets: tuple, options: TrainOptions
+    ) -> None:
+        if isinstance(model, nn.Module):  # a single-process model
+            model = ParallelModel([model.to(options.device)], device=options.device)
+        self.config, self.model, self.options = config, model, options
         self.train_data, self.valid_data, self.test_data = datasets
-        self.optimizer = build_optimizer(self.model, config.train)
+        self.optimizers = [build_optimizer(part, config.train) for part in model.parts]
         precision = config.train.precision
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self.scaler = torch.amp.GradScaler(
@@ -128,51 +143,102 @@ class Trainer:
         self.phase = "start-up"  # what the ranks are doing together: named when a collective times out
         self.iters = total_iterations(config)
         self.flops_per_token = model_flops_per_token(config.model)
+        self._pending_save: tuple[Any, int, dict[str, Any]] | None = None
+        self._save_group = None
 
-    # ---- state ------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """The whole training state, gathered to rank 0 (other ranks get empty model/optimizer dicts).
+    # ---- state ----------------------------------------------------------------------------
+    def _sharded_state(self) -> tuple[dict[str, Any], list[tuple[set[str], set[str]]]]:
+        """Model and optimizer state of this rank's parts, as DCP saves and loads it (DTensor shards
+        keyed by parameter name; flattened optimizer keys), and the keys of each part."""
+        options = StateDictOptions(flatten_optimizer_state_dict=True)
+        state: dict[str, Any] = {"model": {}, "optimizer": {}}
+        keys = []
+        for part, optimizer in zip(self.model.parts, self.optimizers, strict=True):
+            model = get_model_state_dict(part, options=options)
+            optim = get_optimizer_state_dict(part, optimizer, options=options)
+            state["model"].update(model)
+            state["optimizer"].update(optim)
+            keys.append((set(model), set(optim)))
+        return state, keys
 
-        Full (unsharded) weights and optimizer state keyed by parameter name, so a checkpoint loads
-        into any data-parallel layout; every rank's RNG state, so dropout resumes exactly.
-        """
-        self.phase = "checkpoint gather (all-gather of the parameter and optimizer shards)"
-        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    def _trainer_state(self) -> dict[str, Any]:
         return {
-            "model": get_model_state_dict(self.model, options=full),
-            "optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=full),
             "scaler": self.scaler.state_dict(),
             "iteration": self.state.iteration,
             "consumed_samples": self.state.consumed_samples,
             "consumed_tokens": self.state.consumed_tokens,
             "skipped_iterations": self.state.skipped_iterations,
-            "rng": gather_objects(rng_state()),
+            "rng": gather_objects(rng_state()),  # every rank's, so dropout resumes exactly
             "config": self.config.to_dict(),
         }
 
     def resume(self) -> bool:
-        """Load the latest checkpoint of ``load`` (else of ``save``) if there is one."""
+        """Load the latest checkpoint of ``load`` (else of ``save``) if there is one, into any layout."""
+        import torch.distributed.checkpoint as dcp
+
         for root in (self.options.load, self.options.save):
-            if root is not None and latest_iteration(root) is not None:
-                state = load_checkpoint(root)
-                full = StateDictOptions(full_state_dict=True)
-                set_model_state_dict(self.model, state["model"], options=full)
-                set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=full)
-                self.scaler.load_state_dict(state["scaler"])
-                self.state.iteration = state["iteration"]
-                self.state.consumed_samples = state["consumed_samples"]
-                self.state.consumed_tokens = state["consumed_tokens"]
-                self.state.skipped_iterations = state["skipped_iterations"]
-                rngs = state["rng"]
-                # the same layout continues each rank's stream; another layout restarts from rank 0's
-                set_rng_state(rngs[self.options.dp_rank] if len(rngs) == self.options.dp_size else rngs[0])
-                return True
+            if root is None or (iteration := latest_iteration(root)) is None:
+                continue
+            self.phase = "checkpoint load (each rank reads the shards it needs)"
+            state, keys = self._sharded_state()
+            dcp.load(state, checkpoint_id=iteration_dir(root, iteration), no_dist=not is_distributed())
+            options = StateDictOptions(flatten_optimizer_state_dict=True)
+            for part, optimizer, (model_keys, optim_keys) in zip(
+                self.model.parts, self.optimizers, keys, strict=True
+            ):
+                set_model_state_dict(part, {k: state["model"][k] for k in model_keys}, options=options)
+                set_optimizer_state_dict(
+                    part, optimizer, {k: state["optimizer"][k] for k in optim_keys}, options=options
+                )
+            saved = load_trainer_state(root, iteration)
+            self.scaler.load_state_dict(saved["scaler"])
+            self.state.iteration = saved["iteration"]
+            self.state.consumed_samples = saved["consumed_samples"]
+            self.state.consumed_tokens = saved["consumed_tokens"]
+            self.state.skipped_iterations = saved["skipped_iterations"]
+            rngs = saved["rng"]
+            # the same layout continues each rank's stream; another layout restarts from rank 0's
+            set_rng_state(rngs[global_rank()] if len(rngs) == self.model.dims.world_size else rngs[0])
+            return True
         return False
 
     def save(self) -> None:
-        state = self.state_dict()  # collective: every rank takes part in gathering the shards
-        if self.options.dp_rank == 0:
-            save_checkpoint(self.options.save, self.state.iteration, state, self.options.keep_last)
+        """Every rank writes its shards (in the background with ``async_save``); rank 0 completes it."""
+        import torch.distributed.checkpoint as dcp
+
+        self.finish_save()
+        self.phase = "checkpoint save (each rank writes its shards)"
+        iteration, root = self.state.iteration, self.options.save
+        staged = staging_dir(root, iteration)
+        if global_rank() == 0:
+            shutil.rmtree(staged, ignore_errors=True)
+            staged.mkdir(parents=True)
+        barrier()
+        state, _ = self._sharded_state()
+        trainer_state = self._trainer_state()
+        if self.options.async_save:
+            if self._save_group is None and is_distributed():  # its own group: saving overlaps training
+                self._save_group = torch.distributed.new_group(backend="gloo")
+            future = dcp.async_save(
+                state, checkpoint_id=staged, process_group=self._save_group, no_dist=not is_distributed()
+            )
+            self._pending_save = (future, iteration, trainer_state)
+        else:
+            dcp.save(state, checkpoint_id=staged, no_dist=not is_distributed())
+            self._pending_save = (None, iteration, trainer_state)
+            self.finish_save()
+
+    def finish_save(self) -> None:
+        """Wait for the save in flight, if any, and publish it (trainer state, rename, tracker)."""
+        if self._pending_save is None:
+            return
+        future, iteration, trainer_state = self._pending_save
+        self._pending_save = None
+        if future is not None:
+            future.result()
+        barrier()
+        if global_rank() == 0:
+            publish_checkpoint(self.options.save, iteration, trainer_state, self.options.keep_last)
         barrier()
 
     # ---- one step ---------------------------------------------------------------------------
@@ -181,32 +247,25 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.options.device.split(":")[0], dtype=self.autocast_dtype)
 
-    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        batch = {k: v.to(self.options.device, non_blocking=True) for k, v in batch.items()}
-        with self._autocast():
-            logits = self.model(batch["tokens"], batch["position_ids"])
-        return masked_cross_entropy(logits, batch["labels"], batch["loss_mask"])
-
     def train_step(self, batches: Iterator[dict[str, torch.Tensor]], micro_batches: int) -> dict[str, float]:
         train = self.config.train
         self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        total = torch.zeros((), device=self.options.device)
-        self.phase = f"iteration {self.state.iteration + 1}: forward/backward (parameter all-gather, gradient reduce-scatter)"
-        for _ in range(micro_batches):
-            loss = self._loss(next(batches)) / micro_batches
-            self.scaler.scale(loss).backward()
-            total += loss.detach()
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        self.phase = (
+            f"iteration {self.state.iteration + 1}: forward/backward "
+            "(parameter all-gather, gradient reduce-scatter, tensor/pipeline/context exchanges)"
+        )
+        local = self.model.step([next(batches) for _ in range(micro_batches)], self._autocast, self.scaler.scale)
         lr = learning_rate(train, self.state.iteration, self.iters)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.scaler.unscale_(self.optimizer)
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            self.scaler.unscale_(optimizer)
         self.phase = f"iteration {self.state.iteration + 1}: gradient-norm and loss all-reduce"
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), train.clip_grad or math.inf)
-        if hasattr(grad_norm, "full_tensor"):  # a DTensor when parameters are sharded
-            grad_norm = grad_norm.full_tensor()
+        grad_value = self.model.clip_grad_norm(train.clip_grad or math.inf)
         # every rank sees the same values, so all take the same branch below
-        loss_value, grad_value = mean_across_ranks(total).item(), grad_norm.item()
+        loss_value = self.model.reduce_loss(local)
         scale = self.scaler.get_scale()
         finite = math.isfinite(loss_value) and math.isfinite(grad_value)
         if not finite and not self.scaler.is_enabled():
@@ -216,9 +275,11 @@ class Trainer:
                     f"iteration {self.state.iteration + 1}: {what} is {loss_value if what == 'loss' else grad_value}; "
                     "lower the learning rate, check the data, or pass --skip-nan to skip such steps"
                 )
-            self.optimizer.zero_grad(set_to_none=True)
+            for optimizer in self.optimizers:
+                optimizer.zero_grad(set_to_none=True)
         else:
-            self.scaler.step(self.optimizer)  # with fp16, skipped by the scaler on overflow
+            for optimizer in self.optimizers:
+                self.scaler.step(optimizer)  # with fp16, skipped by the scaler on overflow
         self.scaler.update()
         skipped = not finite
         return {
@@ -233,16 +294,23 @@ class Trainer:
     def evaluate(self, dataset: Any, split: str) -> dict[str, float] | None:
         if dataset is None or self.config.train.eval_iters == 0:
             return None
-        self.model.eval()
+        self.model.train(False)
         self.phase = f"{split} evaluation (parameter all-gather, loss all-reduce)"
         train = self.config.train
         options = self.options
-        loader = build_loader(
-            dataset, train.micro_batch_size, 0, options.dp_rank, options.dp_size, num_workers=0
+        loader = iter(
+            build_loader(dataset, train.micro_batch_size, 0, options.dp_rank, options.dp_size, num_workers=0)
         )
-        wanted = train.eval_iters * train.global_batch_size // (train.micro_batch_size * options.dp_size)
-        losses = [self._loss(batch) for _, batch in zip(range(wanted), loader, strict=False)]
-        loss = mean_across_ranks(torch.stack(losses).mean()).item()
+        per_step = train.global_batch_size // (train.micro_batch_size * options.dp_size)
+        losses = []
+        for _ in range(train.eval_iters):
+            micro_batches = list(islice(loader, per_step))
+            if len(micro_batches) < per_step:
+                break
+            losses.append(self.model.step(micro_batches, self._autocast))
+        if not losses:
+            return None
+        loss = self.model.reduce_loss(torch.stack(losses).mean())
         return {
             "split": split,
             "iteration": self.state.iteration,
@@ -315,6 +383,7 @@ class Trainer:
                 if (train.save_interval and state.iteration % train.save_interval == 0) or stop:
                     self.save()
                 if stop:
+                    self.finish_save()
                     logger.message(
                         f"stopping at iteration {state.iteration} (checkpoint saved); run again to resume"
                     )
@@ -322,4 +391,5 @@ class Trainer:
             logger.log_eval(self.evaluate(self.valid_data, "valid"))
             logger.log_eval(self.evaluate(self.test_data, "test"))
             self.save()
+            self.finish_save()
         return state

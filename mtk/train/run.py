@@ -138,8 +138,8 @@ def run_training(
 ) -> TrainState:
     """Train ``config`` on ``data`` (a prefix or blend; None = mock data) into ``options.save``.
 
-    Under torchrun every rank calls this; the data-parallel ranks share the model through FSDP2 and
-    only rank 0 writes the run description, metrics, checkpoints and plot.
+    Under torchrun every rank calls this and holds its part of the model (``mtk.parallel``); every
+    rank writes its checkpoint shards, only rank 0 the run description, metrics and plot.
     """
     from mtk.models.gpt import GPTModel
     from mtk.parallel.apply import parallelize
@@ -159,10 +159,12 @@ def run_training(
     check_resumable(config, options)
     seed_everything(config.train.seed)
     datasets = build_datasets(config, data, facts, cache_dir)
-    model = GPTModel(config.model).to(env.device)
     mesh = dims.build_mesh(env.device.split(":")[0]) if env.world_size > 1 else None
-    model = parallelize(model, dims, mesh, config.parallel)
-    options.device, options.dp_rank, options.dp_size = env.device, env.rank, dims.dp
+    # built whole on every rank, then cut to this rank's stages and shards: initial weights are
+    # the same in every layout
+    model = parallelize(GPTModel(config.model), dims, mesh, config.parallel, env.device)
+    options.device, options.dp_size = env.device, dims.dp
+    options.dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
     trainer = Trainer(config, model, datasets, options)
     if env.is_main:
         write_run_description(config, options, data, facts)

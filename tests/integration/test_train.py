@@ -138,6 +138,8 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, counting_data, mo
 
     def broken_save(obj, path, *args, **kwargs):
         real_save(obj, path, *args, **kwargs)
+        if not isinstance(path, (str, os.PathLike)):  # the shards: DCP serialises to streams
+            return
         Path(path).write_bytes(Path(path).read_bytes()[:100])  # a torn write ...
         raise OSError("disk full")  # ... and the crash
 
@@ -149,7 +151,7 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, counting_data, mo
     assert latest_iteration(run) == 4
     after = load_checkpoint(run)
     assert after["iteration"] == before["iteration"] == 4
-    assert not [p for p in run.iterdir() if ".tmp-" in p.name]
+    assert not [p for p in run.iterdir() if ".tmp" in p.name]
 
 
 @pytest.mark.parametrize(
@@ -203,7 +205,7 @@ def test_fp16_overflow_step_is_skipped_and_scale_backs_off(tmp_path):
 def test_nan_loss_stops_with_the_iteration_or_is_skipped(tmp_path):
     trainer = _tiny_trainer(tmp_path)
     with torch.no_grad():
-        trainer.model.embedding.weight[0, 0] = float("nan")
+        trainer.model.parts[0].embedding.weight[0, 0] = float("nan")
     batch = {"tokens": torch.zeros(4, 16, dtype=torch.long), "labels": torch.zeros(4, 16, dtype=torch.long),
              "loss_mask": torch.ones(4, 16), "position_ids": torch.arange(16).expand(4, 16)}  # fmt: skip
     with pytest.raises(TrainingError, match="iteration 1: loss is nan"):

@@ -35,8 +35,8 @@ def test_architecture_switches():
     assert isinstance(gpt.decoder.final_norm, torch.nn.LayerNorm) and gpt.position_embedding is not None
     assert gpt.output is None  # tied: logits use the embedding matrix
     assert isinstance(llama.decoder.final_norm, torch.nn.RMSNorm) and llama.position_embedding is None
-    assert llama.output is not None and llama.decoder.layers[0].mlp.gate is not None
-    attention = llama.decoder.layers[0].attention
+    assert llama.output is not None and llama.decoder.layers["0"].mlp.gate is not None
+    attention = llama.decoder.layers["0"].attention
     assert attention.k_proj.out_features == 2 * attention.head_dim  # 2 query groups
     assert attention.q_proj.bias is None
 
@@ -71,7 +71,7 @@ def reference_attention(layer, x, position_ids):
 def test_attention_matches_reference(name):
     torch.manual_seed(0)
     model = GPTModel(load_preset(name).config.model).eval()
-    layer = model.decoder.layers[0]
+    layer = model.decoder.layers["0"]
     x = torch.randn(2, 12, model.config.hidden_size)
     positions = torch.arange(12).expand(2, 12)
     torch.testing.assert_close(
@@ -98,7 +98,7 @@ def test_init_follows_megatron():
         load_preset("gpt-tiny").sections, {"init_method_std": 0.02, "num_layers": 8, "hidden_size": 256}
     )
     model = GPTModel(config.model)
-    layer = model.decoder.layers[0]
+    layer = model.decoder.layers["0"]
     assert layer.attention.q_proj.weight.std().item() == pytest.approx(0.02, rel=0.05)
     assert layer.attention.out_proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
     assert layer.mlp.fc2.weight.std().item() == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
@@ -121,7 +121,7 @@ def test_recomputation_changes_neither_gradients_nor_parameter_names(granularity
     recomputed.load_state_dict(plain.state_dict())
     apply_recompute(recomputed, granularity)
     wrapped = (
-        recomputed.decoder.layers[0] if granularity == "full" else recomputed.decoder.layers[0].attention
+        recomputed.decoder.layers["0"] if granularity == "full" else recomputed.decoder.layers["0"].attention
     )
     assert type(wrapped).__name__ == "CheckpointWrapper"
     tokens = torch.randint(0, 4000, (2, 24))

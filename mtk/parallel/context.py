@@ -1,0 +1,75 @@
+"""Context parallelism: each cp rank holds 2 of the 2 x CP chunks of every sequence.
+
+Load-balanced causal sharding (Megatron's): rank r holds chunks r and 2CP-1-r, so every rank has
+as much causal-attention work as the others. Attention all-gathers keys and values over the cp
+ranks (Megatron's ``all_gather`` CP communication type) and masks by global position; the
+gather's backward reduce-scatters their gradients. It runs on any backend, gloo included.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed._functional_collectives as funcol
+import torch.nn.functional as F
+from torch import nn
+
+
+def load_balanced_positions(seq_length: int, cp: int, rank: int) -> torch.Tensor:
+    """Global positions (of a ``seq_length`` sequence) that cp rank ``rank`` holds, in its local order."""
+    chunk = seq_length // (2 * cp)
+    first, second = rank * chunk, (2 * cp - 1 - rank) * chunk
+    return torch.cat([torch.arange(first, first + chunk), torch.arange(second, second + chunk)])
+
+
+def shard_sequence(batch: dict[str, torch.Tensor], cp: int, rank: int) -> dict[str, torch.Tensor]:
+    """This rank's part of every (batch, seq) tensor of a micro-batch."""
+    index = None
+    sharded = {}
+    for key, value in batch.items():
+        if index is None:
+            index = load_balanced_positions(value.shape[1], cp, rank).to(value.device)
+        sharded[key] = value.index_select(1, index)
+    return sharded
+
+
+class ContextParallelAttention:
+    """Drop-in for ``F.scaled_dot_product_attention`` (causal self-attention) on a cp-sharded sequence."""
+
+    def __init__(self, cp_mesh) -> None:
+        self.mesh = cp_mesh
+        self.size, self.rank = cp_mesh.size(), cp_mesh.get_local_rank()
+
+    def _mask(self, local_length: int, device: torch.device) -> torch.Tensor:
+        seq = local_length * self.size
+        queries = load_balanced_positions(seq, self.size, self.rank)
+        keys = torch.cat([load_balanced_positions(seq, self.size, r) for r in range(self.size)])
+        return (keys[None, :] <= queries[:, None]).to(device)
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        dropout_p: float = 0.0,
+        is_causal: bool = True,
+        enable_gqa: bool = False,
+    ) -> torch.Tensor:
+        if attn_mask is not None or not is_causal:
+            raise NotImplementedError("context parallelism supports causal self-attention only")
+        k = funcol.all_gather_tensor_autograd(k.contiguous(), gather_dim=2, group=self.mesh)
+        v = funcol.all_gather_tensor_autograd(v.contiguous(), gather_dim=2, group=self.mesh)
+        return F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=self._mask(q.shape[2], q.device),
+            dropout_p=dropout_p,
+            enable_gqa=enable_gqa,
+        )
+
+
+def apply_context_parallel(model: nn.Module, cp_mesh) -> None:
+    """Make every self-attention of ``model`` attend across the cp ranks."""
+    for layer in model.decoder.layers.values():
+        layer.attention.core_attention = ContextParallelAttention(cp_mesh)
