@@ -10,9 +10,11 @@ leaves the previous checkpoint usable and never a half one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +64,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@contextlib.contextmanager
+def single_process_quietly():
+    """DCP warns on every call without a process group; one process is a normal case here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable")
+        yield
+
+
 def staging_dir(root: str | os.PathLike, iteration: int) -> Path:
     """Where checkpoint ``iteration`` is written before it is renamed into place (same on every rank)."""
     return Path(root) / f".{iteration_dir(root, iteration).name}.tmp"
@@ -103,7 +113,9 @@ def _checkpoint_path(root: str | os.PathLike, iteration: int | None) -> Path:
 
 def load_trainer_state(root: str | os.PathLike, iteration: int | None = None) -> dict[str, Any]:
     """Iteration, samples, scaler, RNG states and config of a checkpoint (no tensors of the model)."""
-    return torch.load(_checkpoint_path(root, iteration) / TRAINER_STATE, map_location="cpu", weights_only=False)
+    return torch.load(
+        _checkpoint_path(root, iteration) / TRAINER_STATE, map_location="cpu", weights_only=False
+    )
 
 
 def load_checkpoint(root: str | os.PathLike, iteration: int | None = None) -> dict[str, Any]:
@@ -115,12 +127,13 @@ def load_checkpoint(root: str | os.PathLike, iteration: int | None = None) -> di
 
     path = _checkpoint_path(root, iteration)
     state: dict[str, Any] = {}
-    _load_state_dict(
-        state,
-        storage_reader=FileSystemReader(path),
-        planner=_EmptyStateDictLoadPlanner(keys={"model"}),
-        no_dist=True,
-    )
+    with single_process_quietly():
+        _load_state_dict(
+            state,
+            storage_reader=FileSystemReader(path),
+            planner=_EmptyStateDictLoadPlanner(keys={"model"}),
+            no_dist=True,
+        )
     return {**load_trainer_state(root, iteration), "model": state["model"]}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from enum import Enum, StrEnum
 from pathlib import Path
 
@@ -250,6 +251,8 @@ def train(
         state = run_training(config, options, data, vocab_size, data_cache_path, show=_printer(config))
     except (ConfigError, ManifestError, TrainingError, FileNotFoundError, ValueError) as err:
         fail(str(err))
+    if os.environ.get("RANK", "0") != "0":
+        return
     console.print(
         f"done: iteration {state.iteration}, run directory {save} (loss curve: {save / 'loss.png'})"
     )

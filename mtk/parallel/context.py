@@ -57,8 +57,8 @@ class ContextParallelAttention:
     ) -> torch.Tensor:
         if attn_mask is not None or not is_causal:
             raise NotImplementedError("context parallelism supports causal self-attention only")
-        k = funcol.all_gather_tensor_autograd(k.contiguous(), gather_dim=2, group=self.mesh)
-        v = funcol.all_gather_tensor_autograd(v.contiguous(), gather_dim=2, group=self.mesh)
+        k = funcol.all_gather_single_autograd(k.contiguous(), gather_dim=2, group=self.mesh)
+        v = funcol.all_gather_single_autograd(v.contiguous(), gather_dim=2, group=self.mesh)
         return F.scaled_dot_product_attention(
             q,
             k,

@@ -90,10 +90,22 @@ def sync_tied_embedding(parts: list[nn.Module], pp_mesh) -> None:
     if len(ranks) < 2 or me not in (ranks[0], ranks[-1]) or not holders:
         return
     weight = holders[0].embedding.weight
-    grad = weight.grad.to_local() if hasattr(weight.grad, "to_local") else weight.grad
+    sharded = hasattr(weight, "placements")
+    # the gradient may come out in another layout than the weight (replicated from the embedding's
+    # backward): bring it to the weight's, which is the same on both ranks
+    grad = (
+        weight.grad.redistribute(weight.device_mesh, weight.placements).to_local() if sharded else weight.grad
+    )
     peer = ranks[-1] if me == ranks[0] else ranks[0]
     received = torch.empty_like(grad)
     ops = [dist.P2POp(dist.isend, grad.contiguous(), peer), dist.P2POp(dist.irecv, received, peer)]
     for work in dist.batch_isend_irecv(ops):
         work.wait()
-    grad.add_(received)
+    total = grad + received
+    if sharded:
+        from torch.distributed.tensor import DTensor
+
+        total = DTensor.from_local(
+            total, weight.device_mesh, weight.placements, shape=weight.shape, stride=weight.stride()
+        )
+    weight.grad = total

@@ -13,8 +13,8 @@ import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator
-from itertools import islice
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from mtk.checkpoint import (
     publish_checkpoint,
     rng_state,
     set_rng_state,
+    single_process_quietly,
     staging_dir,
 )
 from mtk.config import RunConfig
@@ -181,7 +182,8 @@ class Trainer:
                 continue
             self.phase = "checkpoint load (each rank reads the shards it needs)"
             state, keys = self._sharded_state()
-            dcp.load(state, checkpoint_id=iteration_dir(root, iteration), no_dist=not is_distributed())
+            with single_process_quietly():
+                dcp.load(state, checkpoint_id=iteration_dir(root, iteration), no_dist=not is_distributed())
             options = StateDictOptions(flatten_optimizer_state_dict=True)
             for part, optimizer, (model_keys, optim_keys) in zip(
                 self.model.parts, self.optimizers, keys, strict=True
@@ -216,16 +218,19 @@ class Trainer:
         barrier()
         state, _ = self._sharded_state()
         trainer_state = self._trainer_state()
-        if self.options.async_save:
-            if self._save_group is None and is_distributed():  # its own group: saving overlaps training
-                self._save_group = torch.distributed.new_group(backend="gloo")
-            future = dcp.async_save(
-                state, checkpoint_id=staged, process_group=self._save_group, no_dist=not is_distributed()
-            )
-            self._pending_save = (future, iteration, trainer_state)
-        else:
-            dcp.save(state, checkpoint_id=staged, no_dist=not is_distributed())
-            self._pending_save = (None, iteration, trainer_state)
+        no_dist = not is_distributed()
+        with single_process_quietly():
+            if self.options.async_save:
+                if self._save_group is None and not no_dist:  # its own group: saving overlaps training
+                    self._save_group = torch.distributed.new_group(backend="gloo")
+                future = dcp.async_save(
+                    state, checkpoint_id=staged, process_group=self._save_group, no_dist=no_dist
+                )
+            else:
+                dcp.save(state, checkpoint_id=staged, no_dist=no_dist)
+                future = None
+        self._pending_save = (future, iteration, trainer_state)
+        if future is None:
             self.finish_save()
 
     def finish_save(self) -> None:
@@ -256,7 +261,9 @@ class Trainer:
             f"iteration {self.state.iteration + 1}: forward/backward "
             "(parameter all-gather, gradient reduce-scatter, tensor/pipeline/context exchanges)"
         )
-        local = self.model.step([next(batches) for _ in range(micro_batches)], self._autocast, self.scaler.scale)
+        local = self.model.step(
+            [next(batches) for _ in range(micro_batches)], self._autocast, self.scaler.scale
+        )
         lr = learning_rate(train, self.state.iteration, self.iters)
         for optimizer in self.optimizers:
             for group in optimizer.param_groups:

@@ -1,4 +1,4 @@
-"""Data parallelism (FSDP2 on gloo, 2 processes under torchrun) computes what one process computes."""
+"""Data parallelism (gloo, 2 processes under torchrun): the same losses as one process, metrics and watchdog."""
 
 from __future__ import annotations
 
