@@ -84,23 +84,32 @@ class ModelConfig:
         start = 6 if self.num_layers <= 15 else 9
         return list(range(start, self.num_layers + 1, 3))
 
-    def num_parameters(self, tensor_parallel: int = 1) -> int:
-        """Parameter count of the whole model from its config alone (no allocation)."""
+    def layer_parameters(self, cross_attention: bool = False) -> int:
+        """Parameters of one transformer layer (with a cross-attention block if asked)."""
         h, ffn = self.hidden_size, self.ffn_hidden_size
         q_width = self.num_attention_heads * self.kv_channels
         kv_width = self.num_query_groups * self.kv_channels
         bias = self.add_bias_linear
         norm = (2 if self.normalization == "LayerNorm" else 1) * h
-        vocab = self.padded_vocab_size(tensor_parallel)
 
-        def attention(kv_from: int = h) -> int:
-            weights = h * q_width + 2 * kv_from * kv_width + q_width * h
+        def attention() -> int:
+            weights = h * q_width + 2 * h * kv_width + q_width * h
             return weights + (q_width + 2 * kv_width + h if bias else 0)
 
         mlp_in = 2 * ffn if self.swiglu else ffn
         mlp = h * mlp_in + ffn * h + (mlp_in + h if bias else 0)
         layer = norm + attention() + norm + mlp
-        cross_layer = layer + norm + attention()  # decoder layer with a cross-attention block
+        if cross_attention:
+            layer += norm + attention()
+        return layer
+
+    def num_parameters(self, tensor_parallel: int = 1) -> int:
+        """Parameter count of the whole model from its config alone (no allocation)."""
+        h = self.hidden_size
+        norm = (2 if self.normalization == "LayerNorm" else 1) * h
+        vocab = self.padded_vocab_size(tensor_parallel)
+        layer, cross_layer = self.layer_parameters(), self.layer_parameters(cross_attention=True)
+        attention_block = cross_layer - layer - norm
 
         total = vocab * h
         if self.position_embedding_type == "learned_absolute":
@@ -121,7 +130,7 @@ class ModelConfig:
             retro_layers = len(self.retro_layer_numbers())
             total += (self.num_layers - retro_layers) * layer + retro_layers * cross_layer + norm
             # neighbour encoder: its first layer cross-attends to the decoder chunk
-            total += self.retro_encoder_num_layers * layer + (norm + attention()) + norm
+            total += self.retro_encoder_num_layers * layer + (norm + attention_block) + norm
             total += 0 if not self.untie_embeddings_and_output_weights else vocab * h
         return total
 

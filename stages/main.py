@@ -10,6 +10,7 @@ from stages import (
     generate,
     launch,
     merge_data,
+    plan,
     plot,
     prepare_data,
     presets,
@@ -33,6 +34,7 @@ app.command("train", help=train.SUMMARY)(train.train)
 app.command("bench", help=bench.SUMMARY)(bench.bench)
 app.command("generate", help=generate.SUMMARY)(generate.generate)
 app.command("plot", help=plot.SUMMARY)(plot.plot)
+app.command("plan", help=plan.SUMMARY)(plan.plan)
 app.add_typer(launch.app, name="launch", help=launch.SUMMARY)
 app.add_typer(checkpoint.app, name="checkpoint", help=checkpoint.SUMMARY)
 app.add_typer(presets.app, name="presets", help=presets.SUMMARY)

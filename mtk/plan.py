@@ -1,0 +1,193 @@
+"""Per-GPU memory of a training layout, estimated from the config alone, and a layout that fits.
+
+The estimate follows what mtk allocates: fp32 parameters (bf16/fp16 through autocast), fp32
+gradients, two fp32 Adam moments; FSDP2 shards them over the data- and context-parallel ranks
+as the sharding strategy says. Activations per layer follow Korthikanti et al. (2022) for
+mtk's layers: what each op keeps for the backward pass, per token, with tensor + sequence
+parallelism dividing what is split over heads or over the sequence, and the inputs that
+sequence parallelism all-gathers kept whole. The first pipeline stage holds the activations
+of PP micro-batches in flight under 1F1B (x (1 + (PP-1)/(PP x VP)) interleaved). On GPU the
+attention kernel keeps no score matrix; on CPU the math kernel does, and the estimate adds it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, replace
+
+from mtk.config import ConfigError, RunConfig
+from mtk.parallel.dims import ParallelDims
+
+GIB = 2**30
+STRATEGIES = ("no_shard", "optim_grads", "optim_grads_params")
+RECOMPUTE = (None, "selective", "full")
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    vp: int = 1
+    strategy: str = "no_shard"
+    recompute: str | None = None
+
+    def describe(self, world_size: int) -> str:
+        dp = world_size // (self.tp * self.pp * self.cp)
+        parts = [
+            f"TP{self.tp}",
+            f"PP{self.pp}" + (f" VP{self.vp}" if self.vp > 1 else ""),
+            f"CP{self.cp}",
+            f"DP{dp}",
+        ]
+        return " x ".join(parts) + f", {self.strategy}, recompute {self.recompute or 'none'}"
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes on the busiest rank: the sum over the pipeline stage that needs the most."""
+
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    logits: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.logits
+
+
+def _activation_bytes_per_token(config: RunConfig, layout: Layout, device: str) -> tuple[float, float]:
+    """(kept per layer, transient while one layer is recomputed) per local token, in bytes."""
+    model = config.model
+    t = layout.tp
+    h, f = model.hidden_size, model.ffn_hidden_size
+    kv = model.num_query_groups * model.kv_channels
+    act = 4 if config.train.precision == "fp32" else 2  # autocast keeps matmul inputs in bf16/fp16
+    residual = 4  # the residual stream and norm inputs stay fp32
+    norm_inputs = 2 * h / t * residual  # sequence-parallel slices
+    gathered = 2 * h * act  # attention / MLP inputs, all-gathered over the sequence and kept whole
+    attention = (h + 2 * kv * layout.cp) / t * act + 2 * h / t * act  # q, k, v (all-gathered over CP), output
+    if device != "cuda":  # the math kernel keeps softmax(QK^T): heads x keys per query
+        attention += model.num_attention_heads / t * model.seq_length * act
+    mlp = (3 if model.swiglu else 2) * f / t * act
+    full = norm_inputs + gathered + attention + mlp
+    if layout.recompute == "full":
+        return h / t * residual, full
+    if layout.recompute == "selective":  # attention recomputed from its (sequence-parallel) input
+        return norm_inputs + h / t * residual + h * act + mlp, attention + h * act
+    return full, 0.0
+
+
+def estimate_memory(
+    config: RunConfig, layout: Layout, world_size: int, device: str = "cuda"
+) -> MemoryEstimate:
+    model, train = config.model, config.train
+    dims = ParallelDims(world_size, layout.tp, layout.pp, layout.cp, layout.vp)
+    t, pp, vp = layout.tp, layout.pp, layout.vp
+    shards = dims.dp * layout.cp  # FSDP shards over data- and context-parallel ranks together
+    h = model.hidden_size
+    vocab = model.padded_vocab_size(t)
+    layer = model.layer_parameters() / t
+    layers_per_rank = model.num_layers / pp
+    embedding = vocab * h / t + (
+        model.max_position_embeddings * h / t if model.position_embedding_type == "learned_absolute" else 0
+    )
+    output = vocab * h / t if (model.untie_embeddings_and_output_weights or pp > 1) else 0
+    tokens = train.micro_batch_size * model.seq_length / layout.cp
+    kept, transient = _activation_bytes_per_token(config, layout, device)
+    micro_batches = train.global_batch_size // (train.micro_batch_size * dims.dp)
+    in_flight = 1.0 if pp == 1 else min(pp, micro_batches) * (1 + (pp - 1) / (pp * vp) if vp > 1 else 1)
+    # the last stage: the output logits, their fp32 copy, the fp32 log-softmax and the gradients
+    logit_bytes = 12 if train.precision == "fp32" else 16
+    best = None
+    for stage in ("first", "last") if pp > 1 else ("only",):
+        params = layers_per_rank * layer
+        params += embedding if stage in ("first", "only") else 0
+        params += output if stage in ("last", "only") else 0
+        sharded = layout.strategy != "no_shard"
+        weights = 4 * params / (shards if layout.strategy == "optim_grads_params" else 1)
+        if layout.strategy == "optim_grads_params" and shards > 1:
+            weights += 2 * 4 * layer  # the layers gathered around the one computing
+        elif layout.strategy == "optim_grads" and shards > 1:
+            weights += 4 * params / shards  # the shards FSDP keeps besides the gathered parameters
+        gradients = 4 * params / (shards if sharded else 1)
+        optimizer = 8 * params / (shards if sharded else 1)
+        stage_in_flight = in_flight if stage in ("first", "only") else 1.0
+        boundary = 4 * h * (1 if stage == "first" else 3)  # embedding output; final norm in and out
+        activations = tokens * ((kept * layers_per_rank + boundary) * stage_in_flight + transient)
+        logits = tokens * vocab / t * logit_bytes if stage in ("last", "only") else 0.0
+        estimate = MemoryEstimate(weights, gradients, optimizer, activations, logits)
+        if best is None or estimate.total > best.total:
+            best = estimate
+    return best
+
+
+def preset_layout(config: RunConfig) -> Layout:
+    parallel = config.parallel
+    strategy = parallel.data_parallel_sharding_strategy or (
+        "optim_grads" if parallel.use_distributed_optimizer else "no_shard"
+    )
+    return Layout(
+        parallel.tensor_model_parallel_size,
+        parallel.pipeline_model_parallel_size,
+        parallel.context_parallel_size,
+        parallel.virtual_pipeline_model_parallel_size or 1,
+        strategy,
+        parallel.recompute_granularity,
+    )
+
+
+def valid(config: RunConfig, layout: Layout, world_size: int) -> bool:
+    from mtk.config import validate_run
+
+    if world_size % (layout.tp * layout.pp * layout.cp):
+        return False
+    dims = ParallelDims(world_size, layout.tp, layout.pp, layout.cp, layout.vp)
+    if config.train.train_iters is None and config.train.train_samples is None:  # the length is not planned
+        config = replace(config, train=replace(config.train, train_iters=1))
+    try:
+        dims.validate(config)
+        validate_run(config, dims.dp)
+    except ConfigError:
+        return False
+    return True
+
+
+def suggest_layout(
+    config: RunConfig, world_size: int, gpu_memory_gib: float, gpus_per_node: int = 8, headroom: float = 0.9
+) -> tuple[Layout, MemoryEstimate] | None:
+    """The cheapest layout that fits: least recomputation, then least model parallelism (TP within a
+    node before PP, PP before CP), with Megatron's distributed optimizer whenever there is DP."""
+    powers = [1, 2, 4, 8, 16, 32, 64]
+    candidates = []
+    for recompute, tp, pp, cp in itertools.product(RECOMPUTE, powers, powers, powers[:4]):
+        if tp > gpus_per_node:
+            continue
+        dp = world_size // max(1, tp * pp * cp)
+        for strategy in ("optim_grads", "optim_grads_params") if dp * cp > 1 else ("no_shard",):
+            layout = Layout(tp, pp, cp, 1, strategy, recompute)
+            if not valid(config, layout, world_size):
+                continue
+            cost = (RECOMPUTE.index(recompute), tp * pp * cp, pp, cp, STRATEGIES.index(strategy))
+            candidates.append((cost, layout))
+    for _, layout in sorted(candidates, key=lambda item: item[0]):
+        estimate = estimate_memory(config, layout, world_size)
+        if estimate.total <= headroom * gpu_memory_gib * GIB:
+            return layout, estimate
+    return None
+
+
+def with_layout(config: RunConfig, layout: Layout) -> RunConfig:
+    """``config`` with ``layout``'s parallel settings (for validation and display)."""
+    parallel = replace(
+        config.parallel,
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        context_parallel_size=layout.cp,
+        virtual_pipeline_model_parallel_size=layout.vp if layout.vp > 1 else None,
+        data_parallel_sharding_strategy=layout.strategy,
+        recompute_granularity=layout.recompute,
+    )
+    return replace(config, parallel=parallel)

@@ -1,0 +1,103 @@
+"""`mtk plan`: the memory estimate against measured peaks, its sharding arithmetic, suggestions, CLI."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mtk.config import apply_overrides
+from mtk.models.gpt import GPTModel
+from mtk.parallel.apply import ParallelModel, apply_recompute
+from mtk.plan import GIB, Layout, estimate_memory, suggest_layout, valid
+from mtk.presets import load_preset, preset_names
+from mtk.train.optim import build_optimizer
+from stages.main import app
+
+MARGIN = 0.2  # the estimate is within 20% of the measured peak
+
+
+def measured_peak(config, recompute) -> int:
+    """Peak bytes of two training steps in this process, every tensor counted (MemTracker, CPU)."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    torch.manual_seed(0)
+    model = GPTModel(config.model)
+    apply_recompute(model, recompute)
+    runner, optimizer = ParallelModel([model]), build_optimizer(model, config.train)
+    batch, seq = config.train.micro_batch_size, config.model.seq_length
+    tracker = MemTracker()
+    tracker.track_external(model, optimizer)
+    with tracker:
+        for _ in range(2):
+            tokens = torch.randint(0, config.model.vocab_size, (batch, seq))
+            micro = {"tokens": tokens, "labels": tokens, "loss_mask": torch.ones(batch, seq),
+                     "position_ids": torch.arange(seq).expand(batch, seq)}  # fmt: skip
+            runner.step([micro], contextlib.nullcontext, lambda loss: loss)
+            tracker.reset_mod_stats()
+            optimizer.step()
+            optimizer.zero_grad()
+    return tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+
+
+@pytest.mark.parametrize("preset", ["gpt-tiny", "llama-tiny"])
+@pytest.mark.parametrize("recompute", [None, "selective", "full"])
+def test_estimate_is_within_margin_of_measured_peak(preset, recompute):
+    shape = {
+        "seq_length": 256,
+        "micro_batch_size": 8,
+        "global_batch_size": 8,
+        "hidden_size": 128,
+        "num_layers": 4,
+    }
+    config = apply_overrides(load_preset(preset).sections, shape)
+    estimate = estimate_memory(config, Layout(recompute=recompute), 1, device="cpu").total
+    assert estimate == pytest.approx(measured_peak(config, recompute), rel=MARGIN)
+
+
+def test_sharding_and_parallel_sizes_divide_what_they_should():
+    config = load_preset("llama3-8b").config
+    alone = estimate_memory(config, Layout(), 8)
+    fsdp = estimate_memory(config, Layout(strategy="optim_grads_params"), 8)
+    zero2 = estimate_memory(config, Layout(strategy="optim_grads"), 8)
+    assert fsdp.optimizer == pytest.approx(alone.optimizer / 8) and fsdp.gradients == pytest.approx(
+        alone.gradients / 8
+    )
+    assert zero2.weights > alone.weights > fsdp.weights  # ZeRO-2 keeps gathered weights plus its shard
+    tp2 = estimate_memory(config, Layout(tp=2), 8)
+    assert tp2.weights == pytest.approx(alone.weights / 2, rel=0.01)
+    assert estimate_memory(config, Layout(cp=2), 8).logits == pytest.approx(alone.logits / 2)
+    full = estimate_memory(config, Layout(recompute="full"), 8)
+    assert (
+        full.activations
+        < estimate_memory(config, Layout(recompute="selective"), 8).activations
+        < alone.activations
+    )
+    # 1F1B: the first stage holds the activations of min(PP, micro-batches) micro-batches in flight
+    gpt = load_preset("gpt3-175b").config
+    eight_micro_batches = apply_overrides(load_preset("gpt3-175b").sections, {"global_batch_size": 8})
+    pipelined = estimate_memory(gpt, Layout(tp=8, pp=16), 128)
+    assert pipelined.activations == pytest.approx(
+        2 * estimate_memory(eight_micro_batches, Layout(tp=8, pp=16), 128).activations
+    )
+
+
+def test_suggestion_fits_and_is_valid_or_is_none():
+    config = load_preset("llama3-8b").config
+    layout, estimate = suggest_layout(config, 8, 80.0)
+    assert valid(config, layout, 8) and estimate.total <= 0.9 * 80 * GIB
+    assert suggest_layout(load_preset("gpt3-175b").config, 1, 80.0) is None
+
+
+def test_plan_cli_lists_every_recipe_and_rejects_bad_layouts():
+    runner = CliRunner()
+    result = runner.invoke(app, ["plan", "--all"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    for name in preset_names():
+        assert (name in result.output) != load_preset(name).tiny
+    result = runner.invoke(app, ["plan", "--preset", "llama3-8b", "--gpus", "8"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0 and "optimizer" in result.output and "TP1 x PP1 x CP2 x DP4" in result.output
+    result = runner.invoke(app, ["plan", "--preset", "llama3-8b", "--tp", "3"], env={"COLUMNS": "250"})
+    assert result.exit_code != 0 and "not a valid layout" in result.output
