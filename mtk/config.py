@@ -299,6 +299,21 @@ def validate_run(config: RunConfig, data_parallel_size: int = 1) -> None:
                 f"global batch size {batch} is not a multiple of micro_batch_size ({train.micro_batch_size}) "
                 f"x data-parallel size ({data_parallel_size}); change --global-batch-size or --micro-batch-size"
             )
+        pp, vp = (
+            config.parallel.pipeline_model_parallel_size,
+            config.parallel.virtual_pipeline_model_parallel_size,
+        )
+        micro_batches = batch // per_step
+        if pp > 1 and micro_batches < pp:
+            raise ConfigError(
+                f"global batch size {batch} gives {micro_batches} micro-batches per pipeline, fewer than PP {pp}; "
+                "the pipeline needs at least one per stage: raise --global-batch-size or lower --micro-batch-size"
+            )
+        if pp > 1 and (vp or 1) > 1 and micro_batches % pp:
+            raise ConfigError(
+                f"the interleaved schedule needs the micro-batches per pipeline ({micro_batches}, from global batch "
+                f"{batch}) to be a multiple of PP {pp}; change --global-batch-size or --micro-batch-size"
+            )
     if train.train_iters is None and train.train_samples is None:
         raise ConfigError("give --train-iters or --train-samples")
     if (

@@ -147,6 +147,14 @@ def valid(config: RunConfig, layout: Layout, world_size: int) -> bool:
     dims = ParallelDims(world_size, layout.tp, layout.pp, layout.cp, layout.vp)
     if config.train.train_iters is None and config.train.train_samples is None:  # the length is not planned
         config = replace(config, train=replace(config.train, train_iters=1))
+    parallel = replace(
+        config.parallel,
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        context_parallel_size=layout.cp,
+        virtual_pipeline_model_parallel_size=layout.vp if layout.vp > 1 else None,
+    )
+    config = replace(config, parallel=parallel)
     try:
         dims.validate(config)
         validate_run(config, dims.dp)
@@ -159,7 +167,7 @@ def suggest_layout(
     config: RunConfig, world_size: int, gpu_memory_gib: float, gpus_per_node: int = 8, headroom: float = 0.9
 ) -> tuple[Layout, MemoryEstimate] | None:
     """The cheapest layout that fits: least recomputation, then least model parallelism (TP within a
-    node before PP, PP before CP), with Megatron's distributed optimizer whenever there is DP."""
+    node before CP, CP before PP), with Megatron's distributed optimizer whenever there is DP."""
     powers = [1, 2, 4, 8, 16, 32, 64]
     candidates = []
     for recompute, tp, pp, cp in itertools.product(RECOMPUTE, powers, powers, powers[:4]):
@@ -170,24 +178,10 @@ def suggest_layout(
             layout = Layout(tp, pp, cp, 1, strategy, recompute)
             if not valid(config, layout, world_size):
                 continue
-            cost = (RECOMPUTE.index(recompute), tp * pp * cp, pp, cp, STRATEGIES.index(strategy))
+            cost = (RECOMPUTE.index(recompute), tp * pp * cp, cp, pp, STRATEGIES.index(strategy))
             candidates.append((cost, layout))
     for _, layout in sorted(candidates, key=lambda item: item[0]):
         estimate = estimate_memory(config, layout, world_size)
         if estimate.total <= headroom * gpu_memory_gib * GIB:
             return layout, estimate
     return None
-
-
-def with_layout(config: RunConfig, layout: Layout) -> RunConfig:
-    """``config`` with ``layout``'s parallel settings (for validation and display)."""
-    parallel = replace(
-        config.parallel,
-        tensor_model_parallel_size=layout.tp,
-        pipeline_model_parallel_size=layout.pp,
-        context_parallel_size=layout.cp,
-        virtual_pipeline_model_parallel_size=layout.vp if layout.vp > 1 else None,
-        data_parallel_sharding_strategy=layout.strategy,
-        recompute_granularity=layout.recompute,
-    )
-    return replace(config, parallel=parallel)

@@ -70,3 +70,21 @@ def test_all_problems_are_reported_at_once():
     with pytest.raises(ConfigError) as err:
         ParallelDims.from_config(cfg, 12).validate(cfg)
     assert "TP 3" in str(err.value) and "PP x VP = 4 x 1" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"pipeline_model_parallel_size": 2, "global_batch_size": 4}, "1 micro-batches per pipeline, fewer than PP 2"),
+        (
+            {"pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": 2, "num_layers": 4,
+             "global_batch_size": 12},
+            "interleaved schedule needs the micro-batches per pipeline (3",
+        ),
+    ],
+)  # fmt: skip
+def test_pipeline_schedules_need_enough_micro_batches(overrides, message):
+    cfg = config("gpt-tiny", micro_batch_size=4, **overrides)
+    with pytest.raises(ConfigError) as err:
+        validate_run(cfg, 1)
+    assert message in str(err.value)
