@@ -55,7 +55,7 @@ def convert(
     out: Path = typer.Option(..., "--out", "-o", help="The .safetensors file to write.", show_default=False),
     iteration: int | None = typer.Option(None, "--iteration", help="Which checkpoint (default: the latest)."),
 ) -> None:
-    """Write the model weights as a single .safetensors file (whatever data-parallel layout saved them)."""
+    """Write the model weights as a single .safetensors file (whatever parallel layout saved them)."""
     from mtk.checkpoint import CheckpointError, export_safetensors
 
     try:

@@ -134,7 +134,11 @@ class Trainer:
         self.optimizers = [build_optimizer(part, config.train) for part in model.parts]
         precision = config.train.precision
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-        self.scaler = torch.amp.GradScaler(
+        # sharded gradients: the scaler all-reduces "found inf" so every rank skips the same steps
+        scaler_type = torch.amp.GradScaler
+        if is_distributed():
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler as scaler_type
+        self.scaler = scaler_type(
             options.device.split(":")[0],
             init_scale=2.0**16,
             growth_interval=1000,

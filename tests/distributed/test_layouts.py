@@ -125,3 +125,17 @@ def test_checkpoint_reshards_dp4_to_dp2_and_one_process_to_tp2(reference, tmp_pa
     train("llama-tiny", tp, "--exit-after", "2")
     train("llama-tiny", tp, "--tp", "2", ranks=2)
     assert losses(tp) == pytest.approx(reference["llama-tiny"], rel=TOLERANCE)
+
+
+def test_fp16_loss_scaling_agrees_across_tp2_pp2(tmp_path):
+    """The loss scaler sees every rank's gradients (sharded scaler): same losses and loss scales as one process."""
+
+    def records(run: Path) -> list[tuple[float, float]]:
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [(r["loss"], r["loss_scale"]) for r in rows if "split" not in r]
+
+    train("gpt-tiny", tmp_path / "one", "--fp16")
+    train("gpt-tiny", tmp_path / "tp_pp", "--fp16", "--tp", "2", "--pp", "2", ranks=4)
+    one, parallel = records(tmp_path / "one"), records(tmp_path / "tp_pp")
+    assert [scale for _, scale in parallel] == [scale for _, scale in one]
+    assert [loss for loss, _ in parallel] == pytest.approx([loss for loss, _ in one], rel=1e-4)
