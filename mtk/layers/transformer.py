@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import zlib
 
 import torch
 from torch import nn
@@ -78,20 +79,34 @@ class TransformerBlock(nn.Module):
         return x if self.final_norm is None else self.final_norm(x)
 
 
-def init_weights(module: nn.Module, config: ModelConfig, num_layers: int) -> None:
-    """Megatron's init: normal(0, std) weights, output projections scaled by 1/sqrt(2 * layers), zero biases."""
+def init_weights(module: nn.Module, config: ModelConfig, num_layers: int, seed: int) -> None:
+    """Megatron's init: normal(0, std) weights, output projections scaled by 1/sqrt(2 * layers), zero biases.
+
+    Each parameter is drawn from its own generator, seeded by ``seed`` and its name, as the whole
+    tensor, then this rank's shard of it is kept: any pipeline stage, tensor or data shard of the
+    model starts from exactly the weights of the single-process model, and a model built on the
+    meta device is initialised here after ``to_empty`` without ever existing whole.
+    """
     scaled_std = config.init_method_std / math.sqrt(2.0 * num_layers)
-    for name, child in module.named_modules():
-        if isinstance(child, nn.Linear):
-            std = scaled_std if name.endswith(("out_proj", "fc2")) else config.init_method_std
-            nn.init.normal_(child.weight, mean=0.0, std=std)
-            if child.bias is not None:
-                nn.init.zeros_(child.bias)
-        elif isinstance(child, nn.Embedding):
-            nn.init.normal_(child.weight, mean=0.0, std=config.init_method_std)
-        elif isinstance(child, (nn.LayerNorm, nn.RMSNorm)):
-            nn.init.ones_(child.weight)
-            if getattr(child, "bias", None) is not None:
-                nn.init.zeros_(child.bias)
-        elif isinstance(child, RotaryEmbedding):
+    for name, param in module.named_parameters():
+        name = name.replace("_checkpoint_wrapped_module.", "")
+        owner, kind = name.split(".")[-2:]
+        if "norm" in owner:
+            full = torch.ones(param.shape) if kind == "weight" else torch.zeros(param.shape)
+        elif kind == "bias":
+            full = torch.zeros(param.shape)
+        else:
+            std = scaled_std if owner in ("out_proj", "fc2") else config.init_method_std
+            generator = torch.Generator().manual_seed(seed ^ zlib.crc32(name.encode()))
+            full = torch.empty(param.shape).normal_(0.0, std, generator=generator)
+        with torch.no_grad():
+            if hasattr(param, "device_mesh"):  # a DTensor: keep this rank's shard
+                from torch.distributed.tensor import distribute_tensor
+
+                shard = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+                param.to_local().copy_(shard.to_local())
+            else:
+                param.copy_(full)
+    for child in module.modules():
+        if isinstance(child, RotaryEmbedding):
             child.reset_parameters(child.cos.device)

@@ -39,10 +39,14 @@ class GPTModel(nn.Module):
             if config.untie_embeddings_and_output_weights
             else None
         )
-        self.init_weights()
+        if self.embedding.weight.device.type != "meta":  # on meta: initialised once materialised
+            self.init_weights()
 
-    def init_weights(self) -> None:
-        init_weights(self, self.config, self.config.num_layers)
+    def init_weights(self, seed: int | None = None) -> None:
+        """Initial weights from ``seed`` (default: drawn from torch's global generator)."""
+        if seed is None:
+            seed = int(torch.randint(2**62, ()).item())
+        init_weights(self, self.config, self.config.num_layers, seed)
 
     def forward(
         self,

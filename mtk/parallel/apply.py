@@ -75,11 +75,24 @@ def apply_data_parallel(model: nn.Module, dp_mesh, parallel: ParallelConfig) -> 
 
 
 def parallelize(
-    model: nn.Module, dims: ParallelDims, mesh, parallel: ParallelConfig, device: str
+    model: nn.Module, dims: ParallelDims, mesh, parallel: ParallelConfig, device: str, seed: int = 0
 ) -> ParallelModel:
-    """This rank's part of ``model`` under the layout ``dims`` (``mesh`` None for a single process)."""
+    """This rank's part of ``model`` under the layout ``dims`` (``mesh`` None for a single process).
+
+    A model built on the meta device is split and sharded first, then only this rank's part is
+    allocated and initialised from ``seed`` (the same weights as a single-process model), so no
+    rank ever holds the whole model.
+    """
+    on_meta = next(model.parameters()).device.type == "meta"
+
+    def materialise(part: nn.Module) -> None:
+        if on_meta:
+            part.to_empty(device=device)
+            part.init_weights(seed)
+
     if mesh is None:
         apply_recompute(model, parallel.recompute_granularity)
+        materialise(model)
         return ParallelModel([model.to(device)], device=device)
     from mtk.parallel.context import apply_context_parallel
     from mtk.parallel.pipeline import split_model
@@ -91,7 +104,8 @@ def parallelize(
         parts, indices = [model], [0]
     data_mesh = mesh["dp", "cp"]._flatten("dp_cp") if dims.dp * dims.cp > 1 else None
     for part in parts:
-        part.to(device)
+        if not on_meta:
+            part.to(device)
         if dims.tp > 1:
             apply_tensor_parallel(part, mesh["tp"])
         if dims.cp > 1:
@@ -99,6 +113,7 @@ def parallelize(
         apply_recompute(part, parallel.recompute_granularity)
         if data_mesh is not None:
             apply_data_parallel(part, data_mesh, parallel)
+        materialise(part)
     return ParallelModel(parts, dims, mesh, device, indices)
 
 

@@ -160,9 +160,11 @@ def run_training(
     seed_everything(config.train.seed)
     datasets = build_datasets(config, data, facts, cache_dir)
     mesh = dims.build_mesh(env.device.split(":")[0]) if env.world_size > 1 else None
-    # built whole on every rank, then cut to this rank's stages and shards: initial weights are
-    # the same in every layout
-    model = parallelize(GPTModel(config.model), dims, mesh, config.parallel, env.device)
+    # described on the meta device, cut to this rank's stages and shards, then allocated: initial
+    # weights are drawn per parameter from the seed, the same in every layout
+    with torch.device("meta"):
+        model = GPTModel(config.model)
+    model = parallelize(model, dims, mesh, config.parallel, env.device, seed=config.train.seed)
     options.device, options.dp_size = env.device, dims.dp
     options.dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
     trainer = Trainer(config, model, datasets, options)

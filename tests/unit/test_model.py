@@ -106,6 +106,27 @@ def test_init_follows_megatron():
     assert torch.all(layer.attention_norm.weight == 1)
 
 
+def test_meta_built_model_is_materialised_with_the_weights_of_a_cpu_built_one():
+    """Each parameter is drawn from (seed, its name): the same weights however the model is built."""
+    from mtk.parallel.apply import parallelize
+    from mtk.parallel.dims import ParallelDims
+
+    config = load_preset("llama-tiny").config
+    with torch.device("meta"):
+        meta = GPTModel(config.model)
+    assert all(p.is_meta for p in meta.parameters())  # nothing allocated yet
+    runner = parallelize(meta, ParallelDims(world_size=1), None, config.parallel, "cpu", seed=7)
+    plain = GPTModel(config.model)
+    plain.init_weights(seed=7)
+    materialised = runner.parts[0].state_dict()
+    for name, tensor in plain.state_dict().items():
+        assert torch.equal(materialised[name], tensor), name
+    assert torch.equal(runner.parts[0].decoder.rotary.cos, plain.decoder.rotary.cos)
+    other = GPTModel(config.model)
+    other.init_weights(seed=8)
+    assert not torch.equal(other.embedding.weight, plain.embedding.weight)
+
+
 @pytest.mark.parametrize("granularity", ["selective", "full"])
 def test_recomputation_changes_neither_gradients_nor_parameter_names(granularity):
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
