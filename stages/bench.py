@@ -37,6 +37,14 @@ def bench(
     peak_tflops: float | None = typer.Option(
         None, "--peak-tflops", help="Device peak for MFU when not an H100/H200/A100."
     ),
+    recompute_granularity: str | None = typer.Option(
+        None, "--recompute-granularity", help="Recompute activations: selective or full (default: none)."
+    ),
+    fsdp: bool = typer.Option(
+        False,
+        "--fsdp",
+        help="Wrap the model with FSDP2 as one data-parallel rank (measures the wrapper's cost).",
+    ),
     json_out: Path | None = typer.Option(None, "--json", help="Also write the result as JSON to this file."),
 ) -> None:
     """Time training steps after warm-up. TFLOP/s counts model FLOPs: 6 x parameters + 12 x layers x hidden x seq per token."""
@@ -60,6 +68,10 @@ def bench(
                 values[key] = value
         if bf16 or fp16:
             values["precision"] = "bf16" if bf16 else "fp16"
+        if recompute_granularity is not None:
+            values["recompute_granularity"] = recompute_granularity
+        if fsdp:
+            values["data_parallel_sharding_strategy"] = "optim_grads_params"
         values.setdefault("train_iters", iters + warmup)
         config = apply_overrides(load_preset(preset).sections, values)
         validate_run(config)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -36,6 +37,8 @@ class BenchResult:
     peak_tflops: float | None
     mfu: float | None
     peak_memory_gib: float
+    recompute: str | None = None
+    data_parallel_sharding: str | None = None  # wrapped as one data-parallel rank (wrapper cost)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -44,6 +47,29 @@ class BenchResult:
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+@contextlib.contextmanager
+def _data_parallel_wrapping(model, config: RunConfig, device: str):
+    """With a sharding strategy, wrap ``model`` as one rank of a data-parallel group (FSDP2 / replicate)
+    to measure what the wrappers cost; a one-process group exists for the duration."""
+    strategy = config.parallel.data_parallel_sharding_strategy
+    if strategy is None:
+        yield
+        return
+    import torch.distributed as dist
+
+    from mtk.parallel.apply import apply_data_parallel
+    from mtk.parallel.dims import ParallelDims
+
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = ParallelDims(world_size=1).build_mesh(device.split(":")[0])
+        apply_data_parallel(model, mesh["dp"], config.parallel)
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def benchmark(
@@ -57,7 +83,7 @@ def benchmark(
     with torch.device(device):
         model = GPTModel(config.model)
     apply_recompute(model, config.parallel.recompute_granularity)
-    with tempfile.TemporaryDirectory() as scratch:
+    with tempfile.TemporaryDirectory() as scratch, _data_parallel_wrapping(model, config, device):
         trainer = Trainer(config, model, (data, None, None), TrainOptions(save=Path(scratch), device=device))
         batches = iter(build_loader(data, train.micro_batch_size, num_workers=0))
         micro_batches = train.global_batch_size // train.micro_batch_size
@@ -91,4 +117,6 @@ def benchmark(
         peak_tflops=peak,
         mfu=tflops / peak if peak else None,
         peak_memory_gib=memory_gib(device),
+        recompute=config.parallel.recompute_granularity,
+        data_parallel_sharding=config.parallel.data_parallel_sharding_strategy,
     )

@@ -276,6 +276,17 @@ def test_bench_reports_throughput_as_json(tmp_path):
     assert report["mfu"] is None and report["parameters"] == expected
 
 
+def test_bench_measures_recomputation_and_the_fsdp_wrapper(tmp_path):
+    out = tmp_path / "bench.json"
+    result = runner.invoke(app, ["bench", "--preset", "gpt-tiny", "--iters", "1", "--warmup", "1", "--seq-length", "32",
+                                 "--global-batch-size", "4", "--micro-batch-size", "2", "--device", "cpu", "--fsdp",
+                                 "--recompute-granularity", "selective", "--json", str(out)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["recompute"] == "selective" and report["data_parallel_sharding"] == "optim_grads_params"
+    assert report["tokens_per_s"] > 0
+
+
 def test_llama_tiny_trains_in_bf16_and_load_resumes_into_a_new_directory(tmp_path, counting_data):
     common = ["--preset", "llama-tiny", "--data", counting_data, "--bf16"]
     train(*common, "--save", str(tmp_path / "a"), "--train-iters", "4")
