@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from mtk.checkpoint import latest_iteration, load_checkpoint
@@ -113,6 +114,16 @@ def test_checkpoint_reshards_tp2_pp2_to_one_process(reference, tmp_path):
     # the tools see whole tensors, named as in a single-process model
     weights = load_checkpoint(run)["model"]
     assert weights["embedding.weight"].shape == (4096, 64) and "decoder.layers.3.mlp.fc1.weight" in weights
+    result = CliRunner().invoke(
+        app, ["checkpoint", "convert", str(run), "-o", str(tmp_path / "w.safetensors")]
+    )
+    assert result.exit_code == 0, result.output
+    from safetensors.torch import load_file
+
+    exported = load_file(tmp_path / "w.safetensors")
+    assert set(exported) == set(weights) and torch.equal(
+        exported["embedding.weight"], weights["embedding.weight"]
+    )
 
 
 def test_checkpoint_reshards_dp4_to_dp2_and_one_process_to_tp2(reference, tmp_path):
