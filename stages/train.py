@@ -160,7 +160,7 @@ def train(
         None,
         "--nproc-per-node",
         min=1,
-        help="Start this many local processes through torchrun (data parallel).",
+        help="Start this many local processes through torchrun (--tp/--pp/--cp ranks, data parallel for the rest).",
     ),
     tp: int | None = typer.Option(None, "--tp", help="Tensor-parallel size (tensor_model_parallel_size)."),
     pp: int | None = typer.Option(
