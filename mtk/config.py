@@ -181,6 +181,13 @@ class ParallelConfig:
     # None: optim_grads with use_distributed_optimizer, else no_shard
     data_parallel_sharding_strategy: Literal["no_shard", "optim_grads", "optim_grads_params"] | None = None
     grad_reduce_in_bf16: bool = False  # average data-parallel gradients in bf16 instead of fp32
+
+    def sharding_strategy(self) -> str:
+        """The data-parallel sharding in effect: explicit, else Megatron's distributed optimizer or DDP."""
+        if self.data_parallel_sharding_strategy is not None:
+            return self.data_parallel_sharding_strategy
+        return "optim_grads" if self.use_distributed_optimizer else "no_shard"
+
     # activation recomputation: "selective" recomputes attention blocks, "full" whole layers
     recompute_granularity: Literal["selective", "full"] | None = None
 

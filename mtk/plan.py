@@ -126,15 +126,12 @@ def estimate_memory(
 
 def preset_layout(config: RunConfig) -> Layout:
     parallel = config.parallel
-    strategy = parallel.data_parallel_sharding_strategy or (
-        "optim_grads" if parallel.use_distributed_optimizer else "no_shard"
-    )
     return Layout(
         parallel.tensor_model_parallel_size,
         parallel.pipeline_model_parallel_size,
         parallel.context_parallel_size,
         parallel.virtual_pipeline_model_parallel_size or 1,
-        strategy,
+        parallel.sharding_strategy(),
         parallel.recompute_granularity,
     )
 

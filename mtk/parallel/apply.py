@@ -42,13 +42,6 @@ def apply_recompute(model: nn.Module, granularity: str | None) -> None:
             layer.attention = checkpoint_wrapper(layer.attention, preserve_rng_state=True)
 
 
-def sharding_strategy(parallel: ParallelConfig) -> str:
-    """Megatron's data-parallel sharding strategies; ``--use-distributed-optimizer`` means optim_grads."""
-    if parallel.data_parallel_sharding_strategy is not None:
-        return parallel.data_parallel_sharding_strategy
-    return "optim_grads" if parallel.use_distributed_optimizer else "no_shard"
-
-
 def apply_data_parallel(model: nn.Module, dp_mesh, parallel: ParallelConfig) -> None:
     """FSDP2 on each layer, then the whole (stage) model, over the data- (and context-) parallel ranks.
 
@@ -60,7 +53,7 @@ def apply_data_parallel(model: nn.Module, dp_mesh, parallel: ParallelConfig) -> 
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(reduce_dtype=torch.bfloat16 if parallel.grad_reduce_in_bf16 else None)
-    strategy = sharding_strategy(parallel)
+    strategy = parallel.sharding_strategy()
     if strategy == "no_shard":
         from torch.distributed._composable.replicate_with_fsdp import replicate
 

@@ -38,12 +38,17 @@ class ContextParallelAttention:
     def __init__(self, cp_mesh) -> None:
         self.mesh = cp_mesh
         self.size, self.rank = cp_mesh.size(), cp_mesh.get_local_rank()
+        self._masks: dict[tuple[int, torch.device], torch.Tensor] = {}
 
     def _mask(self, local_length: int, device: torch.device) -> torch.Tensor:
-        seq = local_length * self.size
-        queries = load_balanced_positions(seq, self.size, self.rank)
-        keys = torch.cat([load_balanced_positions(seq, self.size, r) for r in range(self.size)])
-        return (keys[None, :] <= queries[:, None]).to(device)
+        """Causal mask by global position of this rank's queries against the gathered keys (cached)."""
+        key = (local_length, device)
+        if key not in self._masks:
+            seq = local_length * self.size
+            queries = load_balanced_positions(seq, self.size, self.rank)
+            keys = torch.cat([load_balanced_positions(seq, self.size, r) for r in range(self.size)])
+            self._masks[key] = (keys[None, :] <= queries[:, None]).to(device)
+        return self._masks[key]
 
     def __call__(
         self,
@@ -56,7 +61,9 @@ class ContextParallelAttention:
         enable_gqa: bool = False,
     ) -> torch.Tensor:
         if attn_mask is not None or not is_causal:
-            raise NotImplementedError("context parallelism supports causal self-attention only")
+            raise ValueError(
+                "context parallelism shards causal self-attention; this attention has a mask or is not causal"
+            )
         k = funcol.all_gather_single_autograd(k.contiguous(), gather_dim=2, group=self.mesh)
         v = funcol.all_gather_single_autograd(v.contiguous(), gather_dim=2, group=self.mesh)
         return F.scaled_dot_product_attention(
@@ -71,5 +78,6 @@ class ContextParallelAttention:
 
 def apply_context_parallel(model: nn.Module, cp_mesh) -> None:
     """Make every self-attention of ``model`` attend across the cp ranks."""
+    attention = ContextParallelAttention(cp_mesh)  # one instance: its masks serve every layer
     for layer in model.decoder.layers.values():
-        layer.attention.core_attention = ContextParallelAttention(cp_mesh)
+        layer.attention.core_attention = attention
