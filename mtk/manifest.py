@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,15 +38,49 @@ def describe_file(path: str | os.PathLike, with_hash: bool = True) -> dict[str, 
     return entry
 
 
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write a file (or fill a folder) into, renamed onto ``path``
+    when the block succeeds and removed when it fails: readers see the old output or the whole new one.
+
+    A folder replaces an existing folder ``path`` whole: the old one is moved aside for the rename,
+    deleted after it, and put back if the rename fails.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        yield tmp
+        if tmp.is_dir() and path.is_dir():
+            _replace_folder(tmp, path)
+        else:
+            os.replace(tmp, path)
+    finally:
+        _remove(tmp)
+
+
+def _replace_folder(new: Path, path: Path) -> None:
+    # rename cannot put a folder over a non-empty one: move that aside, so a failure can put it back
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    os.replace(path, old)
+    try:
+        os.replace(new, path)
+    except BaseException:
+        os.replace(old, path)
+        raise
+    _remove(old)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write a file so that readers see either the old content or the whole new one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_output(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_manifest(path: str | os.PathLike, stage: str, **content: Any) -> dict[str, Any]:

@@ -76,7 +76,8 @@ def train(
     Example: mtk tokenizer train corpus/ --kind bpe --vocab-size 32000 --out tok/bpe32k
     """
     from mtk.data.sources import InputError
-    from mtk.data.tokenizer import TokenizerError, load_tokenizer, train_tokenizer
+    from mtk.data.tokenizer import TokenizerError, load_tokenizer
+    from mtk.data.tokenizer_training import train_tokenizer
 
     if kind is Kind.bpe and lower_case is not None:
         fail("--lower-case/--cased are for --kind wordpiece; byte-level BPE keeps the text as it is")

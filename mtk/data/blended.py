@@ -1,20 +1,37 @@
-"""Megatron-style blends: ``--data "0.3 PREFIX_A 0.7 PREFIX_B"`` mixes datasets by weight."""
+"""Megatron-style blends: ``--data "0.3 PREFIX_A 0.7 PREFIX_B"`` mixes datasets by weight.
+
+``build_split_datasets`` builds the train, valid and test datasets of a blend for any dataset class,
+as Megatron's ``BlendedMegatronDatasetBuilder`` does.
+"""
 
 from __future__ import annotations
 
+import functools
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
-import torch
 
-from mtk.data.gpt_dataset import GPTDataset, build_gpt_datasets, parse_split
+from mtk.data.gpt_dataset import GPTDataset
 from mtk.data.helpers import build_blending_indices, cached_indices, default_cache_dir
+from mtk.data.indexed import IndexedDataset
+from mtk.data.splits import parse_split
 
 # Megatron asks each dataset for 0.5% more samples than its share, so the greedy blend never runs short.
 SAMPLE_SURPLUS = 1.005
+
+
+class SplitDataset(Protocol):
+    """What the builder and a blend need of a dataset: its samples, and ``description``, its cache key."""
+
+    description: dict[str, Any]
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Any: ...
 
 
 def parse_blend(text: str) -> list[tuple[float, str]]:
@@ -62,7 +79,7 @@ class BlendedDataset:
 
     def __init__(
         self,
-        datasets: Sequence[GPTDataset],
+        datasets: Sequence[SplitDataset],
         weights: Sequence[float],
         num_samples: int,
         cache_dir: str | os.PathLike,
@@ -88,19 +105,85 @@ class BlendedDataset:
         self.dataset_index = arrays["dataset_index"]
         self.dataset_sample_index = arrays["dataset_sample_index"]
         counts = np.bincount(self.dataset_index, minlength=len(datasets))
-        for dataset, count in zip(self.datasets, counts, strict=True):
+        for i, (dataset, count) in enumerate(zip(self.datasets, counts, strict=True)):
             if count > len(dataset):
+                name = dataset.description.get("path_prefix", f"dataset {i} of the blend")
                 raise ValueError(
-                    f"the blend needs {count} samples of {dataset.description['path_prefix']}, "
+                    f"the blend needs {count} samples of {name}, "
                     f"which has {len(dataset)}: give that dataset more samples"
                 )
 
     def __len__(self) -> int:
         return len(self.dataset_index)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, index: int) -> Any:
         dataset = self.datasets[self.dataset_index[index]]
         return dataset[int(self.dataset_sample_index[index])]
+
+
+def build_split_datasets(
+    data: str,
+    split: str,
+    num_samples: tuple[int, int, int],
+    make_dataset: Callable[..., SplitDataset],
+    cache_dir: str | os.PathLike | None = None,
+) -> tuple[SplitDataset | None, SplitDataset | None, SplitDataset | None]:
+    """Train, valid and test datasets for a ``--data`` string (see ``parse_blend``); None for a split
+    with no weight or no samples. Every prefix is split by ``split`` on its own.
+
+    ``make_dataset(indexed, split, split_index, count, cache_dir=cache_dir)`` builds ``count`` samples
+    of split ``split_index`` (0 train, 1 valid, 2 test) of one prefix. A single prefix gives those
+    datasets with ``num_samples``. A blend asks each prefix for ``ceil(n * weight * 1.005)`` samples of
+    each split and blends them (``BlendedDataset``, cached in ``cache_dir`` or beside the first prefix).
+    """
+    if len(num_samples) != 3:
+        raise ValueError(f"num_samples needs three counts (train, valid, test), got {num_samples}")
+    blend = parse_blend(data)
+    if len(blend) == 1:
+        return _prefix_datasets(blend[0][1], split, num_samples, make_dataset, cache_dir)
+    total = sum(weight for weight, _ in blend)
+    weights = [weight / total for weight, _ in blend]
+    per_prefix = [
+        _prefix_datasets(
+            prefix,
+            split,
+            tuple(math.ceil(n * weight * SAMPLE_SURPLUS) for n in num_samples),
+            make_dataset,
+            cache_dir,
+        )
+        for weight, (_, prefix) in zip(weights, blend, strict=True)
+    ]
+    blend_cache_dir = cache_dir if cache_dir is not None else default_cache_dir(blend[0][1])
+    wanted = _wanted(split, num_samples)
+    train, valid, test = (
+        BlendedDataset(
+            [datasets[i] for datasets in per_prefix], [weight for weight, _ in blend], n, blend_cache_dir
+        )
+        if wanted[i]
+        else None
+        for i, n in enumerate(num_samples)
+    )
+    return train, valid, test
+
+
+def _prefix_datasets(
+    prefix: str,
+    split: str,
+    num_samples: Sequence[int],
+    make_dataset: Callable[..., SplitDataset],
+    cache_dir: str | os.PathLike | None,
+) -> tuple[SplitDataset | None, SplitDataset | None, SplitDataset | None]:
+    indexed = IndexedDataset(prefix)
+    wanted = _wanted(split, num_samples)
+    train, valid, test = (
+        make_dataset(indexed, split, i, n, cache_dir=cache_dir) if wanted[i] else None
+        for i, n in enumerate(num_samples)
+    )
+    return train, valid, test
+
+
+def _wanted(split: str, num_samples: Sequence[int]) -> list[bool]:
+    return [weight > 0 and n > 0 for weight, n in zip(parse_split(split), num_samples, strict=True)]
 
 
 def build_blended_datasets(
@@ -113,33 +196,8 @@ def build_blended_datasets(
     eod: int | None = None,
     eod_mask_loss: bool = False,
 ) -> tuple[GPTDataset | BlendedDataset | None, ...]:
-    """Train, valid and test datasets for a ``--data`` string (see ``parse_blend``).
-
-    A single prefix gives plain GPTDatasets of exactly ``num_samples``. A blend asks each prefix for
-    ``ceil(n * weight * 1.005)`` samples of each split and blends them; None for a split with no weight
-    or samples. Every prefix is split by ``split`` on its own.
-    """
-    blend = parse_blend(data)
-    options = dict(
-        seq_length=seq_length, seed=seed, cache_dir=cache_dir, eod=eod, eod_mask_loss=eod_mask_loss
+    """``build_split_datasets`` of GPTDatasets with these settings."""
+    make_dataset = functools.partial(
+        GPTDataset, seq_length=seq_length, seed=seed, eod=eod, eod_mask_loss=eod_mask_loss
     )
-    if len(blend) == 1:
-        return build_gpt_datasets(blend[0][1], split, num_samples, **options)
-    total = sum(weight for weight, _ in blend)
-    weights = [weight / total for weight, _ in blend]
-    per_prefix = [
-        build_gpt_datasets(
-            prefix, split, tuple(math.ceil(n * weight * SAMPLE_SURPLUS) for n in num_samples), **options
-        )
-        for weight, (_, prefix) in zip(weights, blend, strict=True)
-    ]
-    blend_cache_dir = cache_dir if cache_dir is not None else default_cache_dir(blend[0][1])
-    split_weights = parse_split(split)
-    return tuple(
-        BlendedDataset(
-            [datasets[i] for datasets in per_prefix], [weight for weight, _ in blend], n, blend_cache_dir
-        )
-        if split_weights[i] > 0 and n > 0
-        else None
-        for i, n in enumerate(num_samples)
-    )
+    return build_split_datasets(data, split, num_samples, make_dataset, cache_dir)

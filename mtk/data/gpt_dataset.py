@@ -8,10 +8,7 @@ One ``numpy.random.RandomState(seed)`` drives both shuffles, in that order, as i
 
 from __future__ import annotations
 
-import itertools
-import math
 import os
-import re
 from pathlib import Path
 
 import numpy as np
@@ -19,35 +16,12 @@ import torch
 
 from mtk.data.helpers import build_sample_index, cached_indices, default_cache_dir, idx_sha256
 from mtk.data.indexed import IndexedDataset
+from mtk.data.splits import SPLIT_NAMES, split_indices
 
-SPLIT_NAMES = ("train", "valid", "test")
 INDEX_NAMES = ("document_index", "sample_index", "shuffle_index")
 # When the last epoch contributes less than this share of an epoch, Megatron shuffles it on its own:
 # its samples then come after all the full epochs, so the run sees those epochs evenly.
 SEPARATE_FINAL_EPOCH_THRESHOLD = 0.80
-
-
-def parse_split(split: str) -> list[float]:
-    """``"949,50,1"`` -> normalised train/valid/test weights; missing trailing weights are 0."""
-    try:
-        weights = [float(part) for part in re.split(r"[,/]", split)]
-    except ValueError:
-        weights = []
-    if not 0 < len(weights) <= 3 or any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) == 0:
-        raise ValueError(
-            f"split {split!r}: expected one to three non-negative numbers, not all zero, such as '949,50,1'"
-        )
-    weights += [0.0] * (3 - len(weights))
-    return [weight / sum(weights) for weight in weights]
-
-
-def split_indices(split: str, num_sequences: int) -> list[np.ndarray]:
-    """Sequence ids of train, valid and test: contiguous ranges cut at the rounded cumulative weights."""
-    bookends = [0.0, *itertools.accumulate(parse_split(split))]
-    return [
-        np.arange(int(round(begin * num_sequences)), int(round(end * num_sequences)), dtype=np.int32)
-        for begin, end in itertools.pairwise(bookends)
-    ]
 
 
 def _shuffled(array: np.ndarray, rng: np.random.RandomState) -> np.ndarray:
@@ -183,37 +157,3 @@ class GPTDataset:
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return gpt_sample(self.sample_tokens(index), self.mask_token)
-
-
-def build_gpt_datasets(
-    prefix: str | os.PathLike,
-    split: str,
-    num_samples: tuple[int, int, int],
-    seq_length: int,
-    seed: int,
-    cache_dir: str | os.PathLike | None = None,
-    eod: int | None = None,
-    eod_mask_loss: bool = False,
-) -> tuple[GPTDataset | None, GPTDataset | None, GPTDataset | None]:
-    """Train, valid and test datasets of one ``PREFIX.bin/.idx``; None for a split with no weight or samples."""
-    if len(num_samples) != 3:
-        raise ValueError(f"num_samples needs three counts (train, valid, test), got {num_samples}")
-    indexed = IndexedDataset(prefix)
-    weights = parse_split(split)
-    datasets = [
-        GPTDataset(
-            indexed,
-            split,
-            i,
-            count,
-            seq_length,
-            seed,
-            cache_dir=cache_dir,
-            eod=eod,
-            eod_mask_loss=eod_mask_loss,
-        )
-        if weights[i] > 0 and count > 0
-        else None
-        for i, count in enumerate(num_samples)
-    ]
-    return datasets[0], datasets[1], datasets[2]

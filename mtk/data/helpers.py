@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,7 +18,7 @@ import numba
 import numpy as np
 
 from mtk.data.indexed import IndexedDataset, idx_path
-from mtk.manifest import atomic_write_text, sha256_file
+from mtk.manifest import atomic_output, atomic_write_text, sha256_file
 
 
 def _jit(function: Callable) -> Callable:
@@ -127,16 +126,6 @@ def idx_sha256(indexed: IndexedDataset) -> str:
     return _idx_hashes[indexed]
 
 
-def _save_atomic(path: Path, array: np.ndarray) -> None:
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as sink:
-            np.save(sink, array, allow_pickle=False)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
 def cached_indices(
     cache_dir: str | os.PathLike,
     description: dict[str, Any],
@@ -160,6 +149,7 @@ def cached_indices(
     arrays = build()
     cache_dir.mkdir(parents=True, exist_ok=True)
     for name, path in paths.items():
-        _save_atomic(path, arrays[name])
+        with atomic_output(path) as tmp, open(tmp, "wb") as sink:
+            np.save(sink, arrays[name], allow_pickle=False)
     atomic_write_text(description_path, text + "\n")
     return arrays, True

@@ -16,13 +16,16 @@ A document with no tokens keeps its ``document_indices`` entry (two equal neighb
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from mtk.manifest import atomic_output
 
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
@@ -181,10 +184,22 @@ class IndexedDataset:
         return [self.get(i) for i in range(begin, end)]
 
 
+@contextlib.contextmanager
+def atomic_pair(prefix: str | os.PathLike) -> Iterator[tuple[Path, Path]]:
+    """Temporary ``.bin`` and ``.idx`` paths to write the pair ``prefix`` into, renamed into place together
+    when the block succeeds and removed when it fails (an old pair then stays as it was).
+    """
+    with atomic_output(idx_path(prefix)) as tmp_idx, atomic_output(bin_path(prefix)) as tmp_bin:
+        yield tmp_bin, tmp_idx
+        # The .bin is renamed first: dropping the old .idx before it means a crash between the two
+        # renames leaves no valid-looking pair of new .bin and old .idx.
+        idx_path(prefix).unlink(missing_ok=True)
+
+
 def merge_datasets(prefixes: Sequence[str | os.PathLike], output_prefix: str | os.PathLike) -> IndexedDataset:
     """Concatenate several pairs into one, as Megatron's ``tools/merge_datasets.py`` does.
 
-    Writes under temporary names and renames at the end, so a failure leaves no output pair.
+    The output pair appears whole or not at all (see ``atomic_pair``).
     """
     datasets = [IndexedDataset(prefix) for prefix in prefixes]
     if not datasets:
@@ -194,20 +209,11 @@ def merge_datasets(prefixes: Sequence[str | os.PathLike], output_prefix: str | o
         listing = ", ".join(f"{ds.prefix} ({ds.dtype})" for ds in datasets)
         raise IndexedDatasetError(f"cannot merge datasets of different token dtypes: {listing}")
     writer = IndexWriter(datasets[0].dtype)
-    out_bin, out_idx = bin_path(output_prefix), idx_path(output_prefix)
-    tmp_bin = out_bin.with_name(f".{out_bin.name}.tmp-{os.getpid()}")
-    tmp_idx = out_idx.with_name(f".{out_idx.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_pair(output_prefix) as (tmp_bin, tmp_idx):
         with open(tmp_bin, "wb") as sink:
             for ds in datasets:
                 with open(bin_path(ds.prefix), "rb") as source:
                     shutil.copyfileobj(source, sink, 1 << 24)
                 writer.add_documents(ds.sequence_lengths, np.diff(ds.document_indices))
         tmp_idx.write_bytes(writer.to_bytes())
-        out_idx.unlink(missing_ok=True)
-        os.replace(tmp_bin, out_bin)
-        os.replace(tmp_idx, out_idx)
-    finally:
-        tmp_bin.unlink(missing_ok=True)
-        tmp_idx.unlink(missing_ok=True)
     return IndexedDataset(output_prefix)

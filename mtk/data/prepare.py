@@ -12,7 +12,6 @@ import hashlib
 import itertools
 import json
 import multiprocessing
-import os
 import signal
 import time
 from collections import deque
@@ -21,11 +20,11 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 import numpy as np
 
-from mtk.data.indexed import IndexWriter, bin_path, idx_path, token_dtype
+from mtk.data.indexed import IndexWriter, atomic_pair, bin_path, idx_path, token_dtype
 from mtk.data.sources import Chunk, TextMode, expand_inputs, read_chunks, total_input_bytes
 from mtk.manifest import data_manifest_path, describe_file, write_manifest
 
@@ -250,16 +249,13 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 class _PairWriter:
-    """Writes one ``.bin/.idx`` pair under temporary names; ``commit`` renames them into place."""
+    """Appends encoded keys to the open ``.bin`` of one pair and collects its index."""
 
-    def __init__(self, prefix: str, dtype: np.dtype) -> None:
+    def __init__(self, prefix: str, dtype: np.dtype, bin_file: BinaryIO) -> None:
         self.prefix = prefix
-        self.final_bin, self.final_idx = bin_path(prefix), idx_path(prefix)
-        self.tmp_bin = self.final_bin.with_name(f".{self.final_bin.name}.tmp-{os.getpid()}")
-        self.tmp_idx = self.final_idx.with_name(f".{self.final_idx.name}.tmp-{os.getpid()}")
+        self.bin_file = bin_file
         self.index = IndexWriter(dtype)
         self.bin_sha256 = hashlib.sha256()
-        self.bin_file = open(self.tmp_bin, "wb", buffering=1 << 24)  # noqa: SIM115 - closed in commit/discard
 
     def write(self, encoded: EncodedKey) -> None:
         data = encoded.tokens.tobytes()
@@ -267,19 +263,17 @@ class _PairWriter:
         self.bin_sha256.update(data)
         self.index.add_documents(encoded.sequence_lengths, encoded.sequences_per_document)
 
-    def commit(self) -> None:
-        self.bin_file.close()
-        self.tmp_idx.write_bytes(self.index.to_bytes())
-        # remove a previous .idx first: a crash between the renames then leaves no valid-looking pair
-        self.final_idx.unlink(missing_ok=True)
-        data_manifest_path(self.prefix).unlink(missing_ok=True)
-        os.replace(self.tmp_bin, self.final_bin)
-        os.replace(self.tmp_idx, self.final_idx)
 
-    def discard(self) -> None:
-        self.bin_file.close()
-        self.tmp_bin.unlink(missing_ok=True)
-        self.tmp_idx.unlink(missing_ok=True)
+@contextlib.contextmanager
+def _pair_writer(prefix: str, dtype: np.dtype) -> Iterator[_PairWriter]:
+    """A writer whose pair replaces ``prefix``'s (dropping its old manifest) when the block succeeds;
+    on failure the old pair and manifest stay."""
+    with atomic_pair(prefix) as (tmp_bin, tmp_idx):
+        with open(tmp_bin, "wb", buffering=1 << 24) as bin_file:
+            writer = _PairWriter(prefix, dtype, bin_file)
+            yield writer
+        tmp_idx.write_bytes(writer.index.to_bytes())
+        data_manifest_path(prefix).unlink(missing_ok=True)
 
 
 def output_prefix_for(output_prefix: str, key: str, split_sentences: bool) -> str:
@@ -321,28 +315,22 @@ def prepare_data(
         tokens=dict.fromkeys(keys, 0),
     )
     encoder_args = (tokenizer.describe(), keys, append_eod, language if split_sentences else None)
-    writers: dict[str, _PairWriter] = {}
     start = time.perf_counter()
-    try:
-        with _sigterm_as_interrupt():
-            writers = {key: _PairWriter(prefix, dtype) for key, prefix in prefixes.items()}
-            chunks = read_chunks(paths, keys, text_mode, chunk_bytes)
-            for encoded in _encode_all(chunks, encoder_args, workers):
-                _account(encoded, stats, on_error)
-                for key, writer in writers.items():
-                    writer.write(encoded.keys[key])
-                    stats.sequences[key] += len(encoded.keys[key].sequence_lengths)
-                    stats.tokens[key] += len(encoded.keys[key].tokens)
-                    stats.empty_documents[key] += int((encoded.keys[key].sequences_per_document == 0).sum())
-                stats.seconds = time.perf_counter() - start
-                if progress is not None:
-                    progress(stats, total_bytes)
-            for writer in writers.values():
-                writer.commit()
-    except BaseException:
-        for writer in writers.values():
-            writer.discard()
-        raise
+    with _sigterm_as_interrupt(), contextlib.ExitStack() as outputs:
+        writers = {
+            key: outputs.enter_context(_pair_writer(prefix, dtype)) for key, prefix in prefixes.items()
+        }
+        chunks = read_chunks(paths, keys, text_mode, chunk_bytes)
+        for encoded in _encode_all(chunks, encoder_args, workers):
+            _account(encoded, stats, on_error)
+            for key, writer in writers.items():
+                writer.write(encoded.keys[key])
+                stats.sequences[key] += len(encoded.keys[key].sequence_lengths)
+                stats.tokens[key] += len(encoded.keys[key].tokens)
+                stats.empty_documents[key] += int((encoded.keys[key].sequences_per_document == 0).sum())
+            stats.seconds = time.perf_counter() - start
+            if progress is not None:
+                progress(stats, total_bytes)
     stats.seconds = time.perf_counter() - start
     manifests = {
         key: _write_data_manifest(
@@ -390,7 +378,7 @@ def _write_data_manifest(
     language: str,
     append_eod: bool,
 ) -> dict[str, Any]:
-    bin_entry = describe_file(writer.final_bin, with_hash=False)
+    bin_entry = describe_file(bin_path(prefix), with_hash=False)
     bin_entry["sha256"] = writer.bin_sha256.hexdigest()
     return write_manifest(
         data_manifest_path(prefix),
@@ -412,5 +400,5 @@ def _write_data_manifest(
             "skipped_lines": stats.skipped_lines,
         },
         inputs=[describe_file(p, with_hash=False) for p in paths],
-        outputs=[bin_entry, describe_file(writer.final_idx)],
+        outputs=[bin_entry, describe_file(idx_path(prefix))],
     )

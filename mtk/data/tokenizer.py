@@ -1,26 +1,24 @@
-"""Tokenizers for preprocessing: Hugging Face tokenizer.json, GPT-2 BPE, BERT WordPiece, null; and training.
+"""Tokenizers for preprocessing: Hugging Face tokenizer.json, GPT-2 BPE, BERT WordPiece, null.
 
 ``load_tokenizer(spec)`` finds out what a path holds and returns a :class:`Tokenizer`, whose
 ``encode_batch`` is the hot path of ``mtk prepare-data``. ``describe()`` is its manifest entry (kind,
-settings, files with sha256). Worker processes rebuild it with ``tokenizer_from_manifest(entry)``,
-which refuses files that changed since; pickling a tokenizer does the same. ``train_tokenizer`` makes
-GPT-2 style BPE or BERT WordPiece vocabularies from local text.
+settings, files with sha256); ``tokenizer_identity(entry)`` says when two entries are the same
+tokenizer. Worker processes rebuild it with ``tokenizer_from_manifest(entry)``, which refuses files
+that changed since; pickling a tokenizer does the same. Training lives in ``tokenizer_training``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
-from mtk.manifest import ManifestError, describe_file, read_manifest, sha256_file, write_manifest
+from mtk.manifest import ManifestError, describe_file, read_manifest, sha256_file
 
 # Preprocessing gets its parallelism from worker processes; a thread pool inside `tokenizers` in every
 # worker would only oversubscribe the cores. `tokenizers` reads this at each call.
@@ -166,7 +164,7 @@ def load_tokenizer(
     ``eos_token`` of a tokenizer_config.json beside it, else a common end-of-text token in the vocabulary).
     ``gpt2bpe``: a directory with GPT-2 vocab.json + merges.txt; a literal ``<|endoftext|>`` in the text
     is that token (the eod). ``wordpiece``: a BERT vocab.txt or a directory with one; ``lower_case``
-    None detects it. ``null``: needs ``vocab_size``. A directory written by :func:`train_tokenizer`
+    None detects it. ``null``: needs ``vocab_size``. A directory written by ``train_tokenizer``
     loads as what it was trained as. Raises :class:`TokenizerError` (a ValueError) saying what is wrong.
     """
     kind = kind or detect_kind(spec)
@@ -202,7 +200,7 @@ def detect_kind(spec: str | os.PathLike) -> str:
             f"{spec}: no such file or directory (give a tokenizer file or directory, or 'null')"
         )
     if path.is_dir():
-        trained = _trained_manifest(path)
+        trained = trained_manifest(path)
         if trained is not None:
             return {"bpe": "gpt2bpe", "wordpiece": "wordpiece"}[trained["kind"]]
         # tokenizer.json first: it is the whole pipeline (normalizer, pre-tokenizer, specials), where
@@ -255,8 +253,18 @@ def tokenizer_from_manifest(entry: dict[str, Any]) -> Tokenizer:
     return tokenizer
 
 
-def _trained_manifest(folder: Path) -> dict[str, Any] | None:
-    """The manifest :func:`train_tokenizer` left in ``folder``, if any."""
+def tokenizer_identity(entry: dict[str, Any] | None) -> str:
+    """What makes two ``describe()`` entries the same tokenizer: kind, settings and the contents of its
+    files, not their paths; ``"unknown"`` for no entry."""
+    if not entry:
+        return "unknown"
+    files = sorted(file.get("sha256", "") for file in entry.get("files", []))
+    settings = {key: value for key, value in sorted(entry.items()) if key != "files"}
+    return f"{settings} files={files}"
+
+
+def trained_manifest(folder: Path) -> dict[str, Any] | None:
+    """The manifest ``tokenizer_training.train_tokenizer`` left in ``folder``, if any."""
     path = folder / TRAINED_MANIFEST
     if not path.is_file():
         return None
@@ -316,7 +324,7 @@ def _load_gpt2bpe(path: Path) -> Tokenizer:
         raise TokenizerError(f"{vocab_file}: expected a JSON object mapping tokens to integer ids")
     merges = _read_merges(merges_file)
     try:
-        core = _gpt2_core(vocab, merges)
+        core = gpt2_core(vocab, merges)
     except Exception as err:  # tokenizers raises plain Exceptions, e.g. a merge of unknown tokens
         raise TokenizerError(f"{folder}: vocab.json and merges.txt do not fit together ({err})") from None
     settings = dict(kind="gpt2bpe", vocab_size=max(vocab.values()) + 1, eod=vocab.get(ENDOFTEXT))
@@ -345,7 +353,7 @@ def _read_merges(file: Path) -> list[tuple[str, str]]:
     return merges
 
 
-def _gpt2_core(vocab: dict[str, int], merges: list[tuple[str, str]]) -> Any:
+def gpt2_core(vocab: dict[str, int], merges: list[tuple[str, str]]) -> Any:
     """GPT-2's byte-level BPE as a ``tokenizers`` pipeline (also what train_tokenizer saves)."""
     from tokenizers import AddedToken, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as Core
@@ -399,11 +407,11 @@ def _load_wordpiece(path: Path, lower_case: bool | None) -> Tokenizer:
     if BERT_SPECIALS["unk"] not in vocab:
         raise TokenizerError(f"{file}: no [UNK] token; is this a BERT vocab.txt?")
     if lower_case is None:
-        trained = _trained_manifest(file.parent)
+        trained = trained_manifest(file.parent)
         lower_case = trained["lower_case"] if trained and "lower_case" in trained else _looks_uncased(vocab)
     # 200 characters per word as Google's WordpieceTokenizer (tokenizers' default is 100)
     core = Core(models.WordPiece(vocab, unk_token=BERT_SPECIALS["unk"], max_input_chars_per_word=200))
-    _bert_pipeline(core, lower_case)
+    bert_pipeline(core, lower_case)
     specials = {name: vocab[token] for name, token in BERT_SPECIALS.items() if token in vocab}
     return TokenizersTokenizer(
         "wordpiece",
@@ -422,7 +430,7 @@ def _looks_uncased(vocab: dict[str, int]) -> bool:
     return not any(char.isupper() for token in regular for char in token)
 
 
-def _bert_pipeline(core: Any, lower_case: bool) -> None:
+def bert_pipeline(core: Any, lower_case: bool) -> None:
     """Google's BasicTokenizer as ``tokenizers`` parts (accents are stripped when lower-casing)."""
     from tokenizers import decoders, normalizers, pre_tokenizers
 
@@ -431,203 +439,3 @@ def _bert_pipeline(core: Any, lower_case: bool) -> None:
     )
     core.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     core.decoder = decoders.WordPiece()
-
-
-def train_tokenizer(
-    files: Sequence[str | os.PathLike],
-    kind: Literal["bpe", "wordpiece"],
-    vocab_size: int,
-    out_dir: str | os.PathLike,
-    lower_case: bool = True,
-    min_frequency: int = 2,
-    show_progress: bool = True,
-    overwrite: bool = False,
-    json_key: str = "text",
-) -> Path:
-    """Train a vocabulary on local text, write it to ``out_dir`` and return that path.
-
-    ``files``: text files (line by line), JSONL files (the ``json_key`` field of each line; .gz/.zst
-    too), or directories of them. ``bpe``: GPT-2 byte-level BPE; writes vocab.json, merges.txt and
-    tokenizer.json laid out like GPT-2's (ids 0..255 the bytes in GPT-2's order, then one id per merge
-    in merge order, ``<|endoftext|>`` last), so the tiktoken fast path applies. ``wordpiece``: BERT
-    WordPiece with [PAD] [UNK] [CLS] [SEP] [MASK]; writes vocab.txt, lower-cased and accent-stripped
-    when ``lower_case``. Both write mtk-tokenizer.json. Output appears whole or not at all. Raises
-    TokenizerError (or sources.InputError) for bad input, a too small ``vocab_size``, or a non-empty
-    ``out_dir``; ``overwrite`` replaces only an earlier output of this function.
-    """
-    from mtk.data.sources import expand_inputs, total_input_bytes
-
-    if kind not in ("bpe", "wordpiece"):
-        raise TokenizerError(f"unknown kind {kind!r} to train; expected bpe or wordpiece")
-    minimum = 256 + 2 if kind == "bpe" else len(BERT_SPECIALS) + 1
-    if vocab_size < minimum:
-        what = "256 bytes + <|endoftext|> + a merge" if kind == "bpe" else "5 special tokens + a piece"
-        raise TokenizerError(
-            f"vocab_size {vocab_size} is too small for {kind}: it needs {what} (>= {minimum})"
-        )
-    out = Path(out_dir)
-    _check_out_dir(out, overwrite)
-    paths = expand_inputs([str(f) for f in files], text_mode="line")
-    if total_input_bytes(paths) == 0:
-        raise TokenizerError(f"the corpus is empty ({len(paths)} empty file(s))")
-    texts = _corpus_texts(paths, json_key)
-    with _threads_for_training():
-        if kind == "bpe":
-            outputs, trained_size = _train_bpe(texts, vocab_size, min_frequency, show_progress)
-        else:
-            outputs, trained_size = _train_wordpiece(
-                texts, vocab_size, lower_case, min_frequency, show_progress
-            )
-    record = {
-        "kind": kind,
-        "vocab_size": trained_size,
-        "requested_vocab_size": vocab_size,
-        **({"lower_case": lower_case} if kind == "wordpiece" else {}),
-        "min_frequency": min_frequency,
-        "json_key": json_key,
-        "inputs": [describe_file(p, with_hash=False) for p in paths],
-    }
-    _write_atomically(out, outputs, record)
-    return out
-
-
-def _check_out_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise TokenizerError(f"{out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise TokenizerError(f"{out}: directory is not empty; choose a new output or pass --overwrite")
-        if _trained_manifest(out) is None:
-            raise TokenizerError(
-                f"{out}: holds files not written by `mtk tokenizer train` (no {TRAINED_MANIFEST}); "
-                "--overwrite only replaces such outputs, so choose another directory"
-            )
-
-
-def _corpus_texts(paths: list[Path], json_key: str) -> Iterator[list[str]]:
-    """Batches of training text: JSONL lines' ``json_key`` field, or plain text lines (blank ones skipped)."""
-    from mtk.data.sources import read_chunks
-
-    for chunk in read_chunks(paths, [json_key], text_mode="line"):
-        batch = []
-        for offset, item in enumerate(chunk.items):
-            where = f"{chunk.source}:{chunk.first_line + offset}"
-            value = _json_field(item, json_key, where) if chunk.format == "jsonl" else item[json_key]
-            if isinstance(value, bytes):
-                try:
-                    value = value.decode("utf-8")
-                except UnicodeDecodeError as err:
-                    raise TokenizerError(f"{where}: not valid UTF-8 (byte offset {err.start})") from None
-            if not isinstance(value, str):
-                raise TokenizerError(f"{where}: '{json_key}' holds {type(value).__name__}, expected text")
-            if value.strip():
-                batch.append(value)
-        yield batch
-
-
-def _json_field(line: bytes, key: str, where: str) -> Any:
-    if not line.strip():
-        return ""
-    try:
-        record = json.loads(line)
-    except ValueError as err:
-        raise TokenizerError(f"{where}: malformed JSON ({err})") from None
-    if not isinstance(record, dict) or key not in record:
-        raise TokenizerError(f"{where}: no '{key}' key in this JSON line (choose the field with --json-key)")
-    return record[key]
-
-
-@contextmanager
-def _threads_for_training() -> Iterator[None]:
-    """Training is the one place where `tokenizers`' own threads help: nothing else runs meanwhile."""
-    previous = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "true"
-    try:
-        yield
-    finally:
-        os.environ["TOKENIZERS_PARALLELISM"] = previous or "false"
-
-
-def _train_bpe(
-    texts: Iterator[list[str]], vocab_size: int, min_frequency: int, show_progress: bool
-) -> tuple[dict[str, str], int]:
-    """The files to write ({name: content}) and the vocabulary size."""
-    from tokenizers import Tokenizer as Core
-    from tokenizers import models, pre_tokenizers, trainers
-
-    core = Core(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.add_special_tokens([ENDOFTEXT])  # cut out of the text, so that no merge rebuilds it
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=min_frequency,
-        show_progress=show_progress,
-        special_tokens=[ENDOFTEXT],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    core.train_from_iterator(texts, trainer)
-    learned = json.loads(core.to_str())["model"]["merges"]
-    if not learned:
-        raise TokenizerError("learned no merges: the corpus is too small (or lower --min-frequency)")
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in learned]
-    # GPT-2's layout: the trainer numbers tokens its own way (specials first, alphabet sorted)
-    vocab = {symbol: i for i, symbol in enumerate(bytes_to_unicode().values())}
-    for left, right in merges:
-        vocab.setdefault(left + right, len(vocab))  # rarely, two merges make one token: it keeps one id
-    vocab[ENDOFTEXT] = len(vocab)
-    files = {
-        "vocab.json": json.dumps(vocab, ensure_ascii=False),
-        "merges.txt": "#version: 0.2\n" + "".join(f"{left} {right}\n" for left, right in merges),
-        "tokenizer.json": _gpt2_core(vocab, merges).to_str(),
-    }
-    return files, len(vocab)
-
-
-def _train_wordpiece(
-    texts: Iterator[list[str]], vocab_size: int, lower_case: bool, min_frequency: int, show_progress: bool
-) -> tuple[dict[str, str], int]:
-    """The files to write ({name: content}) and the vocabulary size."""
-    from tokenizers import Tokenizer as Core
-    from tokenizers import models, trainers
-
-    core = Core(models.WordPiece(unk_token=BERT_SPECIALS["unk"]))
-    _bert_pipeline(core, lower_case)
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size,
-        min_frequency=min_frequency,
-        show_progress=show_progress,
-        special_tokens=list(BERT_SPECIALS.values()),
-    )
-    core.train_from_iterator(texts, trainer)
-    vocab = core.get_vocab()
-    if len(vocab) <= len(BERT_SPECIALS):
-        raise TokenizerError("learned no word pieces: the corpus is too small (or lower --min-frequency)")
-    if len(vocab) > vocab_size:
-        raise TokenizerError(
-            f"vocab_size {vocab_size} is too small for this corpus: WordPiece keeps every character, "
-            f"and they alone take {len(vocab) - len(BERT_SPECIALS)} pieces besides the 5 special tokens"
-        )
-    return {"vocab.txt": "".join(f"{token}\n" for token in sorted(vocab, key=vocab.get))}, len(vocab)
-
-
-def _write_atomically(out: Path, outputs: dict[str, str], manifest: dict[str, Any]) -> None:
-    """Write the files and the manifest to a temporary directory, then swap it in for ``out``."""
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    try:
-        tmp.mkdir(parents=True)
-        for name, text in outputs.items():
-            (tmp / name).write_text(text, encoding="utf-8")
-        described = [{**describe_file(tmp / name), "path": str((out / name).resolve())} for name in outputs]
-        write_manifest(tmp / TRAINED_MANIFEST, stage="tokenizer-train", **manifest, outputs=described)
-        if out.exists():  # empty, or an earlier output that _check_out_dir allowed to replace
-            os.replace(out, old)
-        try:
-            os.replace(tmp, out)
-        except OSError:
-            if old.exists():
-                os.replace(old, out)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

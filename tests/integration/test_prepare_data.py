@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 
 from mtk.data.indexed import IndexedDataset
 from mtk.data.prepare import PrepareError, prepare_data
-from mtk.data.tokenizer import load_tokenizer, train_tokenizer
+from mtk.data.tokenizer import load_tokenizer
+from mtk.data.tokenizer_training import train_tokenizer
 from mtk.manifest import read_manifest, sha256_file
 from stages.main import app
 

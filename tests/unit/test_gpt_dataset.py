@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 from bisect import bisect_right
+from functools import partial
 from itertools import accumulate
 
 import numpy as np
@@ -13,9 +14,11 @@ import torch
 
 import mtk.data.gpt_dataset as gpt_dataset
 import mtk.data.helpers as helpers
-from mtk.data.gpt_dataset import GPTDataset, build_gpt_datasets, parse_split, split_indices
+from mtk.data.blended import build_split_datasets
+from mtk.data.gpt_dataset import GPTDataset
 from mtk.data.indexed import IndexedDataset
 from mtk.data.mock import MockGPTDataset
+from mtk.data.splits import parse_split, split_indices
 
 
 def random_documents(seed: int, count: int, max_length: int) -> list[list[int]]:
@@ -112,7 +115,8 @@ def test_getitem_shifts_labels_and_masks_eod(write_corpus):
     eod = 0
     documents = [[5, 6, 7, eod], [8, 9, eod], [10, 11, 12, 13, eod]] * 3
     prefix = write_corpus("eod", documents)
-    dataset, _, _ = build_gpt_datasets(prefix, "1", (4, 0, 0), 5, seed=3, eod=eod, eod_mask_loss=True)
+    masked = partial(GPTDataset, seq_length=5, seed=3, eod=eod, eod_mask_loss=True)
+    dataset, _, _ = build_split_datasets(prefix, "1", (4, 0, 0), masked)
     for i in range(len(dataset)):
         text = dataset.sample_tokens(i)
         sample = dataset[i]
@@ -122,10 +126,14 @@ def test_getitem_shifts_labels_and_masks_eod(write_corpus):
         assert sample["loss_mask"].dtype == torch.float32
         assert sample["loss_mask"].tolist() == [0.0 if t == eod else 1.0 for t in text[:-1]]
         assert sample["position_ids"].tolist() == list(range(5))
-    unmasked, _, _ = build_gpt_datasets(prefix, "1", (4, 0, 0), 5, seed=3, eod=eod)
+    unmasked, _, _ = build_split_datasets(
+        prefix, "1", (4, 0, 0), partial(GPTDataset, seq_length=5, seed=3, eod=eod)
+    )
     assert bool((unmasked[0]["loss_mask"] == 1.0).all())
     with pytest.raises(ValueError, match="eod"):
-        build_gpt_datasets(prefix, "1", (4, 0, 0), 5, seed=3, eod_mask_loss=True)
+        build_split_datasets(
+            prefix, "1", (4, 0, 0), partial(GPTDataset, seq_length=5, seed=3, eod_mask_loss=True)
+        )
 
 
 def test_same_seed_same_indices_other_seed_differs(write_corpus, tmp_path):
@@ -165,12 +173,13 @@ def test_bad_split_strings_are_rejected(bad):
 
 def test_builder_gives_none_for_empty_splits(write_corpus):
     prefix = write_corpus("corpus", random_documents(seed=2, count=100, max_length=20))
-    train, valid, test = build_gpt_datasets(prefix, "90,10", (10, 3, 5), 4, seed=1)
+    gpt = partial(GPTDataset, seq_length=4, seed=1)
+    train, valid, test = build_split_datasets(prefix, "90,10", (10, 3, 5), gpt)
     assert train is not None and valid is not None and test is None  # no weight
-    train, valid, test = build_gpt_datasets(prefix, "8,1,1", (10, 0, 2), 4, seed=1)
+    train, valid, test = build_split_datasets(prefix, "8,1,1", (10, 0, 2), gpt)
     assert valid is None and test is not None  # no samples requested
     with pytest.raises(ValueError, match="test split none of the 100"):
-        build_gpt_datasets(prefix, "949,50,1", (10, 1, 1), 4, seed=1)
+        build_split_datasets(prefix, "949,50,1", (10, 1, 1), gpt)
 
 
 def test_indices_are_cached_and_reused(write_corpus, tmp_path, monkeypatch):

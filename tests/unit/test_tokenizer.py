@@ -22,8 +22,8 @@ from mtk.data.tokenizer import (
     detect_kind,
     load_tokenizer,
     tokenizer_from_manifest,
-    train_tokenizer,
 )
+from mtk.data.tokenizer_training import train_tokenizer
 
 EOT = "<|endoftext|>"
 
