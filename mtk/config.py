@@ -1,56 +1,125 @@
-"""Typed configuration: model, training and parallel layout, validated in one place.
+"""Typed configuration: model, data, training and parallel layout, checked in one place.
 
 Field names follow Megatron-LM's argument names (``num_layers``, ``hidden_size``,
-``num_query_groups`` ...) so ``--set num_layers=4`` means what a Megatron user expects.
+``num_query_groups`` ...) so ``--set num_layers=4`` means what a Megatron user expects. Each field
+declares its help text, its allowed range and, for the common ones, its command-line flag: a
+section cannot hold a value outside its range, and the CLI derives its options from these
+declarations. ``check_run`` holds every rule that relates several values (layout, batch, family,
+precision, run length).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
+import re
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from mtk.models.spec import FamilySpec
 
 
 class ConfigError(ValueError):
-    """A configuration value is unknown, of the wrong type, or inconsistent."""
+    """A configuration value is unknown, of the wrong type, out of range, or inconsistent."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of a number: ``low <= value`` (``low < value`` when ``open_low``), same for high."""
+
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    open_high: bool = False
+
+    def admits(self, value: float) -> bool:
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.open_low else value < self.low):
+            return False
+        return not (self.high is not None and (value >= self.high if self.open_high else value > self.high))
+
+    def __str__(self) -> str:
+        low, high = _number(self.low), _number(self.high)
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.open_low else '['}{low}, {high}{')' if self.open_high else ']'}"
+        if self.low is not None:
+            return f"{'>' if self.open_low else '>='} {low}"
+        return f"{'<' if self.open_high else '<='} {high}"
+
+
+def _number(value: float | None) -> str:
+    if value is None:
+        return ""
+    return str(int(value)) if value == int(value) else f"{value:g}"
+
+
+POSITIVE = Range(low=1)  # counts and sizes
+NON_NEGATIVE = Range(low=0)
+PROBABILITY = Range(low=0, high=1, open_high=True)  # dropout, Adam betas
+STRICTLY_POSITIVE = Range(low=0, open_low=True)
+
+
+def setting(default: Any, help: str, *, range: Range | None = None, flag: str | None = None) -> Any:
+    """A config field with its help, the range its numbers must lie in, and its CLI flag (if it has one)."""
+    metadata = {"help": help, "range": range, "flag": flag}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
 class ModelConfig:
-    family: Literal["gpt", "bert", "t5", "retro"] = "gpt"
-    num_layers: int = 12
-    hidden_size: int = 768
-    num_attention_heads: int = 12
-    ffn_hidden_size: int | None = None  # default 4 * hidden_size
-    num_query_groups: int | None = None  # default num_attention_heads (no GQA)
-    kv_channels: int | None = None  # default hidden_size // num_attention_heads
-    seq_length: int = 1024
-    max_position_embeddings: int | None = None  # default seq_length
-    vocab_size: int | None = None  # tokenizer vocabulary, before padding
-    make_vocab_size_divisible_by: int = 128
-    normalization: Literal["LayerNorm", "RMSNorm"] = "LayerNorm"
-    norm_epsilon: float = 1e-5
-    position_embedding_type: Literal["learned_absolute", "rope"] = "learned_absolute"
-    rotary_base: int = 10000
-    swiglu: bool = False
-    add_bias_linear: bool = True
-    untie_embeddings_and_output_weights: bool = False
-    init_method_std: float = 0.02
-    hidden_dropout: float = 0.1
-    attention_dropout: float = 0.1
+    family: Literal["gpt", "bert", "t5", "retro"] = setting("gpt", "Model family (mtk/models/<family>.py).")
+    num_layers: int = setting(12, "Transformer layers (the encoder's for T5).", range=POSITIVE)
+    hidden_size: int = setting(768, "Width of the residual stream.", range=POSITIVE)
+    num_attention_heads: int = setting(12, "Query heads per attention layer.", range=POSITIVE)
+    ffn_hidden_size: int | None = setting(None, "MLP width (default 4 x hidden_size).", range=POSITIVE)
+    num_query_groups: int | None = setting(
+        None, "Key/value heads, GQA (default num_attention_heads).", range=POSITIVE
+    )
+    kv_channels: int | None = setting(
+        None, "Width of one head (default hidden_size / heads).", range=POSITIVE
+    )
+    seq_length: int = setting(1024, "Tokens per sample.", range=POSITIVE, flag="--seq-length")
+    max_position_embeddings: int | None = setting(
+        None, "Positions the model can address (default seq_length).", range=POSITIVE
+    )
+    vocab_size: int | None = setting(
+        None, "Tokenizer vocabulary before padding (inherited from the data).", range=POSITIVE
+    )
+    make_vocab_size_divisible_by: int = setting(
+        128, "Pad the vocabulary to a multiple of this.", range=POSITIVE
+    )
+    normalization: Literal["LayerNorm", "RMSNorm"] = setting("LayerNorm", "Normalization layers.")
+    norm_epsilon: float = setting(1e-5, "Epsilon of the norms.", range=STRICTLY_POSITIVE)
+    position_embedding_type: Literal["learned_absolute", "rope"] = setting(
+        "learned_absolute", "Positions: learned table or rotary."
+    )
+    rotary_base: int = setting(10000, "RoPE base frequency.", range=POSITIVE)
+    swiglu: bool = setting(False, "SwiGLU MLP instead of GELU.")
+    add_bias_linear: bool = setting(True, "Biases in the linear layers.")
+    untie_embeddings_and_output_weights: bool = setting(
+        False, "A separate output layer instead of the embedding matrix."
+    )
+    init_method_std: float = setting(0.02, "Std of the initial weights.", range=STRICTLY_POSITIVE)
+    hidden_dropout: float = setting(0.1, "Dropout on the residual branches.", range=PROBABILITY)
+    attention_dropout: float = setting(0.1, "Dropout on the attention weights.", range=PROBABILITY)
     # encoder-decoder (T5): num_layers is the encoder depth
-    decoder_num_layers: int | None = None
-    decoder_seq_length: int | None = None
-    # BERT
-    bert_binary_head: bool = True
-    # RETRO
-    retro_encoder_num_layers: int = 2
-    retro_num_neighbors: int = 2
-    retro_chunk_length: int = 64
+    decoder_num_layers: int | None = setting(None, "T5 decoder layers (default num_layers).", range=POSITIVE)
+    decoder_seq_length: int | None = setting(None, "T5 decoder tokens per sample.", range=POSITIVE)
+    bert_binary_head: bool = setting(True, "BERT sentence-order head.")
+    retro_encoder_num_layers: int = setting(2, "RETRO neighbour-encoder layers.", range=POSITIVE)
+    retro_num_neighbors: int = setting(2, "RETRO neighbours per chunk.", range=POSITIVE)
+    retro_chunk_length: int = setting(64, "RETRO chunk length in tokens.", range=POSITIVE)
 
     def __post_init__(self) -> None:
+        check_ranges(self)
         if self.ffn_hidden_size is None:
             self.ffn_hidden_size = 4 * self.hidden_size
         if self.num_query_groups is None:
@@ -79,108 +148,145 @@ class ModelConfig:
         multiple = self.make_vocab_size_divisible_by * tensor_parallel
         return -(-self.vocab_size // multiple) * multiple
 
-    def retro_layer_numbers(self) -> list[int]:
-        """1-based decoder layers that carry chunked cross-attention (Megatron's rule)."""
-        start = 6 if self.num_layers <= 15 else 9
-        return list(range(start, self.num_layers + 1, 3))
 
-    def layer_parameters(self, cross_attention: bool = False) -> int:
-        """Parameters of one transformer layer (with a cross-attention block if asked)."""
-        h, ffn = self.hidden_size, self.ffn_hidden_size
-        q_width = self.num_attention_heads * self.kv_channels
-        kv_width = self.num_query_groups * self.kv_channels
-        bias = self.add_bias_linear
-        norm = (2 if self.normalization == "LayerNorm" else 1) * h
+@dataclass
+class DataConfig:
+    """Where samples come from. Their length is the model's ``seq_length``; their order follows ``train.seed``."""
 
-        def attention() -> int:
-            weights = h * q_width + 2 * h * kv_width + q_width * h
-            return weights + (q_width + 2 * kv_width + h if bias else 0)
+    data_path: str | None = setting(
+        None,
+        'Prepared data prefix (P_text_document), or a blend "0.3 PREFIX_A 0.7 PREFIX_B". '
+        "The tokenizer and vocabulary are inherited from its manifest.",
+        flag="--data",
+    )
+    mock_data: bool = setting(False, "Train on random tokens (benchmarks, smoke tests).", flag="--mock-data")
+    split: str = setting("949,50,1", "Train/valid/test split of the data, e.g. 949,50,1.", flag="--split")
+    data_cache_path: str | None = setting(
+        None,
+        "Where sample indices are cached (default: .mtk-cache beside the data).",
+        flag="--data-cache-path",
+    )
 
-        mlp_in = 2 * ffn if self.swiglu else ffn
-        mlp = h * mlp_in + ffn * h + (mlp_in + h if bias else 0)
-        layer = norm + attention() + norm + mlp
-        if cross_attention:
-            layer += norm + attention()
-        return layer
-
-    def num_parameters(self, tensor_parallel: int = 1) -> int:
-        """Parameter count of the whole model from its config alone (no allocation)."""
-        h = self.hidden_size
-        norm = (2 if self.normalization == "LayerNorm" else 1) * h
-        vocab = self.padded_vocab_size(tensor_parallel)
-        layer, cross_layer = self.layer_parameters(), self.layer_parameters(cross_attention=True)
-        attention_block = cross_layer - layer - norm
-
-        total = vocab * h
-        if self.position_embedding_type == "learned_absolute":
-            total += self.max_position_embeddings * h
-        if self.family == "gpt":
-            total += self.num_layers * layer + norm
-            total += 0 if not self.untie_embeddings_and_output_weights else vocab * h
-        elif self.family == "bert":
-            total += 2 * h if self.bert_binary_head else 0  # token-type embeddings
-            total += self.num_layers * layer + norm
-            total += (h * h + h) + norm + vocab  # LM head: dense, norm, output bias
-            total += (h * h + h) + (2 * h + 2 if self.bert_binary_head else 0)  # pooler, binary head
-        elif self.family == "t5":
-            total += self.num_layers * layer + norm  # encoder
-            total += self.decoder_num_layers * cross_layer + norm  # decoder
-            total += vocab  # LM head bias; weights tied to the embedding
-        elif self.family == "retro":
-            retro_layers = len(self.retro_layer_numbers())
-            total += (self.num_layers - retro_layers) * layer + retro_layers * cross_layer + norm
-            # neighbour encoder: its first layer cross-attends to the decoder chunk
-            total += self.retro_encoder_num_layers * layer + (norm + attention_block) + norm
-            total += 0 if not self.untie_embeddings_and_output_weights else vocab * h
-        return total
+    def __post_init__(self) -> None:
+        check_ranges(self)
+        parse_split(self.split)
 
 
 @dataclass
 class TrainConfig:
-    micro_batch_size: int = 1
-    global_batch_size: int = 8
-    # batch-size ramp as [consumed_tokens, global_batch_size] points (GPT-3 175B recipe)
-    batch_size_ramp: list[list[float]] | None = None
-    train_iters: int | None = None
-    train_samples: int | None = None
-    lr: float = 1e-4
-    min_lr: float = 0.0
-    lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
-    lr_decay_iters: int | None = None
-    lr_warmup_fraction: float | None = None
-    lr_warmup_iters: int = 0
-    lr_warmup_samples: int | None = None
-    weight_decay: float = 0.01
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    fp8: Literal["hybrid", "e4m3"] | None = None
-    fp8_amax_history_len: int = 1024
-    fp8_amax_compute_algo: Literal["max", "most_recent"] = "max"
-    split: str = "949,50,1"
-    log_interval: int = 100
-    save_interval: int | None = None
-    eval_interval: int = 1000
-    eval_iters: int = 10
-    seed: int = 1234
+    micro_batch_size: int = setting(
+        1, "Samples per forward/backward.", range=POSITIVE, flag="--micro-batch-size"
+    )
+    global_batch_size: int = setting(
+        8, "Samples per optimizer step (accumulated).", range=POSITIVE, flag="--global-batch-size"
+    )
+    batch_size_ramp: list[list[float]] | None = setting(
+        None, "Batch-size ramp: [[consumed_tokens, global_batch_size], ...] (GPT-3 175B recipe)."
+    )
+    train_iters: int | None = setting(None, "Optimizer steps to run.", range=POSITIVE, flag="--train-iters")
+    train_samples: int | None = setting(
+        None, "Samples to train on (instead of --train-iters).", range=POSITIVE, flag="--train-samples"
+    )
+    lr: float = setting(1e-4, "Peak learning rate.", range=NON_NEGATIVE, flag="--lr")
+    min_lr: float = setting(0.0, "Learning rate at the end of decay.", range=NON_NEGATIVE, flag="--min-lr")
+    lr_decay_style: Literal["cosine", "linear", "constant"] = setting(
+        "cosine", "Decay after warmup.", flag="--lr-decay-style"
+    )
+    lr_decay_iters: int | None = setting(
+        None, "Steps of decay (default: the run).", range=POSITIVE, flag="--lr-decay-iters"
+    )
+    lr_warmup_fraction: float | None = setting(
+        None,
+        "Warmup as a fraction of decay steps.",
+        range=Range(low=0, high=1),
+        flag="--lr-warmup-fraction",
+    )
+    lr_warmup_iters: int = setting(0, "Linear warmup steps.", range=NON_NEGATIVE, flag="--lr-warmup-iters")
+    lr_warmup_samples: int | None = setting(
+        None, "Warmup length in samples.", range=NON_NEGATIVE, flag="--lr-warmup-samples"
+    )
+    weight_decay: float = setting(
+        0.01,
+        "AdamW decoupled weight decay (not on norms/biases).",
+        range=NON_NEGATIVE,
+        flag="--weight-decay",
+    )
+    adam_beta1: float = setting(0.9, "Adam beta1.", range=PROBABILITY)
+    adam_beta2: float = setting(0.999, "Adam beta2.", range=PROBABILITY)
+    adam_eps: float = setting(1e-8, "Adam epsilon.", range=STRICTLY_POSITIVE)
+    clip_grad: float = setting(
+        1.0, "Clip the global gradient norm to this (0: off).", range=NON_NEGATIVE, flag="--clip-grad"
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = setting("fp32", "Mixed precision (--bf16, --fp16).")
+    fp8: Literal["hybrid", "e4m3"] | None = setting(None, "FP8 format (not trainable yet).")
+    fp8_amax_history_len: int = setting(1024, "FP8 amax history length.", range=POSITIVE)
+    fp8_amax_compute_algo: Literal["max", "most_recent"] = setting("max", "FP8 amax algorithm.")
+    log_interval: int = setting(
+        100, "Steps between log lines / metrics records.", range=POSITIVE, flag="--log-interval"
+    )
+    save_interval: int | None = setting(
+        None, "Steps between checkpoints (always at the end).", range=POSITIVE, flag="--save-interval"
+    )
+    eval_interval: int = setting(
+        1000, "Steps between validation runs (0: never).", range=NON_NEGATIVE, flag="--eval-interval"
+    )
+    eval_iters: int = setting(10, "Global batches per evaluation.", range=NON_NEGATIVE, flag="--eval-iters")
+    seed: int = setting(
+        1234, "Seed of data order and initialization.", range=Range(low=0, high=2**32 - 1), flag="--seed"
+    )
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
+        for point in self.batch_size_ramp or []:
+            if len(point) != 2 or point[0] < 0 or point[1] < 1 or point[1] != int(point[1]):
+                raise ConfigError(
+                    f"'batch_size_ramp' point {point}: expected [consumed_tokens >= 0, "
+                    "global_batch_size >= 1 (a whole number)], e.g. [[0, 16], [2.4e9, 320]]"
+                )
+        tokens = [point[0] for point in self.batch_size_ramp or []]
+        if tokens != sorted(tokens):
+            raise ConfigError(f"'batch_size_ramp' must list its points by consumed tokens: {tokens}")
 
 
 @dataclass
 class ParallelConfig:
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    context_parallel_size: int = 1
-    virtual_pipeline_model_parallel_size: int | None = None
-    # count the embedding / the loss as one layer each when splitting layers over pipeline stages
-    account_for_embedding_in_pipeline_split: bool = False
-    account_for_loss_in_pipeline_split: bool = False
-    use_distributed_optimizer: bool = False  # shard optimizer state and gradients (= optim_grads)
-    # Megatron's names: no_shard (DDP), optim_grads (ZeRO-2), optim_grads_params (ZeRO-3, FSDP);
-    # None: optim_grads with use_distributed_optimizer, else no_shard
-    data_parallel_sharding_strategy: Literal["no_shard", "optim_grads", "optim_grads_params"] | None = None
-    grad_reduce_in_bf16: bool = False  # average data-parallel gradients in bf16 instead of fp32
+    tensor_model_parallel_size: int = setting(1, "Tensor-parallel size.", range=POSITIVE, flag="--tp")
+    pipeline_model_parallel_size: int = setting(1, "Pipeline-parallel size.", range=POSITIVE, flag="--pp")
+    context_parallel_size: int = setting(1, "Context-parallel size.", range=POSITIVE, flag="--cp")
+    virtual_pipeline_model_parallel_size: int | None = setting(
+        None, "Virtual pipeline stages per rank (interleaved schedule).", range=POSITIVE, flag="--vp"
+    )
+    account_for_embedding_in_pipeline_split: bool = setting(
+        False, "Count the embedding as one layer when splitting layers over pipeline stages."
+    )
+    account_for_loss_in_pipeline_split: bool = setting(
+        False, "Count the loss as one layer when splitting layers over pipeline stages."
+    )
+    use_distributed_optimizer: bool = setting(
+        False,
+        "Shard optimizer state and gradients over data-parallel ranks (= optim_grads).",
+        flag="--use-distributed-optimizer",
+    )
+    data_parallel_sharding_strategy: Literal["no_shard", "optim_grads", "optim_grads_params"] | None = (
+        setting(
+            None,
+            "What data-parallel ranks shard: no_shard (DDP), optim_grads (Megatron's distributed "
+            "optimizer, ZeRO-2), optim_grads_params (FSDP, ZeRO-3). Default: optim_grads with "
+            "use_distributed_optimizer, else no_shard.",
+            flag="--data-parallel-sharding-strategy",
+        )
+    )
+    grad_reduce_in_bf16: bool = setting(
+        False, "Average data-parallel gradients in bf16 instead of fp32.", flag="--grad-reduce-in-bf16"
+    )
+    recompute_granularity: Literal["selective", "full"] | None = setting(
+        None,
+        "Recompute activations in backward: 'selective' (attention) or 'full' (whole layers).",
+        flag="--recompute-granularity",
+    )
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
 
     def sharding_strategy(self) -> str:
         """The data-parallel sharding in effect: explicit, else Megatron's distributed optimizer or DDP."""
@@ -188,11 +294,50 @@ class ParallelConfig:
             return self.data_parallel_sharding_strategy
         return "optim_grads" if self.use_distributed_optimizer else "no_shard"
 
-    # activation recomputation: "selective" recomputes attention blocks, "full" whole layers
-    recompute_granularity: Literal["selective", "full"] | None = None
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "parallel": ParallelConfig,
+}
+# keys that moved section, so that run directories written before the move still load
+MOVED_KEYS = {("train", "split"): "data"}
 
 
-SECTIONS: dict[str, type] = {"model": ModelConfig, "train": TrainConfig, "parallel": ParallelConfig}
+def parse_split(split: str) -> list[float]:
+    """Megatron's ``--split "949,50,1"`` -> normalised train/valid/test weights; missing trailing
+    weights are 0. ConfigError for anything else."""
+    try:
+        weights = [float(part) for part in re.split(r"[,/]", split)]
+    except ValueError:
+        weights = []
+    if not 0 < len(weights) <= 3 or any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) == 0:
+        raise ConfigError(
+            f"split {split!r}: expected one to three non-negative numbers, not all zero, such as '949,50,1'"
+        )
+    weights += [0.0] * (3 - len(weights))
+    return [weight / sum(weights) for weight in weights]
+
+
+def check_ranges(section: Any) -> None:
+    """Every number of ``section`` inside its declared range (None means unset and passes)."""
+    for item in dataclasses.fields(section):
+        allowed: Range | None = item.metadata.get("range")
+        value = getattr(section, item.name)
+        if allowed is None or value is None or isinstance(value, bool):
+            continue
+        if not allowed.admits(value):
+            raise ConfigError(f"'{item.name}' = {value!r} is out of range: it must be {allowed}")
+
+
+def section_of(key: str) -> str | None:
+    """The section that has a field ``key``."""
+    return next((name for name, cls in SECTIONS.items() if key in field_names(cls)), None)
+
+
+def field_names(cls: type) -> set[str]:
+    return {item.name for item in dataclasses.fields(cls)}
 
 
 def _type_matches(value: Any, annotation: Any) -> bool:
@@ -216,19 +361,24 @@ def _type_matches(value: Any, annotation: Any) -> bool:
 
 
 def build_section(cls: type, values: dict[str, Any], where: str) -> Any:
-    """Build one config dataclass from a dict, rejecting unknown keys and wrong types."""
+    """Build one config dataclass from a dict, rejecting unknown keys, wrong types and values out of range."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a table of key = value, found {values!r}")
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
+    known = field_names(cls)
     for key, value in values.items():
         if key not in known:
             raise ConfigError(f"{where}: unknown key '{key}' (known: {', '.join(sorted(known))})")
         if not _type_matches(value, hints[key]):
-            raise ConfigError(f"{where}: '{key}' = {value!r} is not of type {_describe(hints[key])}")
+            raise ConfigError(f"{where}: '{key}' = {value!r} is not of type {describe_type(hints[key])}")
     values = {k: float(v) if hints[k] is float and isinstance(v, int) else v for k, v in values.items()}
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
 
 
-def _describe(annotation: Any) -> str:
+def describe_type(annotation: Any) -> str:
     if typing.get_origin(annotation) is Literal:
         return " | ".join(repr(a) for a in typing.get_args(annotation))
     if isinstance(annotation, type):
@@ -241,6 +391,7 @@ class RunConfig:
     """Everything a training run is configured by."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
@@ -249,21 +400,37 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, dict[str, Any]], where: str = "config") -> RunConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}: expected sections {sorted(SECTIONS)}, found {type(data).__name__}")
         unknown = set(data) - set(SECTIONS)
         if unknown:
             raise ConfigError(f"{where}: unknown section(s) {sorted(unknown)} (known: {sorted(SECTIONS)})")
+        sections = {name: dict(data.get(name, {})) for name in SECTIONS}
+        for (old, key), new in MOVED_KEYS.items():
+            if key in sections[old]:
+                sections[new].setdefault(key, sections[old].pop(key))
         return cls(
             **{
-                name: build_section(section_cls, data.get(name, {}), f"{where} [{name}]")
+                name: build_section(section_cls, sections[name], f"{where} [{name}]")
                 for name, section_cls in SECTIONS.items()
             }
         )
 
+    @classmethod
+    def from_json_file(cls, path: Any) -> RunConfig:
+        """A config saved with ``to_dict`` (a run's or a checkpoint's ``config.json``)."""
+        from pathlib import Path
+
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ConfigError(f"{path}: not a readable config ({err})") from None
+        return cls.from_dict(data, where=str(path))
+
 
 def parse_override(text: str) -> tuple[str, Any]:
     """``key=value`` -> (key, value); the value is read as JSON (numbers, true/false, null, lists) or text."""
-    import json
-
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set num_layers=4")
@@ -283,52 +450,148 @@ def apply_overrides(sections: dict[str, dict[str, Any]], overrides: dict[str, An
     data = {name: dict(sections.get(name, {})) for name in SECTIONS}
     for key, value in overrides.items():
         section, _, name = key.rpartition(".")
-        if section:
-            if section not in SECTIONS:
-                raise ConfigError(f"--set {key}: unknown section '{section}' (known: {', '.join(SECTIONS)})")
-            sections = [section]
-        else:
-            sections = [s for s, cls in SECTIONS.items() if name in {f.name for f in dataclasses.fields(cls)}]
-        if not sections:
+        if section and section not in SECTIONS:
+            raise ConfigError(f"--set {key}: unknown section '{section}' (known: {', '.join(SECTIONS)})")
+        section = section or section_of(name)
+        if section is None or name not in field_names(SECTIONS[section]):
             raise ConfigError(f"--set {key}: unknown key '{name}'; `mtk presets show NAME` lists every key")
-        data[sections[0]][name] = value
+        data[section][name] = value
     return RunConfig.from_dict(data, where="--set")
 
 
-def validate_run(config: RunConfig, data_parallel_size: int = 1) -> None:
-    """Checks across sections, done once at start-up; each error says what to change."""
-    model, train = config.model, config.train
-    per_step = train.micro_batch_size * data_parallel_size
-    batches = [train.global_batch_size, *(int(b) for _, b in train.batch_size_ramp or [])]
-    for batch in batches:
-        if batch % per_step:
-            raise ConfigError(
-                f"global batch size {batch} is not a multiple of micro_batch_size ({train.micro_batch_size}) "
-                f"x data-parallel size ({data_parallel_size}); change --global-batch-size or --micro-batch-size"
-            )
-        pp, vp = (
-            config.parallel.pipeline_model_parallel_size,
-            config.parallel.virtual_pipeline_model_parallel_size,
+# ---- rules across values ----------------------------------------------------------------------------
+
+RULES = ("data", "layout", "batch", "length", "schedule", "family", "precision")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One broken rule: ``rule`` is one of RULES, ``message`` says what to change."""
+
+    rule: str
+    message: str
+
+
+def micro_batches_per_step(global_batch_size: int, micro_batch_size: int, data_parallel_size: int) -> int:
+    """Micro-batches each data-parallel rank runs for one optimizer step (gradient accumulation)."""
+    per_step = micro_batch_size * data_parallel_size
+    if global_batch_size % per_step:
+        raise ConfigError(
+            f"global batch size {global_batch_size} is not a multiple of micro_batch_size ({micro_batch_size}) "
+            f"x data-parallel size ({data_parallel_size}); change --global-batch-size or --micro-batch-size"
         )
-        micro_batches = batch // per_step
+    return global_batch_size // per_step
+
+
+def data_parallel_size(parallel: ParallelConfig, world_size: int) -> int:
+    """Data parallelism fills what tensor, pipeline and context parallelism leave of the world."""
+    model_parallel = (
+        parallel.tensor_model_parallel_size
+        * parallel.pipeline_model_parallel_size
+        * parallel.context_parallel_size
+    )
+    return max(1, world_size // model_parallel)
+
+
+def run_problems(config: RunConfig, world_size: int, family: FamilySpec) -> list[Problem]:
+    """Every rule ``config`` breaks on ``world_size`` processes; ``family`` is its model family's spec."""
+    model, train, parallel = config.model, config.train, config.parallel
+    problems: list[Problem] = []
+
+    def problem(rule: str, message: str) -> None:
+        problems.append(Problem(rule, message))
+
+    if (config.data.data_path is None) == (not config.data.mock_data):
+        problem("data", "give exactly one of --data PREFIX and --mock-data")
+
+    tp, pp, cp = (
+        parallel.tensor_model_parallel_size,
+        parallel.pipeline_model_parallel_size,
+        parallel.context_parallel_size,
+    )
+    vp = parallel.virtual_pipeline_model_parallel_size or 1
+    model_parallel = tp * pp * cp
+    if world_size % model_parallel:
+        problem(
+            "layout",
+            f"world size {world_size} is not a multiple of TP x PP x CP = {tp} x {pp} x {cp} = {model_parallel}; "
+            f"use {model_parallel * max(1, world_size // model_parallel)} processes or change --tp/--pp/--cp",
+        )
+    if model.num_attention_heads % tp:
+        problem("layout", f"num_attention_heads {model.num_attention_heads} is not divisible by TP {tp}")
+    if model.num_query_groups % tp:
+        problem(
+            "layout",
+            f"num_query_groups {model.num_query_groups} is not divisible by TP {tp}; choose TP dividing it",
+        )
+    if vp > 1 and pp == 1:
+        problem("layout", "virtual pipeline stages (--vp) need pipeline parallelism (--pp > 1)")
+    split = (
+        model.num_layers
+        + parallel.account_for_embedding_in_pipeline_split
+        + parallel.account_for_loss_in_pipeline_split
+    )
+    if split % (pp * vp):
+        counted = "" if split == model.num_layers else f" (+ embedding/loss counted as layers = {split})"
+        problem(
+            "layout",
+            f"num_layers {model.num_layers}{counted} is not divisible by PP x VP = {pp} x {vp}; "
+            "each (virtual) stage needs the same number of layers",
+        )
+    if cp > 1 and model.seq_length % (2 * cp):
+        problem(
+            "layout",
+            f"seq_length {model.seq_length} is not divisible by 2 x CP = {2 * cp} "
+            "(load-balanced causal sharding cuts the sequence into 2 x CP chunks)",
+        )
+    dp = data_parallel_size(parallel, world_size)
+    for batch in [train.global_batch_size, *(int(b) for _, b in train.batch_size_ramp or [])]:
+        try:
+            micro_batches = micro_batches_per_step(batch, train.micro_batch_size, dp)
+        except ConfigError as err:
+            problem("batch", str(err))
+            continue
         if pp > 1 and micro_batches < pp:
-            raise ConfigError(
+            problem(
+                "batch",
                 f"global batch size {batch} gives {micro_batches} micro-batches per pipeline, fewer than PP {pp}; "
-                "the pipeline needs at least one per stage: raise --global-batch-size or lower --micro-batch-size"
+                "the pipeline needs at least one per stage: raise --global-batch-size or lower --micro-batch-size",
             )
-        if pp > 1 and (vp or 1) > 1 and micro_batches % pp:
-            raise ConfigError(
-                f"the interleaved schedule needs the micro-batches per pipeline ({micro_batches}, from global batch "
-                f"{batch}) to be a multiple of PP {pp}; change --global-batch-size or --micro-batch-size"
+        elif pp > 1 and vp > 1 and micro_batches % pp:
+            problem(
+                "batch",
+                f"the interleaved schedule needs the micro-batches per pipeline ({micro_batches}, from global "
+                f"batch {batch}) to be a multiple of PP {pp}; change --global-batch-size or --micro-batch-size",
             )
     if train.train_iters is None and train.train_samples is None:
-        raise ConfigError("give --train-iters or --train-samples")
+        problem("length", "give --train-iters or --train-samples")
+    elif train.train_iters is None and train.batch_size_ramp:
+        problem("length", "a batch-size ramp needs --train-iters (the steps of a ramp are not a fixed count)")
     if (
         model.position_embedding_type == "learned_absolute"
         and model.seq_length > model.max_position_embeddings
     ):
-        raise ConfigError(
-            f"seq_length {model.seq_length} exceeds max_position_embeddings {model.max_position_embeddings}"
+        problem(
+            "layout",
+            f"seq_length {model.seq_length} exceeds max_position_embeddings {model.max_position_embeddings}",
         )
     if train.min_lr > train.lr:
-        raise ConfigError(f"min_lr {train.min_lr} is above lr {train.lr}")
+        problem("schedule", f"min_lr {train.min_lr} is above lr {train.lr}")
+    if train.fp8 is not None:
+        problem(
+            "precision",
+            f"fp8 = {train.fp8!r}: FP8 training is not implemented yet; train in {train.precision} "
+            "with --set fp8=null",
+        )
+    problems += [Problem("family", message) for message in family.problems(config)]
+    return problems
+
+
+def check_run(config: RunConfig, world_size: int, family: FamilySpec, ignore: Sequence[str] = ()) -> None:
+    """Raise ConfigError listing every broken rule (except those of the kinds in ``ignore``)."""
+    problems = [p for p in run_problems(config, world_size, family) if p.rule not in ignore]
+    if len(problems) == 1:
+        raise ConfigError(problems[0].message)
+    if problems:
+        listing = "\n  - ".join(f"{p.rule}: {p.message}" for p in problems)
+        raise ConfigError(f"the run cannot start:\n  - {listing}")

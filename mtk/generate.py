@@ -2,29 +2,30 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-from mtk.checkpoint import load_checkpoint
-from mtk.config import RunConfig
-from mtk.manifest import read_manifest
-from mtk.models.gpt import GPTModel
+from mtk.checkpoint import checkpoint_description, load_checkpoint
+from mtk.config import ConfigError, RunConfig
+from mtk.models import family_spec
 
 
-def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[GPTModel, Any]:
-    """The model of a run directory's latest checkpoint, and its tokenizer (None for mock-data runs)."""
+def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[nn.Module, Any]:
+    """The model of a run directory's latest checkpoint, and its tokenizer (None for mock-data runs);
+    both as the checkpoint describes them."""
     from mtk.data.tokenizer import tokenizer_from_manifest
 
-    run_dir = Path(run_dir)
-    config = RunConfig.from_dict(
-        json.loads((run_dir / "config.json").read_text()), where=str(run_dir / "config.json")
-    )
-    model = GPTModel(config.model)
+    description = checkpoint_description(run_dir)
+    config = RunConfig.from_dict(description["config"], where=f"{run_dir} (checkpoint config)")
+    family = family_spec(config.model.family)
+    model = family.build(config.model) if family.trainable else None
+    if not hasattr(model, "new_kv_caches"):
+        raise ConfigError(f"{run_dir}: a {config.model.family} model does not generate text token by token")
     model.load_state_dict(load_checkpoint(run_dir)["model"])
-    entry = read_manifest(run_dir / "mtk.json").get("tokenizer")
+    entry = description.get("tokenizer")
     tokenizer = tokenizer_from_manifest(entry) if entry else None
     return model.to(device).eval(), tokenizer
 
@@ -45,7 +46,7 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 
 @torch.no_grad()
 def generate(
-    model: GPTModel,
+    model: nn.Module,
     prompt: list[int],
     max_new_tokens: int,
     temperature: float = 1.0,

@@ -8,6 +8,8 @@ Slurm job continues where the preempted one stopped.
 from __future__ import annotations
 
 import shlex
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 
@@ -44,21 +46,43 @@ def _entry(command: list[str]) -> list[str]:
     return command
 
 
-def torchrun_command(spec: LaunchSpec, endpoint: str, job_id: str) -> list[str]:
-    return [
-        "torchrun",
-        f"--nnodes={spec.nodes}",
-        f"--nproc-per-node={spec.gpus_per_node}",
-        "--rdzv-backend=c10d",
-        f"--rdzv-endpoint={endpoint}",
-        f"--rdzv-id={job_id}",
-        *_entry(spec.command),
-    ]
+def torchrun_command(
+    command: list[str],
+    nproc_per_node: int,
+    rendezvous: tuple[int, str, str] | None = None,
+    launcher: Sequence[str] = ("torchrun",),
+) -> list[str]:
+    """torchrun starting ``nproc_per_node`` ranks of ``command`` (``mtk ...`` or a script): alone on
+    this node, or with ``rendezvous`` = (nodes, endpoint, job id) as one node of a c10d job."""
+    if rendezvous is None:
+        placement = ["--standalone", f"--nproc-per-node={nproc_per_node}"]
+    else:
+        nodes, endpoint, job_id = rendezvous
+        placement = [f"--nnodes={nodes}", f"--nproc-per-node={nproc_per_node}", "--rdzv-backend=c10d",
+                     f"--rdzv-endpoint={endpoint}", f"--rdzv-id={job_id}"]  # fmt: skip
+    return [*launcher, *placement, *_entry(command)]
+
+
+def local_torchrun_command(argv: list[str], nproc_per_node: int) -> list[str]:
+    """This mtk command line (``argv`` after ``mtk``) as ``nproc_per_node`` ranks on this machine,
+    ``--nproc-per-node`` left out of what each rank runs."""
+    args, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc-per-node":
+            skip = True
+        elif not arg.startswith("--nproc-per-node="):
+            args.append(arg)
+    launcher = (sys.executable, "-m", "torch.distributed.run")
+    return torchrun_command(["mtk", *args], nproc_per_node, launcher=launcher)
 
 
 def torchrun_text(spec: LaunchSpec, head: str = "HEAD_NODE_ADDRESS") -> str:
     """The command to start on every node of a plain (non-Slurm) cluster."""
-    command = torchrun_command(spec, f"{head}:{spec.port}", spec.job_name)
+    command = torchrun_command(
+        spec.command, spec.gpus_per_node, (spec.nodes, f"{head}:{spec.port}", spec.job_name)
+    )
     return " \\\n    ".join(shlex.join(part) for part in _groups(command))
 
 
@@ -95,7 +119,8 @@ def slurm_script(spec: LaunchSpec) -> str:
         if spec.container_mounts:
             container.append(f"--container-mounts={','.join(spec.container_mounts)}")
     run = [["srun", "--kill-on-bad-exit=1"], *([arg] for arg in container)]
-    run += _groups(torchrun_command(spec, '"$HEAD_NODE:$MASTER_PORT"', '"$SLURM_JOB_ID"'))
+    rendezvous = (spec.nodes, '"$HEAD_NODE:$MASTER_PORT"', '"$SLURM_JOB_ID"')
+    run += _groups(torchrun_command(spec.command, spec.gpus_per_node, rendezvous))
     body = " \\\n    ".join(" ".join(_quote(arg) for arg in part) for part in run)
     lines += [
         "",

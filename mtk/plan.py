@@ -15,7 +15,9 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, replace
 
-from mtk.config import ConfigError, RunConfig
+from mtk.config import RunConfig, micro_batches_per_step, run_problems
+from mtk.layers.transformer import layer_parameters
+from mtk.models import family_spec
 from mtk.parallel.dims import ParallelDims
 
 GIB = 2**30
@@ -89,7 +91,7 @@ def estimate_memory(
     shards = dims.dp * layout.cp  # FSDP shards over data- and context-parallel ranks together
     h = model.hidden_size
     vocab = model.padded_vocab_size(t)
-    layer = model.layer_parameters() / t
+    layer = layer_parameters(model) / t
     layers_per_rank = model.num_layers / pp
     embedding = vocab * h / t + (
         model.max_position_embeddings * h / t if model.position_embedding_type == "learned_absolute" else 0
@@ -97,7 +99,7 @@ def estimate_memory(
     output = vocab * h / t if (model.untie_embeddings_and_output_weights or pp > 1) else 0
     tokens = train.micro_batch_size * model.seq_length / layout.cp
     kept, transient = _activation_bytes_per_token(config, layout, device)
-    micro_batches = train.global_batch_size // (train.micro_batch_size * dims.dp)
+    micro_batches = micro_batches_per_step(train.global_batch_size, train.micro_batch_size, dims.dp)
     in_flight = 1.0 if pp == 1 else min(pp, micro_batches) * (1 + (pp - 1) / (pp * vp) if vp > 1 else 1)
     # the last stage: the output logits, their fp32 copy, the fp32 log-softmax and the gradients
     logit_bytes = 12 if train.precision == "fp32" else 16
@@ -136,14 +138,13 @@ def preset_layout(config: RunConfig) -> Layout:
     )
 
 
-def valid(config: RunConfig, layout: Layout, world_size: int) -> bool:
-    from mtk.config import validate_run
+# what a plan does not depend on: where the data is, how long the run is, whether mtk trains the
+# family yet (its shape is what the estimate needs) or in which precision the matmuls run
+PLAN_IGNORES = ("data", "length", "schedule", "family", "precision")
 
-    if world_size % (layout.tp * layout.pp * layout.cp):
-        return False
-    dims = ParallelDims(world_size, layout.tp, layout.pp, layout.cp, layout.vp)
-    if config.train.train_iters is None and config.train.train_samples is None:  # the length is not planned
-        config = replace(config, train=replace(config.train, train_iters=1))
+
+def with_layout(config: RunConfig, layout: Layout) -> RunConfig:
+    """``config`` with the parallel sizes of ``layout``."""
     parallel = replace(
         config.parallel,
         tensor_model_parallel_size=layout.tp,
@@ -151,13 +152,18 @@ def valid(config: RunConfig, layout: Layout, world_size: int) -> bool:
         context_parallel_size=layout.cp,
         virtual_pipeline_model_parallel_size=layout.vp if layout.vp > 1 else None,
     )
-    config = replace(config, parallel=parallel)
-    try:
-        dims.validate(config)
-        validate_run(config, dims.dp)
-    except ConfigError:
-        return False
-    return True
+    return replace(config, parallel=parallel)
+
+
+def layout_problems(config: RunConfig, layout: Layout, world_size: int) -> list[str]:
+    """Why ``layout`` cannot train ``config`` on ``world_size`` GPUs (``mtk.config.check_run``'s rules)."""
+    family = family_spec(config.model.family)
+    problems = run_problems(with_layout(config, layout), world_size, family)
+    return [p.message for p in problems if p.rule not in PLAN_IGNORES]
+
+
+def valid(config: RunConfig, layout: Layout, world_size: int) -> bool:
+    return not layout_problems(config, layout, world_size)
 
 
 def suggest_layout(

@@ -8,7 +8,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from mtk.config import ConfigError, RunConfig
+from mtk.config import SECTIONS, ConfigError, RunConfig
 
 
 @dataclass
@@ -41,7 +41,7 @@ def load_preset(name: str) -> Preset:
     if name not in files:
         raise ConfigError(f"unknown preset '{name}'; choose one of: {', '.join(sorted(files))}")
     data = tomllib.loads(files[name].read_text(encoding="utf-8"))
-    sections = {key: data.pop(key, {}) for key in ("model", "train", "parallel")}
+    sections = {key: data.pop(key, {}) for key in SECTIONS}
     published = data.pop("published", {})
     description = data.pop("description", "")
     tokenizer = data.pop("tokenizer", "")

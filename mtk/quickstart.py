@@ -65,15 +65,14 @@ def run_quickstart(
         "eval_interval": 100,
         "eval_iters": 2,
         "split": "95,4,1",
+        "data_path": prefix,
     }
     config = apply_overrides(load_preset("gpt-tiny").sections, overrides)
     run_dir = out / "run"
     show(
         f"2/3 training gpt-tiny ({config.model.num_layers} layers, hidden {config.model.hidden_size}) for {train_iters} iterations on CPU"
     )
-    state = run_training(
-        config, TrainOptions(save=run_dir, num_workers=0, device="cpu"), data=prefix, show=show
-    )
+    state = run_training(config, TrainOptions(save=run_dir, num_workers=0, device="cpu"), show=show)
     model, tok = load_run(run_dir)
     prompt = "The assert statement"
     ids = generate(model, tok.encode(prompt), 40, temperature=0.7, top_k=40, eod=tok.eod, seed=0)

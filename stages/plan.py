@@ -2,56 +2,55 @@
 
 from __future__ import annotations
 
+from typing import Annotated, Any
+
 import typer
 
 from stages.common import console, fail
+from stages.options import build_config, with_config_options
 
 SUMMARY = "Estimate per-GPU memory of a preset's parallel layout and suggest one that fits your GPUs."
 
 
+@with_config_options(
+    "tensor_model_parallel_size",
+    "pipeline_model_parallel_size",
+    "context_parallel_size",
+    "virtual_pipeline_model_parallel_size",
+    "micro_batch_size",
+    "recompute_granularity",
+    "data_parallel_sharding_strategy",
+)
 def plan(
-    preset: str | None = typer.Option(
-        None, "--preset", "-p", help="Preset name (`mtk presets list`); leave out with --all."
-    ),
-    all_presets: bool = typer.Option(
-        False, "--all", help="One line per seed recipe (tiny presets left out)."
-    ),
-    gpus: int | None = typer.Option(
-        None,
-        "--gpus",
-        min=1,
-        help="GPUs in the job (default: the recipe's published count, else TP x PP x CP).",
-    ),
-    gpu_mem: float = typer.Option(80.0, "--gpu-mem", min=1.0, help="Memory of one GPU in GiB (H100: 80)."),
-    gpus_per_node: int = typer.Option(
-        8, "--gpus-per-node", min=1, help="Tensor parallelism stays within a node."
-    ),
-    tp: int | None = typer.Option(None, "--tp", help="Tensor-parallel size (default: the preset's)."),
-    pp: int | None = typer.Option(None, "--pp", help="Pipeline-parallel size (default: the preset's)."),
-    cp: int | None = typer.Option(None, "--cp", help="Context-parallel size (default: the preset's)."),
-    vp: int | None = typer.Option(
-        None, "--vp", help="Virtual pipeline stages per rank (default: the preset's)."
-    ),
-    micro_batch_size: int | None = typer.Option(
-        None, "--micro-batch-size", help="Samples per forward/backward."
-    ),
-    recompute_granularity: str | None = typer.Option(
-        None, "--recompute-granularity", help="none, selective or full (default: the preset's)."
-    ),
-    strategy: str | None = typer.Option(
-        None,
-        "--data-parallel-sharding-strategy",
-        help="no_shard, optim_grads or optim_grads_params (default: the preset's).",
-    ),
+    config_values: dict[str, Any],
+    preset: Annotated[
+        str | None,
+        typer.Option("--preset", "-p", help="Preset name (`mtk presets list`); leave out with --all."),
+    ] = None,
+    all_presets: Annotated[
+        bool, typer.Option("--all", help="One line per seed recipe (tiny presets left out).")
+    ] = False,
+    gpus: Annotated[
+        int | None,
+        typer.Option(
+            "--gpus",
+            min=1,
+            help="GPUs in the job (default: the recipe's published count, else TP x PP x CP).",
+        ),
+    ] = None,
+    gpu_mem: Annotated[
+        float, typer.Option("--gpu-mem", min=1.0, help="Memory of one GPU in GiB (H100: 80).")
+    ] = 80.0,
+    gpus_per_node: Annotated[
+        int, typer.Option("--gpus-per-node", min=1, help="Tensor parallelism stays within a node.")
+    ] = 8,
 ) -> None:
     """Weights, gradients, optimizer state, activations and logits on the busiest GPU, then the cheapest
-    layout that fits in 90% of --gpu-mem. Example: mtk plan --preset gpt3-175b --gpus 1024"""
-    from dataclasses import replace
-
+    layout that fits in 90% of --gpu-mem. Layout options left out keep the preset's.
+    Example: mtk plan --preset gpt3-175b --gpus 1024"""
     from rich.table import Table
 
-    from mtk.config import ConfigError
-    from mtk.plan import GIB, estimate_memory, preset_layout, suggest_layout, valid
+    from mtk.plan import GIB, estimate_memory, layout_problems, preset_layout, suggest_layout
     from mtk.presets import load_preset, preset_names
 
     if all_presets == (preset is not None):
@@ -59,24 +58,14 @@ def plan(
     names = [n for n in preset_names() if not load_preset(n).tiny] if all_presets else [preset]
     rows = []
     for name in names:
-        try:
-            loaded = load_preset(name)
-        except ConfigError as err:
-            fail(str(err))
-        config = loaded.config
-        if micro_batch_size is not None:
-            config = replace(config, train=replace(config.train, micro_batch_size=micro_batch_size))
+        config = build_config(name, [], config_values)
         layout = preset_layout(config)
-        changes = {"tp": tp, "pp": pp, "cp": cp, "vp": vp, "strategy": strategy}
-        layout = replace(layout, **{k: v for k, v in changes.items() if v is not None})
-        if recompute_granularity is not None:
-            layout = replace(
-                layout, recompute=None if recompute_granularity == "none" else recompute_granularity
-            )
-        world = gpus or loaded.published.get("gpus") or layout.tp * layout.pp * layout.cp
-        if not valid(config, layout, world):
+        world = gpus or load_preset(name).published.get("gpus") or layout.tp * layout.pp * layout.cp
+        problems = layout_problems(config, layout, world)
+        if problems:
             fail(
-                f"{name}: {layout.describe(world)} is not a valid layout on {world} GPUs (see `mtk train` for why)"
+                f"{name}: {layout.describe(world)} is not a valid layout on {world} GPUs: "
+                + "; ".join(problems)
             )
         estimate = estimate_memory(config, layout, world)
         suggestion = suggest_layout(config, world, gpu_mem, gpus_per_node)

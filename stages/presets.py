@@ -7,6 +7,7 @@ import json
 
 import typer
 
+from mtk.config import SECTIONS
 from stages.common import console, fail
 
 SUMMARY = "List the model presets (GPT-3, BERT, T5, Llama 3, RETRO, tiny) and show one in full."
@@ -26,6 +27,7 @@ def list_presets() -> None:
     from rich import box
     from rich.table import Table
 
+    from mtk.models import family_spec
     from mtk.presets import load_preset, preset_names
 
     table = Table(title="mtk presets", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
@@ -37,7 +39,7 @@ def list_presets() -> None:
         layers = str(model.num_layers)
         if model.family == "t5":
             layers = f"{model.num_layers}+{model.decoder_num_layers}"
-        params = model.num_parameters(parallel.tensor_model_parallel_size)
+        params = family_spec(model.family).num_parameters(model, parallel.tensor_model_parallel_size)
         table.add_row(
             name,
             model.family,
@@ -64,6 +66,7 @@ def show_preset(
     from rich.table import Table
 
     from mtk.config import ConfigError
+    from mtk.models import family_spec
     from mtk.presets import load_preset
 
     try:
@@ -72,7 +75,7 @@ def show_preset(
         fail(str(err))
     model, parallel = preset.config.model, preset.config.parallel
     tp = parallel.tensor_model_parallel_size
-    params = model.num_parameters(tp)
+    params = family_spec(model.family).num_parameters(model, tp)
     if as_json:
         payload = {
             "name": preset.name,
@@ -92,7 +95,7 @@ def show_preset(
         f"parameters: [bold]{params:,}[/] ({_human(params)}), computed from the config with the "
         f"vocabulary padded to {model.padded_vocab_size(tp):,} (TP {tp})"
     )
-    for section in ("model", "train", "parallel"):
+    for section in SECTIONS:
         table = Table(title=f"{section} settings", title_justify="left", show_header=False)
         table.add_column("key")
         table.add_column("value")

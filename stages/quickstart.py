@@ -18,6 +18,7 @@ def quickstart(
     ),
 ) -> None:
     """A first run of mtk with nothing to download: data preparation, training, checkpoint, loss curve, sample."""
+    from mtk.checkpoint import RunDir
     from mtk.quickstart import run_quickstart
 
     result = run_quickstart(
@@ -26,7 +27,7 @@ def quickstart(
     console.print(result.sample, highlight=False, markup=False)
     console.print(
         f"\nloss {result.first_loss:.2f} -> {result.last_loss:.2f}; checkpoint and metrics in {result.run_dir}, "
-        f"loss curve {result.run_dir / 'loss.png'}\n\nNext:\n"
+        f"loss curve {RunDir(result.run_dir).plot}\n\nNext:\n"
         f'  mtk generate --load {result.run_dir} --prompt "The import statement"\n'
         f"  mtk train --preset gpt-tiny --data {result.data_prefix} --save runs/mine --train-iters 1000\n"
         "  mtk tokenizer train YOUR.jsonl --kind bpe --vocab-size 32000 --out tok\n"

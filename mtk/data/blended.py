@@ -6,7 +6,6 @@ as Megatron's ``BlendedMegatronDatasetBuilder`` does.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -15,10 +14,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from mtk.data.gpt_dataset import GPTDataset
+from mtk.config import parse_split
 from mtk.data.helpers import build_blending_indices, cached_indices, default_cache_dir
 from mtk.data.indexed import IndexedDataset
-from mtk.data.splits import parse_split
 
 # Megatron asks each dataset for 0.5% more samples than its share, so the greedy blend never runs short.
 SAMPLE_SURPLUS = 1.005
@@ -184,20 +182,3 @@ def _prefix_datasets(
 
 def _wanted(split: str, num_samples: Sequence[int]) -> list[bool]:
     return [weight > 0 and n > 0 for weight, n in zip(parse_split(split), num_samples, strict=True)]
-
-
-def build_blended_datasets(
-    data: str,
-    split: str,
-    num_samples: tuple[int, int, int],
-    seq_length: int,
-    seed: int,
-    cache_dir: str | os.PathLike | None = None,
-    eod: int | None = None,
-    eod_mask_loss: bool = False,
-) -> tuple[GPTDataset | BlendedDataset | None, ...]:
-    """``build_split_datasets`` of GPTDatasets with these settings."""
-    make_dataset = functools.partial(
-        GPTDataset, seq_length=seq_length, seed=seed, eod=eod, eod_mask_loss=eod_mask_loss
-    )
-    return build_split_datasets(data, split, num_samples, make_dataset, cache_dir)

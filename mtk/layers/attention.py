@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtk.config import ModelConfig
+from mtk.layers.init import Linear
 from mtk.layers.rotary import RotaryEmbedding
 
 
@@ -25,20 +26,21 @@ class Attention(nn.Module):
     """Scaled dot-product attention through ``F.scaled_dot_product_attention`` (flash kernels on GPU).
 
     Separate q/k/v/out projections keep tensor-parallel plans a plain column/row split per layer.
+    ``output_std`` is the init std of the output projection (Megatron scales it with depth).
     """
 
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding | None = None) -> None:
+    def __init__(self, config: ModelConfig, output_std: float, rotary: RotaryEmbedding | None = None) -> None:
         super().__init__()
         self.heads, self.groups, self.head_dim = (
             config.num_attention_heads,
             config.num_query_groups,
             config.kv_channels,
         )
-        hidden, bias = config.hidden_size, config.add_bias_linear
-        self.q_proj = nn.Linear(hidden, self.heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(hidden, self.groups * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(hidden, self.groups * self.head_dim, bias=bias)
-        self.out_proj = nn.Linear(self.heads * self.head_dim, hidden, bias=bias)
+        hidden, bias, std = config.hidden_size, config.add_bias_linear, config.init_method_std
+        self.q_proj = Linear(hidden, self.heads * self.head_dim, bias, std)
+        self.k_proj = Linear(hidden, self.groups * self.head_dim, bias, std)
+        self.v_proj = Linear(hidden, self.groups * self.head_dim, bias, std)
+        self.out_proj = Linear(self.heads * self.head_dim, hidden, bias, output_std)
         self.rotary = rotary
         self.dropout = config.attention_dropout
 

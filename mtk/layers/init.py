@@ -75,7 +75,9 @@ def initial_values(model: nn.Module) -> dict[str, Init]:
         declared = module.parameter_inits() if hasattr(module, "parameter_inits") else {}
         for name, _ in module.named_parameters(recurse=False):
             if name not in declared:
-                raise TypeError(f"{type(module).__name__} declares no initial value for its parameter '{name}'")
+                raise TypeError(
+                    f"{type(module).__name__} declares no initial value for its parameter '{name}'"
+                )
             table[f"{prefix}.{name}" if prefix else name] = declared[name]
     return table
 

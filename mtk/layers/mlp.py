@@ -7,15 +7,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtk.config import ModelConfig
+from mtk.layers.init import Linear
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    """``output_std`` is the init std of ``fc2``, the projection back to the residual stream."""
+
+    def __init__(self, config: ModelConfig, output_std: float) -> None:
         super().__init__()
         hidden, ffn, bias = config.hidden_size, config.ffn_hidden_size, config.add_bias_linear
-        self.fc1 = nn.Linear(hidden, ffn, bias=bias)
-        self.gate = nn.Linear(hidden, ffn, bias=bias) if config.swiglu else None
-        self.fc2 = nn.Linear(ffn, hidden, bias=bias)
+        std = config.init_method_std
+        self.fc1 = Linear(hidden, ffn, bias, std)
+        self.gate = Linear(hidden, ffn, bias, std) if config.swiglu else None
+        self.fc2 = Linear(ffn, hidden, bias, output_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate is None:

@@ -14,9 +14,11 @@ class RotaryEmbedding(nn.Module):
         self.head_dim, self.max_positions, self.base = head_dim, max_positions, base
         self.register_buffer("cos", torch.empty(0), persistent=False)
         self.register_buffer("sin", torch.empty(0), persistent=False)
-        self.reset_parameters()
+        self.reset_buffers()
 
-    def reset_parameters(self, device: torch.device | None = None) -> None:
+    def reset_buffers(self) -> None:
+        """Compute the tables on the device the buffers are on (after ``to_empty`` from meta too)."""
+        device = self.cos.device
         inv_freq = 1.0 / (
             self.base
             ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim)

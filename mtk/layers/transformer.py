@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import zlib
 
 import torch
 from torch import nn
@@ -15,19 +14,28 @@ from mtk.layers.norms import build_norm
 from mtk.layers.rotary import RotaryEmbedding
 
 
+def scaled_output_std(config: ModelConfig, num_layers: int) -> float:
+    """Megatron's init std of the projections back into the residual stream: std / sqrt(2 x layers)."""
+    return config.init_method_std / math.sqrt(2.0 * num_layers)
+
+
 class TransformerLayer(nn.Module):
     """x + attention(norm(x)), then x + mlp(norm(x)); an optional cross-attention block in between."""
 
     def __init__(
-        self, config: ModelConfig, rotary: RotaryEmbedding | None = None, cross_attention: bool = False
+        self,
+        config: ModelConfig,
+        output_std: float,
+        rotary: RotaryEmbedding | None = None,
+        cross_attention: bool = False,
     ):
         super().__init__()
         self.attention_norm = build_norm(config)
-        self.attention = Attention(config, rotary)
+        self.attention = Attention(config, output_std, rotary)
         self.cross_norm = build_norm(config) if cross_attention else None
-        self.cross_attention = Attention(config) if cross_attention else None
+        self.cross_attention = Attention(config, output_std) if cross_attention else None
         self.mlp_norm = build_norm(config)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, output_std)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
     def forward(
@@ -52,13 +60,36 @@ class TransformerLayer(nn.Module):
             x = x + self.dropout(self.cross_attention(self.cross_norm(x), context=context))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
+    def tp_plan(self) -> dict[str, str]:
+        """Tensor-parallel styles of this layer's modules (see ``mtk.parallel.tensor.STYLES``).
+
+        The residual stream arrives as sequence slices: norms run on the slices, attention and the MLP
+        gather the sequence, split heads / hidden units column-wise, and reduce-scatter back row-wise.
+        """
+        plan = {
+            "attention_norm": "sequence",
+            "attention": "gather_sequence",
+            "attention.q_proj": "colwise",
+            "attention.k_proj": "colwise",
+            "attention.v_proj": "colwise",
+            "attention.out_proj": "rowwise",
+            "mlp_norm": "sequence",
+            "mlp": "gather_sequence",
+            "mlp.fc1": "colwise",
+            "mlp.fc2": "rowwise",
+        }
+        if self.mlp.gate is not None:
+            plan["mlp.gate"] = "colwise"
+        return plan
+
 
 class TransformerBlock(nn.Module):
     """``num_layers`` layers and a final norm; RoPE tables shared by all layers when used.
 
     Layers sit in a ModuleDict keyed by their global index ("0", "1", ...): a pipeline stage keeps a
     subset and the parameter names stay those of the whole model. A stage without the final norm
-    (``final_norm = None``) returns the residual stream as is.
+    (``final_norm = None``) returns the residual stream as is. The output projections of every layer
+    start with std / sqrt(2 x ``num_layers``), as Megatron initialises them.
     """
 
     def __init__(self, config: ModelConfig, num_layers: int, cross_attention: bool = False) -> None:
@@ -68,8 +99,12 @@ class TransformerBlock(nn.Module):
             if config.position_embedding_type == "rope"
             else None
         )
+        output_std = scaled_output_std(config, num_layers)
         self.layers = nn.ModuleDict(
-            {str(i): TransformerLayer(config, self.rotary, cross_attention) for i in range(num_layers)}
+            {
+                str(i): TransformerLayer(config, output_std, self.rotary, cross_attention)
+                for i in range(num_layers)
+            }
         )
         self.final_norm: nn.Module | None = build_norm(config)
 
@@ -78,35 +113,31 @@ class TransformerBlock(nn.Module):
             x = layer(x, kv_cache=None if kv_caches is None else kv_caches[i], **kwargs)
         return x if self.final_norm is None else self.final_norm(x)
 
+    def tp_plan(self, prefix: str) -> dict[str, str]:
+        """The plan of every layer (and the final norm) under ``prefix`` (this block's path)."""
+        plan = {
+            f"{prefix}.layers.{name}.{path}": style
+            for name, layer in self.layers.items()
+            for path, style in layer.tp_plan().items()
+        }
+        if self.final_norm is not None:
+            plan[f"{prefix}.final_norm"] = "sequence"
+        return plan
 
-def init_weights(module: nn.Module, config: ModelConfig, num_layers: int, seed: int) -> None:
-    """Megatron's init: normal(0, std) weights, output projections scaled by 1/sqrt(2 * layers), zero biases.
 
-    Each parameter is drawn from its own generator, seeded by ``seed`` and its name, as the whole
-    tensor, then this rank's shard of it is kept: any pipeline stage, tensor or data shard of the
-    model starts from exactly the weights of the single-process model, and a model built on the
-    meta device is initialised here after ``to_empty`` without ever existing whole.
-    """
-    scaled_std = config.init_method_std / math.sqrt(2.0 * num_layers)
-    for name, param in module.named_parameters():
-        name = name.replace("_checkpoint_wrapped_module.", "")
-        owner, kind = name.split(".")[-2:]
-        if "norm" in owner:
-            full = torch.ones(param.shape) if kind == "weight" else torch.zeros(param.shape)
-        elif kind == "bias":
-            full = torch.zeros(param.shape)
-        else:
-            std = scaled_std if owner in ("out_proj", "fc2") else config.init_method_std
-            generator = torch.Generator().manual_seed(seed ^ zlib.crc32(name.encode()))
-            full = torch.empty(param.shape).normal_(0.0, std, generator=generator)
-        with torch.no_grad():
-            if hasattr(param, "device_mesh"):  # a DTensor: keep this rank's shard
-                from torch.distributed.tensor import distribute_tensor
+def layer_parameters(config: ModelConfig, cross_attention: bool = False) -> int:
+    """Parameters of one ``TransformerLayer`` (with a cross-attention block if asked), from the config."""
+    hidden, ffn = config.hidden_size, config.ffn_hidden_size
+    q_width = config.num_attention_heads * config.kv_channels
+    kv_width = config.num_query_groups * config.kv_channels
+    bias = config.add_bias_linear
+    norm = norm_parameters(config)
+    attention = hidden * q_width + 2 * hidden * kv_width + q_width * hidden
+    attention += q_width + 2 * kv_width + hidden if bias else 0
+    mlp_in = 2 * ffn if config.swiglu else ffn
+    mlp = hidden * mlp_in + ffn * hidden + (mlp_in + hidden if bias else 0)
+    return norm + attention + norm + mlp + (norm + attention if cross_attention else 0)
 
-                shard = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
-                param.to_local().copy_(shard.to_local())
-            else:
-                param.copy_(full)
-    for child in module.modules():
-        if isinstance(child, RotaryEmbedding):
-            child.reset_parameters(child.cos.device)
+
+def norm_parameters(config: ModelConfig) -> int:
+    return (2 if config.normalization == "LayerNorm" else 1) * config.hidden_size

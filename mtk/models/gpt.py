@@ -1,41 +1,49 @@
-"""Decoder-only language model covering GPT-3 and Llama 3: the config picks norm, positions, MLP, GQA, tying."""
+"""Decoder-only language model covering GPT-3 and Llama 3: the config picks norm, positions, MLP, GQA, tying.
+
+``GPTModel`` is the plain single-device module; ``SPEC`` is its family spec (``mtk.models.spec``).
+"""
 
 from __future__ import annotations
+
+import copy
+import functools
+from typing import Any
 
 import torch
 from torch import nn
 
-from mtk.config import ModelConfig
+from mtk.config import ModelConfig, RunConfig
 from mtk.layers.attention import KVCache
-from mtk.layers.transformer import TransformerBlock, init_weights
+from mtk.layers.init import Embedding, Linear, initialize
+from mtk.layers.loss import loss_targets, token_cross_entropy
+from mtk.layers.transformer import TransformerBlock, layer_parameters, norm_parameters
+from mtk.models.spec import LossTerms, ModelBatch, TrainableFamily
 
 
 class GPTModel(nn.Module):
     """tokens (batch, seq) -> logits (batch, seq, padded vocab).
 
-    A pipeline stage is this model with parts removed (``mtk.parallel.pipeline``): ``pre_process``
-    (Megatron's name) says the stage embeds tokens, else its input is the previous stage's hidden
-    states; ``post_process`` says it ends with the final norm and the output layer, else it returns
-    hidden states. With tied embeddings the last stage keeps ``embedding`` for the output projection.
+    A pipeline stage of it (``pipeline_stage``) embeds tokens only when ``pre_process`` (Megatron's
+    name), else takes the previous stage's hidden states; it ends with the final norm and the output
+    layer only when ``post_process``, else returns hidden states. With tied embeddings the last stage
+    keeps ``embedding`` for the output projection.
     """
 
-    pre_process: bool = True
-    post_process: bool = True
-
-    def __init__(self, config: ModelConfig, tensor_parallel: int = 1) -> None:
+    def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        vocab = config.padded_vocab_size(tensor_parallel)
-        self.embedding = nn.Embedding(vocab, config.hidden_size)
+        self.pre_process = self.post_process = True
+        vocab, std = config.padded_vocab_size(), config.init_method_std
+        self.embedding = Embedding(vocab, config.hidden_size, std)
         self.position_embedding = (
-            nn.Embedding(config.max_position_embeddings, config.hidden_size)
+            Embedding(config.max_position_embeddings, config.hidden_size, std)
             if config.position_embedding_type == "learned_absolute"
             else None
         )
         self.embedding_dropout = nn.Dropout(config.hidden_dropout)
         self.decoder = TransformerBlock(config, config.num_layers)
         self.output = (
-            nn.Linear(config.hidden_size, vocab, bias=False)
+            Linear(config.hidden_size, vocab, bias=False, std=std)
             if config.untie_embeddings_and_output_weights
             else None
         )
@@ -46,7 +54,7 @@ class GPTModel(nn.Module):
         """Initial weights from ``seed`` (default: drawn from torch's global generator)."""
         if seed is None:
             seed = int(torch.randint(2**62, ()).item())
-        init_weights(self, self.config, self.config.num_layers, seed)
+        initialize(self, seed)
 
     def forward(
         self,
@@ -56,9 +64,8 @@ class GPTModel(nn.Module):
     ) -> torch.Tensor:
         if position_ids is None:
             start = 0 if kv_caches is None else kv_caches[0].length
-            position_ids = torch.arange(start, start + tokens.shape[1], device=tokens.device).expand_as(
-                tokens
-            )
+            batch, length = tokens.shape[:2]  # token ids, or hidden states on a later pipeline stage
+            position_ids = torch.arange(start, start + length, device=tokens.device).expand(batch, length)
         if self.pre_process:
             x = self.embedding(tokens)
             if self.position_embedding is not None:
@@ -71,9 +78,109 @@ class GPTModel(nn.Module):
             return x
         return self.output(x) if self.output is not None else nn.functional.linear(x, self.embedding.weight)
 
+    def pipeline_stage(self, layers: range, first: bool, last: bool) -> GPTModel:
+        """A copy keeping only what one pipeline stage runs; parameter names stay the whole model's."""
+        stage = copy.deepcopy(self)
+        stage.pre_process, stage.post_process = first, last
+        for name in list(stage.decoder.layers.keys()):
+            if int(name) not in layers:
+                del stage.decoder.layers[name]
+        if not first:
+            stage.position_embedding = None
+            if not (last and stage.output is None):  # a tied last stage projects with the embedding
+                stage.embedding = None
+        if not last:
+            stage.decoder.final_norm = None
+            stage.output = None
+        return stage
+
     def new_kv_caches(self, batch: int, max_length: int, dtype: torch.dtype | None = None) -> list[KVCache]:
         weight = self.embedding.weight
         return [
             layer.attention.new_cache(batch, max_length, weight.device, dtype or weight.dtype)
             for layer in self.decoder.layers.values()
         ]
+
+
+class GPTFamily(TrainableFamily):
+    name = "gpt"
+    flops_convention = "6 * parameters + 12 * layers * hidden * seq per token (PaLM), no recompute"
+
+    def num_parameters(self, config: ModelConfig, tensor_parallel: int = 1) -> int:
+        hidden, vocab = config.hidden_size, config.padded_vocab_size(tensor_parallel)
+        total = vocab * hidden + config.num_layers * layer_parameters(config) + norm_parameters(config)
+        if config.position_embedding_type == "learned_absolute":
+            total += config.max_position_embeddings * hidden
+        if config.untie_embeddings_and_output_weights:
+            total += vocab * hidden
+        return total
+
+    def flops_per_token(self, config: ModelConfig) -> float:
+        """6 x parameters (forward + backward matmuls) + 12 x layers x hidden x seq (attention), as
+        PaLM counts them (Chowdhery et al., 2022, appendix B)."""
+        attention = 12.0 * config.num_layers * config.hidden_size * config.seq_length
+        return 6.0 * self.num_parameters(config) + attention
+
+    def build(self, config: ModelConfig) -> GPTModel:
+        return GPTModel(config)
+
+    def blocks(self, model: GPTModel) -> list[nn.ModuleDict]:
+        return [model.decoder.layers]
+
+    def tp_plan(self, model: GPTModel) -> dict[str, str]:
+        plan = {}
+        if model.embedding is not None:  # also the tied copy on the last stage: sharded the same way
+            plan["embedding"] = "vocab_embedding"
+        if model.position_embedding is not None:
+            plan["position_embedding"] = "vocab_embedding"  # positions split like a vocabulary
+        plan.update(model.decoder.tp_plan("decoder"))
+        if model.post_process:
+            plan["decoder"] = "gather_output"
+            if model.output is not None:
+                plan["output"] = "vocab_output"
+        return plan
+
+    def pipeline_layers(self, config: ModelConfig) -> int:
+        return config.num_layers
+
+    def pipeline_stage(self, model: GPTModel, layers: range, first: bool, last: bool) -> GPTModel:
+        return model.pipeline_stage(layers, first, last)
+
+    def tied_parameters(self, config: ModelConfig) -> list[str]:
+        return [] if config.untie_embeddings_and_output_weights else ["embedding.weight"]
+
+    def model_batch(self, batch: dict[str, torch.Tensor]) -> ModelBatch:
+        return ModelBatch(
+            batch["tokens"],
+            {"position_ids": batch["position_ids"]},
+            loss_targets(batch["labels"], batch["loss_mask"]),
+        )
+
+    def loss_terms(self, outputs: torch.Tensor, targets: torch.Tensor) -> LossTerms:
+        return {"lm loss": token_cross_entropy(outputs, targets)}
+
+    def datasets(
+        self, config: RunConfig, num_samples: tuple[int, int, int], facts: Any
+    ) -> tuple[Any, Any, Any]:
+        seq_length, seed = config.model.seq_length, config.train.seed
+        if config.data.mock_data:
+            from mtk.data.mock import MockGPTDataset
+
+            vocab = config.model.vocab_size
+            train, valid, test = (
+                MockGPTDataset(count, seq_length, vocab, seed + i) if count else None
+                for i, count in enumerate(num_samples)
+            )
+            return train, valid, test
+        from mtk.data.blended import build_split_datasets
+        from mtk.data.gpt_dataset import GPTDataset
+
+        make = functools.partial(
+            GPTDataset, seq_length=seq_length, seed=seed, eod=facts.eod if facts else None
+        )
+        return build_split_datasets(
+            config.data.data_path, config.data.split, num_samples, make, config.data.data_cache_path
+        )
+
+
+SPEC = GPTFamily()

@@ -21,15 +21,18 @@ def load_balanced_positions(seq_length: int, cp: int, rank: int) -> torch.Tensor
     return torch.cat([torch.arange(first, first + chunk), torch.arange(second, second + chunk)])
 
 
-def shard_sequence(batch: dict[str, torch.Tensor], cp: int, rank: int) -> dict[str, torch.Tensor]:
-    """This rank's part of every (batch, seq) tensor of a micro-batch."""
-    index = None
-    sharded = {}
-    for key, value in batch.items():
-        if index is None:
-            index = load_balanced_positions(value.shape[1], cp, rank).to(value.device)
-        sharded[key] = value.index_select(1, index)
-    return sharded
+def shard_sequence(tensor: torch.Tensor, cp: int, rank: int) -> torch.Tensor:
+    """This rank's part of a (batch, seq, ...) tensor of a micro-batch."""
+    return tensor.index_select(1, load_balanced_positions(tensor.shape[1], cp, rank).to(tensor.device))
+
+
+def causal_mask(local_length: int, cp: int, rank: int) -> torch.Tensor:
+    """Causal mask (True = attend) of cp rank ``rank``'s ``local_length`` queries against the keys of
+    every rank, gathered in rank order: by global position, as one process would mask them."""
+    seq = local_length * cp
+    queries = load_balanced_positions(seq, cp, rank)
+    keys = torch.cat([load_balanced_positions(seq, cp, r) for r in range(cp)])
+    return keys[None, :] <= queries[:, None]
 
 
 class ContextParallelAttention:
@@ -41,13 +44,9 @@ class ContextParallelAttention:
         self._masks: dict[tuple[int, torch.device], torch.Tensor] = {}
 
     def _mask(self, local_length: int, device: torch.device) -> torch.Tensor:
-        """Causal mask by global position of this rank's queries against the gathered keys (cached)."""
         key = (local_length, device)
         if key not in self._masks:
-            seq = local_length * self.size
-            queries = load_balanced_positions(seq, self.size, self.rank)
-            keys = torch.cat([load_balanced_positions(seq, self.size, r) for r in range(self.size)])
-            self._masks[key] = (keys[None, :] <= queries[:, None]).to(device)
+            self._masks[key] = causal_mask(local_length, self.size, self.rank).to(device)
         return self._masks[key]
 
     def __call__(
@@ -76,8 +75,9 @@ class ContextParallelAttention:
         )
 
 
-def apply_context_parallel(model: nn.Module, cp_mesh) -> None:
-    """Make every self-attention of ``model`` attend across the cp ranks."""
+def apply_context_parallel(blocks: list[nn.ModuleDict], cp_mesh) -> None:
+    """Make the self-attention of every layer of ``blocks`` attend across the cp ranks."""
     attention = ContextParallelAttention(cp_mesh)  # one instance: its masks serve every layer
-    for layer in model.decoder.layers.values():
-        layer.attention.core_attention = attention
+    for layers in blocks:
+        for layer in layers.values():
+            layer.attention.core_attention = attention

@@ -10,13 +10,12 @@ from pathlib import Path
 
 import torch
 
-from mtk.config import RunConfig
+from mtk.config import RunConfig, micro_batches_per_step
 from mtk.data.loader import build_loader
-from mtk.data.mock import MockGPTDataset
-from mtk.models.gpt import GPTModel
+from mtk.models import family_spec
 from mtk.parallel.apply import apply_recompute
 from mtk.train.loop import Trainer, TrainOptions
-from mtk.train.metrics import device_peak_tflops, memory_gib, model_flops_per_token
+from mtk.train.metrics import device_peak_tflops, memory_gib
 
 
 @dataclass
@@ -50,7 +49,7 @@ def _sync(device: str) -> None:
 
 
 @contextlib.contextmanager
-def _data_parallel_wrapping(model, config: RunConfig, device: str):
+def _data_parallel_wrapping(model, blocks, config: RunConfig, device: str):
     """With a sharding strategy, wrap ``model`` as one rank of a data-parallel group (FSDP2 / replicate)
     to measure what the wrappers cost; a one-process group exists for the duration."""
     strategy = config.parallel.data_parallel_sharding_strategy
@@ -66,7 +65,7 @@ def _data_parallel_wrapping(model, config: RunConfig, device: str):
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     try:
         mesh = ParallelDims(world_size=1).build_mesh(device.split(":")[0])
-        apply_data_parallel(model, mesh["dp"], config.parallel)
+        apply_data_parallel(model, blocks, mesh["dp"], config.parallel)
         yield
     finally:
         dist.destroy_process_group()
@@ -75,18 +74,20 @@ def _data_parallel_wrapping(model, config: RunConfig, device: str):
 def benchmark(
     config: RunConfig, preset: str, iters: int, warmup: int, device: str, peak_tflops: float | None
 ) -> BenchResult:
-    """Time ``iters`` training steps after ``warmup`` untimed ones (compilation, allocator, caches)."""
-    train = config.train
+    """Time ``iters`` training steps of ``config`` (on mock data) after ``warmup`` untimed ones
+    (compilation, allocator, caches)."""
+    train, family = config.train, family_spec(config.model.family)
     torch.manual_seed(train.seed)
     samples = (iters + warmup) * train.global_batch_size
-    data = MockGPTDataset(samples, config.model.seq_length, config.model.vocab_size, train.seed)
+    data, _, _ = family.datasets(config, (samples, 0, 0), None)
     with torch.device(device):
-        model = GPTModel(config.model)
-    apply_recompute(model, config.parallel.recompute_granularity)
-    with tempfile.TemporaryDirectory() as scratch, _data_parallel_wrapping(model, config, device):
+        model = family.build(config.model)
+    blocks = family.blocks(model)
+    apply_recompute(blocks, config.parallel.recompute_granularity)
+    with tempfile.TemporaryDirectory() as scratch, _data_parallel_wrapping(model, blocks, config, device):
         trainer = Trainer(config, model, (data, None, None), TrainOptions(save=Path(scratch), device=device))
         batches = iter(build_loader(data, train.micro_batch_size, num_workers=0))
-        micro_batches = train.global_batch_size // train.micro_batch_size
+        micro_batches = micro_batches_per_step(train.global_batch_size, train.micro_batch_size, 1)
         for _ in range(warmup):
             trainer.train_step(batches, micro_batches)
         _sync(device)
@@ -98,13 +99,13 @@ def benchmark(
         _sync(device)
         seconds = (time.perf_counter() - start) / iters
     tokens = train.global_batch_size * config.model.seq_length
-    tflops = tokens * model_flops_per_token(config.model) / seconds / 1e12
+    tflops = tokens * family.flops_per_token(config.model) / seconds / 1e12
     peak = peak_tflops or device_peak_tflops(train.precision, device)
     return BenchResult(
         preset=preset,
         device=torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
         precision=train.precision,
-        parameters=config.model.num_parameters(),
+        parameters=family.num_parameters(config.model),
         global_batch_size=train.global_batch_size,
         micro_batch_size=train.micro_batch_size,
         seq_length=config.model.seq_length,
@@ -113,7 +114,7 @@ def benchmark(
         step_seconds=seconds,
         tokens_per_s=tokens / seconds,
         tflops=tflops,
-        flops_convention="6 * parameters + 12 * layers * hidden * seq per token (PaLM), no recompute",
+        flops_convention=family.flops_convention,
         peak_tflops=peak,
         mfu=tflops / peak if peak else None,
         peak_memory_gib=memory_gib(device),

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import math
-import shutil
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -20,31 +19,17 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 
-from mtk.checkpoint import (
-    iteration_dir,
-    latest_iteration,
-    load_trainer_state,
-    publish_checkpoint,
-    rng_state,
-    set_rng_state,
-    single_process_quietly,
-    staging_dir,
-)
-from mtk.config import RunConfig
+from mtk.checkpoint import Checkpointer, RunDir, rng_state, set_rng_state
+from mtk.config import RunConfig, micro_batches_per_step
 from mtk.data.loader import build_loader
+from mtk.models import family_spec
 from mtk.parallel.apply import ParallelModel
-from mtk.parallel.distributed import any_rank, barrier, gather_objects, global_rank, is_distributed
-from mtk.train.metrics import MetricsLogger, model_flops_per_token
+from mtk.parallel.distributed import any_rank, gather_objects, global_rank, is_distributed
+from mtk.train.metrics import MetricsLogger
 from mtk.train.optim import build_optimizer
-from mtk.train.schedule import global_batch_size, learning_rate
+from mtk.train.schedule import global_batch_size, learning_rate, total_iterations
+from mtk.train.step import StepRunner
 
 
 class TrainingError(RuntimeError):
@@ -67,7 +52,6 @@ class TrainOptions:
     dp_size: int = 1  # ... among this many (the model is sharded over them by mtk.parallel)
     timeout_minutes: float = 10.0  # a collective waiting longer than this aborts the job
     async_save: bool = False  # write checkpoints in the background while training goes on
-    on_log: Callable[[dict[str, Any]], None] | None = None
 
 
 @dataclass
@@ -77,29 +61,6 @@ class TrainState:
     consumed_tokens: int = 0
     skipped_iterations: int = 0
     losses: list[float] = field(default_factory=list)  # per iteration, of this process's run
-
-
-def total_iterations(config: RunConfig) -> int:
-    train = config.train
-    if train.train_iters is not None:
-        return train.train_iters
-    if train.train_samples is not None and not train.batch_size_ramp:
-        return train.train_samples // train.global_batch_size
-    raise TrainingError("give train_iters (or train_samples without a batch-size ramp)")
-
-
-def split_sample_counts(config: RunConfig, data_parallel_size: int = 1) -> tuple[int, int, int]:
-    """Samples each split must provide for the whole run, as Megatron computes them."""
-    train = config.train
-    iters = total_iterations(config)
-    largest_batch = max([train.global_batch_size, *(int(b) for _, b in train.batch_size_ramp or [])])
-    train_samples = train.train_samples or iters * largest_batch
-    evaluations = iters // train.eval_interval + 1 if train.eval_interval else 0
-    return (
-        train_samples,
-        evaluations * train.eval_iters * train.global_batch_size,
-        train.eval_iters * train.global_batch_size,
-    )
 
 
 class _Preemption:
@@ -124,12 +85,24 @@ class _Preemption:
 
 
 class Trainer:
+    """Trains ``model`` (this rank's parts, or a plain single-process module) on ``datasets``.
+
+    ``tokenizer`` (its manifest entry; None for mock data) is recorded in every checkpoint.
+    """
+
     def __init__(
-        self, config: RunConfig, model: nn.Module | ParallelModel, datasets: tuple, options: TrainOptions
+        self,
+        config: RunConfig,
+        model: nn.Module | ParallelModel,
+        datasets: tuple,
+        options: TrainOptions,
+        tokenizer: dict[str, Any] | None = None,
     ) -> None:
         if isinstance(model, nn.Module):  # a single-process model
             model = ParallelModel([model.to(options.device)], device=options.device)
         self.config, self.model, self.options = config, model, options
+        self.family = family_spec(config.model.family)
+        self.steps = StepRunner(model, self.family, config.model)
         self.train_data, self.valid_data, self.test_data = datasets
         self.optimizers = [build_optimizer(part, config.train) for part in model.parts]
         precision = config.train.precision
@@ -147,25 +120,18 @@ class Trainer:
         self.state = TrainState()
         self.phase = "start-up"  # what the ranks are doing together: named when a collective times out
         self.iters = total_iterations(config)
-        self.flops_per_token = model_flops_per_token(config.model)
-        self._pending_save: tuple[Any, int, dict[str, Any]] | None = None
-        self._save_group = None
+        self.flops_per_token = self.family.flops_per_token(config.model)
+        self.checkpointer = Checkpointer(
+            RunDir(options.save),
+            model.parts,
+            self.optimizers,
+            {"config": config.to_dict(), "tokenizer": tokenizer},
+            load_dir=RunDir(options.load) if options.load is not None else None,
+            keep_last=options.keep_last,
+            async_save=options.async_save,
+        )
 
     # ---- state ----------------------------------------------------------------------------
-    def _sharded_state(self) -> tuple[dict[str, Any], list[tuple[set[str], set[str]]]]:
-        """Model and optimizer state of this rank's parts, as DCP saves and loads it (DTensor shards
-        keyed by parameter name; flattened optimizer keys), and the keys of each part."""
-        options = StateDictOptions(flatten_optimizer_state_dict=True)
-        state: dict[str, Any] = {"model": {}, "optimizer": {}}
-        keys = []
-        for part, optimizer in zip(self.model.parts, self.optimizers, strict=True):
-            model = get_model_state_dict(part, options=options)
-            optim = get_optimizer_state_dict(part, optimizer, options=options)
-            state["model"].update(model)
-            state["optimizer"].update(optim)
-            keys.append((set(model), set(optim)))
-        return state, keys
-
     def _trainer_state(self) -> dict[str, Any]:
         return {
             "scaler": self.scaler.state_dict(),
@@ -179,76 +145,29 @@ class Trainer:
 
     def resume(self) -> bool:
         """Load the latest checkpoint of ``load`` (else of ``save``) if there is one, into any layout."""
-        import torch.distributed.checkpoint as dcp
-
-        for root in (self.options.load, self.options.save):
-            if root is None or (iteration := latest_iteration(root)) is None:
-                continue
-            self.phase = "checkpoint load (each rank reads the shards it needs)"
-            state, keys = self._sharded_state()
-            with single_process_quietly():
-                dcp.load(state, checkpoint_id=iteration_dir(root, iteration), no_dist=not is_distributed())
-            options = StateDictOptions(flatten_optimizer_state_dict=True)
-            for part, optimizer, (model_keys, optim_keys) in zip(
-                self.model.parts, self.optimizers, keys, strict=True
-            ):
-                set_model_state_dict(part, {k: state["model"][k] for k in model_keys}, options=options)
-                set_optimizer_state_dict(
-                    part, optimizer, {k: state["optimizer"][k] for k in optim_keys}, options=options
-                )
-            saved = load_trainer_state(root, iteration)
-            self.scaler.load_state_dict(saved["scaler"])
-            self.state.iteration = saved["iteration"]
-            self.state.consumed_samples = saved["consumed_samples"]
-            self.state.consumed_tokens = saved["consumed_tokens"]
-            self.state.skipped_iterations = saved["skipped_iterations"]
-            rngs = saved["rng"]
-            # the same layout continues each rank's stream; another layout restarts from rank 0's
-            set_rng_state(rngs[global_rank()] if len(rngs) == self.model.dims.world_size else rngs[0])
-            return True
-        return False
+        self.phase = "checkpoint load (each rank reads the shards it needs)"
+        saved = self.checkpointer.load()
+        if saved is None:
+            return False
+        self.scaler.load_state_dict(saved["scaler"])
+        self.state.iteration = saved["iteration"]
+        self.state.consumed_samples = saved["consumed_samples"]
+        self.state.consumed_tokens = saved["consumed_tokens"]
+        self.state.skipped_iterations = saved["skipped_iterations"]
+        rngs = saved["rng"]
+        # the same layout continues each rank's stream; another layout restarts from rank 0's
+        set_rng_state(rngs[global_rank()] if len(rngs) == self.model.dims.world_size else rngs[0])
+        return True
 
     def save(self) -> None:
         """Every rank writes its shards (in the background with ``async_save``); rank 0 completes it."""
-        import torch.distributed.checkpoint as dcp
-
-        self.finish_save()
         self.phase = "checkpoint save (each rank writes its shards)"
-        iteration, root = self.state.iteration, self.options.save
-        staged = staging_dir(root, iteration)
-        if global_rank() == 0:
-            shutil.rmtree(staged, ignore_errors=True)
-            staged.mkdir(parents=True)
-        barrier()
-        state, _ = self._sharded_state()
-        trainer_state = self._trainer_state()
-        no_dist = not is_distributed()
-        with single_process_quietly():
-            if self.options.async_save:
-                if self._save_group is None and not no_dist:  # its own group: saving overlaps training
-                    self._save_group = torch.distributed.new_group(backend="gloo")
-                future = dcp.async_save(
-                    state, checkpoint_id=staged, process_group=self._save_group, no_dist=no_dist
-                )
-            else:
-                dcp.save(state, checkpoint_id=staged, no_dist=no_dist)
-                future = None
-        self._pending_save = (future, iteration, trainer_state)
-        if future is None:
-            self.finish_save()
+        self.checkpointer.save(self.state.iteration, self._trainer_state())
 
     def finish_save(self) -> None:
-        """Wait for the save in flight, if any, and publish it (trainer state, rename, tracker)."""
-        if self._pending_save is None:
-            return
-        future, iteration, trainer_state = self._pending_save
-        self._pending_save = None
-        if future is not None:
-            future.result()
-        barrier()
-        if global_rank() == 0:
-            publish_checkpoint(self.options.save, iteration, trainer_state, self.options.keep_last)
-        barrier()
+        """Wait for the save in flight, if any, and publish it."""
+        self.phase = "checkpoint save (each rank writes its shards)"
+        self.checkpointer.finish()
 
     # ---- one step ---------------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -265,7 +184,7 @@ class Trainer:
             f"iteration {self.state.iteration + 1}: forward/backward "
             "(parameter all-gather, gradient reduce-scatter, tensor/pipeline/context exchanges)"
         )
-        local = self.model.step(
+        local = self.steps.run(
             [next(batches) for _ in range(micro_batches)], self._autocast, self.scaler.scale
         )
         lr = learning_rate(train, self.state.iteration, self.iters)
@@ -274,9 +193,9 @@ class Trainer:
                 group["lr"] = lr
             self.scaler.unscale_(optimizer)
         self.phase = f"iteration {self.state.iteration + 1}: gradient-norm and loss all-reduce"
-        grad_value = self.model.clip_grad_norm(train.clip_grad or math.inf)
+        grad_value = self.steps.clip_grad_norm(train.clip_grad or math.inf)
         # every rank sees the same values, so all take the same branch below
-        loss_value = self.model.reduce_loss(local)
+        loss_value = self.steps.reduce_loss(local)
         scale = self.scaler.get_scale()
         finite = math.isfinite(loss_value) and math.isfinite(grad_value)
         if not finite and not self.scaler.is_enabled():
@@ -312,16 +231,16 @@ class Trainer:
         loader = iter(
             build_loader(dataset, train.micro_batch_size, 0, options.dp_rank, options.dp_size, num_workers=0)
         )
-        per_step = train.global_batch_size // (train.micro_batch_size * options.dp_size)
+        per_step = micro_batches_per_step(train.global_batch_size, train.micro_batch_size, options.dp_size)
         losses = []
         for _ in range(train.eval_iters):
             micro_batches = list(islice(loader, per_step))
             if len(micro_batches) < per_step:
                 break
-            losses.append(self.model.step(micro_batches, self._autocast))
+            losses.append(self.steps.run(micro_batches, self._autocast))
         if not losses:
             return None
-        loss = self.model.reduce_loss(torch.stack(losses).mean())
+        loss = self.steps.reduce_loss(torch.stack(losses).mean())
         return {
             "split": split,
             "iteration": self.state.iteration,
@@ -353,7 +272,7 @@ class Trainer:
         with _Preemption() as preemption:
             while state.iteration < self.iters:
                 batch_size = global_batch_size(train, state.consumed_tokens)
-                micro_batches = batch_size // (train.micro_batch_size * options.dp_size)
+                micro_batches = micro_batches_per_step(batch_size, train.micro_batch_size, options.dp_size)
                 step = self.train_step(batches, micro_batches)
                 state.iteration += 1
                 state.consumed_samples += batch_size

@@ -1,44 +1,50 @@
-"""Language-model loss, the same function whatever the parallel layout."""
+"""The loss of a micro-batch from a family's loss terms, the same value whatever the parallel layout."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from mtk.models.spec import LossTerms
 
 
-def loss_targets(labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Labels with the positions the loss skips set to ``IGNORE_INDEX``: the one tensor the loss needs."""
-    return labels.masked_fill(loss_mask == 0, IGNORE_INDEX)
+def _identity(count: torch.Tensor) -> torch.Tensor:
+    return count
 
 
 @dataclass
-class LanguageModelLoss:
-    """Mean next-token cross-entropy (fp32) over the counted positions of one micro-batch, times ``scale``.
+class LossReduction:
+    """sum over terms of ``sum / count``, times ``scale`` (1 / micro-batches of the step).
 
-    Logits may be a DTensor sharded over the vocabulary (under ``loss_parallel``): they are never
-    gathered. With context parallelism each rank holds part of the sequence (``cp_group``): the
-    count is summed over the group and the loss multiplied by its size, because gradients are
-    averaged over it together with the data-parallel ranks.
+    Logits sharded over the vocabulary give a replicated DTensor sum, read whole. Under context
+    parallelism each rank holds part of the sequence: ``total_count`` sums a count over the cp ranks,
+    and the loss is multiplied by ``cp_size``, because gradients are averaged over the cp ranks
+    together with the data-parallel ones.
     """
 
     scale: float = 1.0
-    cp_group: Any = None
+    total_count: Callable[[torch.Tensor], torch.Tensor] = _identity
+    cp_size: int = 1
 
-    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        total = F.cross_entropy(
-            logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-        )
-        if hasattr(total, "full_tensor"):  # replicated DTensor from the vocabulary-parallel loss
-            total = total.full_tensor()
-        count = (targets != IGNORE_INDEX).sum()
-        factor = self.scale
-        if self.cp_group is not None:
-            dist.all_reduce(count, group=self.cp_group)
-            factor *= dist.get_world_size(self.cp_group)
-        return total * factor / count.clamp(min=1)
+    def __call__(self, terms: LossTerms) -> torch.Tensor:
+        loss = None
+        factor = self.scale * self.cp_size
+        for total, count in terms.values():
+            if hasattr(total, "full_tensor"):
+                total = total.full_tensor()
+            value = total * factor / self.total_count(count).clamp(min=1)
+            loss = value if loss is None else loss + value
+        return loss
+
+
+def cp_total_count(cp_group) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Sum a count over the context-parallel ranks of ``cp_group``."""
+    import torch.distributed as dist
+
+    def total(count: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(count, group=cp_group)
+        return count
+
+    return total

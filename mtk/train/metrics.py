@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from mtk.config import ModelConfig
+from mtk.checkpoint import RunDir
+from mtk.manifest import atomic_output
 
 # Dense (non-sparse) peak TFLOP/s per device, by precision; FP8 is twice bf16 on Hopper.
 PEAK_TFLOPS = {
@@ -18,14 +19,6 @@ PEAK_TFLOPS = {
     "H200": {"bf16": 989.0, "fp16": 989.0, "fp8": 1979.0, "fp32": 67.0},
     "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
 }
-
-
-def model_flops_per_token(model: ModelConfig) -> float:
-    """Training FLOPs per token: 6 * parameters (forward + backward matmuls) + 12 * layers * hidden * seq (attention).
-
-    The PaLM convention (Chowdhery et al., 2022, appendix B); no recomputation counted.
-    """
-    return 6.0 * model.num_parameters() + 12.0 * model.num_layers * model.hidden_size * model.seq_length
 
 
 def device_peak_tflops(precision: str, device: str) -> float | None:
@@ -47,18 +40,18 @@ def memory_gib(device: str) -> float:
 
 
 class MetricsLogger:
-    """Writes every record to ``RUN/metrics.jsonl`` and TensorBoard, and shows it on the console."""
+    """Writes every record to the run's ``metrics.jsonl`` and TensorBoard, and shows it on the console."""
 
     def __init__(
         self,
-        run_dir: Path,
+        run_dir: RunDir,
         tensorboard_dir: Path | None = None,
         peak_tflops: float | None = None,
         device: str = "cpu",
         show: Callable[[str], None] | None = None,
         enabled: bool = True,  # False on every data-parallel rank but the first
     ) -> None:
-        self.path = run_dir / "metrics.jsonl"
+        self.path = run_dir.metrics
         self.peak, self.device, self.show, self.enabled = peak_tflops, device, show or print, enabled
         self.writer = None
         if enabled and tensorboard_dir is not None:
@@ -119,22 +112,22 @@ class MetricsLogger:
             self.writer.close()
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
+def read_metrics(root: str | os.PathLike) -> list[dict[str, Any]]:
+    path = RunDir(root).metrics
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no metrics (is {run_dir} an mtk run directory?)")
+        raise FileNotFoundError(f"{path}: no metrics (is {root} an mtk run directory?)")
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def plot_loss(run_dir: Path, out: Path | None = None) -> Path:
-    """Loss curve (train, and valid where evaluated) of a run as a PNG; returns its path."""
+def plot_loss(root: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
+    """Loss curve (train, and valid where evaluated) of run directory ``root`` as a PNG; returns its path."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = read_metrics(run_dir)
-    out = Path(out) if out is not None else Path(run_dir) / "loss.png"
+    records = read_metrics(root)
+    out = Path(out) if out is not None else RunDir(root).plot
     figure, axis = plt.subplots(figsize=(7, 4))
     train = [r for r in records if "split" not in r]
     axis.plot([r["iteration"] for r in train], [r["loss"] for r in train], label="train")
@@ -144,12 +137,11 @@ def plot_loss(run_dir: Path, out: Path | None = None) -> Path:
             axis.plot([r["iteration"] for r in points], [r["loss"] for r in points], "o-", label=split)
     axis.set_xlabel("iteration")
     axis.set_ylabel("loss")
-    axis.set_title(Path(run_dir).resolve().name)
+    axis.set_title(Path(root).resolve().name)
     axis.grid(alpha=0.3)
     axis.legend()
     figure.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.png")
-    figure.savefig(tmp, dpi=100)
+    with atomic_output(out) as tmp:
+        figure.savefig(tmp, dpi=100, format="png")
     plt.close(figure)
-    os.replace(tmp, out)
     return out

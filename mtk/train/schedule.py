@@ -1,10 +1,34 @@
-"""Learning-rate and batch-size schedules, as functions of the step count (nothing to save but the count)."""
+"""Run length, learning-rate and batch-size schedules, as functions of the step count (nothing to save but the count)."""
 
 from __future__ import annotations
 
 import math
 
-from mtk.config import TrainConfig
+from mtk.config import ConfigError, RunConfig, TrainConfig
+
+
+def total_iterations(config: RunConfig) -> int:
+    """Optimizer steps of the whole run."""
+    train = config.train
+    if train.train_iters is not None:
+        return train.train_iters
+    if train.train_samples is not None and not train.batch_size_ramp:
+        return train.train_samples // train.global_batch_size
+    raise ConfigError("give train_iters (or train_samples without a batch-size ramp)")
+
+
+def split_sample_counts(config: RunConfig) -> tuple[int, int, int]:
+    """Samples each split must provide for the whole run, as Megatron computes them."""
+    train = config.train
+    iters = total_iterations(config)
+    largest_batch = max([train.global_batch_size, *(int(b) for _, b in train.batch_size_ramp or [])])
+    train_samples = train.train_samples or iters * largest_batch
+    evaluations = iters // train.eval_interval + 1 if train.eval_interval else 0
+    return (
+        train_samples,
+        evaluations * train.eval_iters * train.global_batch_size,
+        train.eval_iters * train.global_batch_size,
+    )
 
 
 def warmup_iters(config: TrainConfig, decay_iters: int) -> int:

@@ -15,6 +15,8 @@ from typer.testing import CliRunner
 from mtk.checkpoint import latest_iteration, load_checkpoint
 from stages.main import app
 
+pytestmark = pytest.mark.slow  # several processes under torchrun
+
 ARGS = ["--preset", "gpt-tiny", "--seq-length", "32", "--micro-batch-size", "4", "--global-batch-size", "8",
         "--log-interval", "1", "--eval-interval", "0", "--num-workers", "0", "--split", "90,5,5", "--device", "cpu"]  # fmt: skip
 TOLERANCE = 1e-5  # relative: reduction order differs between one process and two

@@ -20,6 +20,8 @@ from typer.testing import CliRunner
 from mtk.checkpoint import latest_iteration, load_checkpoint
 from stages.main import app
 
+pytestmark = pytest.mark.slow  # several processes under torchrun
+
 ITERS = 4
 COMMON = ["--mock-data", "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "8",
           "--train-iters", str(ITERS), "--log-interval", "1", "--eval-interval", "0", "--set", "eval_iters=1",

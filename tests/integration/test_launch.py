@@ -35,6 +35,7 @@ def iterations(run: Path) -> list[int]:
     return [r["iteration"] for r in records if "split" not in r]
 
 
+@pytest.mark.slow  # torchrun with two ranks
 def test_printed_torchrun_command_trains_on_two_ranks(tmp_path):
     run = tmp_path / "run"
     result = runner.invoke(
@@ -64,6 +65,7 @@ def fake_slurm(bin_dir: Path) -> None:
         (bin_dir / name).chmod(stat.S_IRWXU)
 
 
+@pytest.mark.slow  # torchrun with two ranks
 def test_slurm_script_runs_and_resumes_like_a_requeued_job(tmp_path):
     run, script = tmp_path / "run", tmp_path / "job.sbatch"
     result = runner.invoke(

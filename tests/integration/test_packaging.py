@@ -40,6 +40,7 @@ def wheel(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.slow  # builds and installs the wheel
 def test_wheel_contains_packages_presets_and_assets(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     sources = {
@@ -58,6 +59,7 @@ def test_wheel_contains_packages_presets_and_assets(wheel):
     assert "mtk = stages.main:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
 
+@pytest.mark.slow  # builds and installs the wheel
 def test_installed_wheel_finds_presets_outside_the_checkout(wheel, tmp_path):
     target = tmp_path / "site"
     subprocess.run(

@@ -273,6 +273,7 @@ def test_cli_summary_and_errors(tmp_path):
     assert bad.exit_code == 2 and "nope.jsonl: no such file or directory" in bad.output
 
 
+@pytest.mark.slow  # a prepare-data subprocess, interrupted
 def test_sigint_during_cli_run_leaves_nothing(tmp_path):
     rng = np.random.default_rng(0)
     line = json.dumps({"text": " ".join(map(str, rng.integers(0, 1000, 2000)))}) + "\n"

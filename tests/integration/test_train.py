@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from mtk.checkpoint import TRACKER, latest_iteration, load_checkpoint
 from mtk.config import apply_overrides
-from mtk.models.gpt import GPTModel
+from mtk.models.gpt import SPEC, GPTModel
 from mtk.presets import load_preset
 from mtk.train.loop import Trainer, TrainingError, TrainOptions
 from stages.main import app
@@ -81,6 +81,7 @@ def test_resume_is_exact(tmp_path, counting_data):
     assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")
 
 
+@pytest.mark.slow  # a training subprocess, killed
 def test_resume_after_sigkill_between_saves_is_exact(tmp_path, counting_data):
     common = ["--data", counting_data, "--train-iters", "40", "--set", "hidden_dropout=0.1"]
     train(*common, "--save", str(tmp_path / "straight"))
@@ -112,6 +113,7 @@ def test_resume_after_sigkill_between_saves_is_exact(tmp_path, counting_data):
     assert losses(tmp_path / "straight") == losses(run)
 
 
+@pytest.mark.slow  # a training subprocess, killed
 def test_sigterm_finishes_the_step_saves_and_exits_zero(tmp_path, counting_data):
     run = tmp_path / "preempted"
     command = [sys.executable, "-m", "stages.main", "train", *BASE, "--data", counting_data, "--train-iters", "100000",
@@ -213,14 +215,8 @@ def test_nan_loss_stops_with_the_iteration_or_is_skipped(tmp_path):
     trainer.options.skip_nan = True
     before = [p.detach().clone() for p in trainer.model.parameters()]
     assert trainer.train_step(iter([batch]), 1)["skipped"]
-    assert all(
-        torch.equal(
-            a,
-            b,
-        )
-        or torch.isnan(a).any()
-        for a, b in zip(before, trainer.model.parameters(), strict=True)
-    )
+    for a, b in zip(before, trainer.model.parameters(), strict=True):  # not one value moved (NaN stays NaN)
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
 
 
 def test_checkpoint_inspect(tmp_path, counting_data):
@@ -270,9 +266,9 @@ def test_bench_reports_throughput_as_json(tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     assert report["iters"] == 2 and report["global_batch_size"] == 4 and report["seq_length"] == 32
-    step_time = report["step_seconds"]
-    assert report["tokens_per_s"] * step_time == pytest.approx(4 * 32)  # consistency of the report, not speed
-    expected = apply_overrides(load_preset("gpt-tiny").sections, {"seq_length": 32}).model.num_parameters()
+    expected = SPEC.num_parameters(
+        apply_overrides(load_preset("gpt-tiny").sections, {"seq_length": 32}).model
+    )
     assert report["mfu"] is None and report["parameters"] == expected
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 
 import mtk.data.blended as blended
 import mtk.data.helpers as helpers
-from mtk.data.blended import BlendedDataset, build_blended_datasets, parse_blend
+from mtk.data.blended import BlendedDataset, build_split_datasets, parse_blend
 from mtk.data.gpt_dataset import GPTDataset
 
 
@@ -70,11 +71,15 @@ def test_parse_blend_files(write_corpus, tmp_path):
         parse_blend(f"1 {tmp_path / 'missing'}")
 
 
+def gpt(seq_length: int, seed: int):
+    return functools.partial(GPTDataset, seq_length=seq_length, seed=seed)
+
+
 def test_blended_datasets(write_corpus, tmp_path, monkeypatch):
     first = write_corpus("first", documents(0, 60))
     second = write_corpus("second", documents(1, 90))
     num_samples = (200, 20, 0)
-    train, valid, test = build_blended_datasets(f"1 {first} 3 {second}", "9,1", num_samples, 8, seed=2)
+    train, valid, test = build_split_datasets(f"1 {first} 3 {second}", "9,1", num_samples, gpt(8, seed=2))
     assert test is None
     for blend, n in ((train, 200), (valid, 20)):
         assert isinstance(blend, BlendedDataset) and len(blend) == n and blend.built_indices
@@ -94,7 +99,7 @@ def test_blended_datasets(write_corpus, tmp_path, monkeypatch):
         raise AssertionError("blend indices rebuilt although cached")
 
     monkeypatch.setattr(blended, "build_blending_indices", no_rebuild)
-    again, _, _ = build_blended_datasets(f"1 {first} 3 {second}", "9,1", num_samples, 8, seed=2)
+    again, _, _ = build_split_datasets(f"1 {first} 3 {second}", "9,1", num_samples, gpt(8, seed=2))
     assert not again.built_indices
     np.testing.assert_array_equal(again.dataset_sample_index, train.dataset_sample_index)
     assert len(list((tmp_path / ".mtk-cache").glob("BlendedDataset-*-description.json"))) == 2
@@ -102,6 +107,6 @@ def test_blended_datasets(write_corpus, tmp_path, monkeypatch):
 
 def test_single_prefix_is_a_plain_dataset(write_corpus):
     prefix = write_corpus("only", documents(0, 40))
-    train, valid, test = build_blended_datasets(prefix, "1", (30, 5, 5), 8, seed=1)
+    train, valid, test = build_split_datasets(prefix, "1", (30, 5, 5), gpt(8, seed=1))
     assert isinstance(train, GPTDataset) and train.description["num_samples"] == 30
     assert valid is None and test is None

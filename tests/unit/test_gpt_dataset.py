@@ -14,11 +14,12 @@ import torch
 
 import mtk.data.gpt_dataset as gpt_dataset
 import mtk.data.helpers as helpers
+from mtk.config import parse_split
 from mtk.data.blended import build_split_datasets
 from mtk.data.gpt_dataset import GPTDataset
 from mtk.data.indexed import IndexedDataset
 from mtk.data.mock import MockGPTDataset
-from mtk.data.splits import parse_split, split_indices
+from mtk.data.splits import split_indices
 
 
 def random_documents(seed: int, count: int, max_length: int) -> list[list[int]]:

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from mtk.config import apply_overrides
-from mtk.models.gpt import GPTModel
+from mtk.layers.init import initial_values
+from mtk.models import family_spec
+from mtk.models.gpt import SPEC, GPTModel
 from mtk.presets import load_preset, preset_names
 
 
@@ -16,17 +18,22 @@ from mtk.presets import load_preset, preset_names
 def test_module_parameter_count_equals_config_formula(name):
     config = load_preset(name).config.model
     model = GPTModel(config)
-    assert sum(p.numel() for p in model.parameters()) == config.num_parameters()
+    assert sum(p.numel() for p in model.parameters()) == SPEC.num_parameters(config)
 
 
-def test_every_gpt_family_preset_builds_on_meta_device():
+def test_every_preset_of_a_trainable_family_builds_on_meta_device_with_its_counted_size():
+    built = set()
     for name in preset_names():
         config = load_preset(name).config.model
-        if config.family != "gpt":
+        family = family_spec(config.family)
+        if not family.trainable:
             continue
         with torch.device("meta"):
-            model = GPTModel(config)
-        assert sum(p.numel() for p in model.parameters()) == config.num_parameters(), name
+            model = family.build(config)
+        assert sum(p.numel() for p in model.parameters()) == family.num_parameters(config), name
+        initial_values(model)  # every parameter's module declares how it starts
+        built.add(name)
+    assert {"gpt3-175b", "llama3-405b", "gpt-tiny"} <= built
 
 
 def test_architecture_switches():
@@ -111,11 +118,11 @@ def test_meta_built_model_is_materialised_with_the_weights_of_a_cpu_built_one():
     from mtk.parallel.apply import parallelize
     from mtk.parallel.dims import ParallelDims
 
-    config = load_preset("llama-tiny").config
+    config = apply_overrides(load_preset("llama-tiny").sections, {"seed": 7})
     with torch.device("meta"):
         meta = GPTModel(config.model)
     assert all(p.is_meta for p in meta.parameters())  # nothing allocated yet
-    runner = parallelize(meta, ParallelDims(world_size=1), None, config.parallel, "cpu", seed=7)
+    runner = parallelize(meta, SPEC, config, ParallelDims(world_size=1), None, "cpu")
     plain = GPTModel(config.model)
     plain.init_weights(seed=7)
     materialised = runner.parts[0].state_dict()
@@ -140,7 +147,7 @@ def test_recomputation_changes_neither_gradients_nor_parameter_names(granularity
     plain = GPTModel(config.model)
     recomputed = GPTModel(config.model)
     recomputed.load_state_dict(plain.state_dict())
-    apply_recompute(recomputed, granularity)
+    apply_recompute(SPEC.blocks(recomputed), granularity)
     wrapped = (
         recomputed.decoder.layers["0"] if granularity == "full" else recomputed.decoder.layers["0"].attention
     )

@@ -9,11 +9,12 @@ import torch
 from typer.testing import CliRunner
 
 from mtk.config import apply_overrides
-from mtk.models.gpt import GPTModel
+from mtk.models.gpt import SPEC, GPTModel
 from mtk.parallel.apply import ParallelModel, apply_recompute
 from mtk.plan import GIB, Layout, estimate_memory, suggest_layout, valid
 from mtk.presets import load_preset, preset_names
 from mtk.train.optim import build_optimizer
+from mtk.train.step import StepRunner
 from stages.main import app
 
 MARGIN = 0.2  # the estimate is within 20% of the measured peak
@@ -25,8 +26,11 @@ def measured_peak(config, recompute) -> int:
 
     torch.manual_seed(0)
     model = GPTModel(config.model)
-    apply_recompute(model, recompute)
-    runner, optimizer = ParallelModel([model]), build_optimizer(model, config.train)
+    apply_recompute(SPEC.blocks(model), recompute)
+    runner, optimizer = (
+        StepRunner(ParallelModel([model]), SPEC, config.model),
+        build_optimizer(model, config.train),
+    )
     batch, seq = config.train.micro_batch_size, config.model.seq_length
     tracker = MemTracker()
     tracker.track_external(model, optimizer)
@@ -35,7 +39,7 @@ def measured_peak(config, recompute) -> int:
             tokens = torch.randint(0, config.model.vocab_size, (batch, seq))
             micro = {"tokens": tokens, "labels": tokens, "loss_mask": torch.ones(batch, seq),
                      "position_ids": torch.arange(seq).expand(batch, seq)}  # fmt: skip
-            runner.step([micro], contextlib.nullcontext, lambda loss: loss)
+            runner.run([micro], contextlib.nullcontext, lambda loss: loss)
             tracker.reset_mod_stats()
             optimizer.step()
             optimizer.zero_grad()

@@ -1,0 +1,122 @@
+"""The family seam: what the rest of mtk knows about a model family, and nothing more.
+
+Each family file ``mtk/models/<family>.py`` holds its ``nn.Module`` and a spec object ``SPEC``;
+``mtk.models.family_spec(name)`` looks it up by ``ModelConfig.family``. Training, benchmarking,
+planning, generation and the presets go through the spec only:
+
+- ``FamilySpec``: what any family can say from its config alone (parameter count, its own rules).
+- ``TrainableFamily``: everything ``mtk train`` needs: build the model, its transformer blocks (the
+  units of recomputation and FSDP), its tensor-parallel plan as plain data, how to cut it into
+  pipeline stages, batch -> model inputs and targets, its loss terms, its datasets, FLOPs per token.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+
+from mtk.config import ModelConfig, RunConfig
+
+if TYPE_CHECKING:
+    from mtk.data.prepared import DataFacts
+
+LossTerms = dict[str, tuple[torch.Tensor, torch.Tensor]]  # name -> (summed loss, count it averages over)
+
+
+@dataclass
+class ModelBatch:
+    """One micro-batch as a model takes it.
+
+    ``inputs`` enter the model (the first pipeline stage) as its positional argument; ``extra`` reach
+    every stage as keyword arguments; ``targets`` go to the loss (one tensor, so that pipeline
+    schedules can split it by sample). Every tensor has the batch first and, when context
+    parallelism applies, the sequence second.
+    """
+
+    inputs: torch.Tensor
+    extra: dict[str, torch.Tensor]
+    targets: torch.Tensor
+
+    def map(self, function: Callable[[torch.Tensor], torch.Tensor]) -> ModelBatch:
+        """The batch with ``function`` applied to every tensor (device moves, sequence sharding)."""
+        return ModelBatch(
+            function(self.inputs), {k: function(v) for k, v in self.extra.items()}, function(self.targets)
+        )
+
+
+class FamilySpec(ABC):
+    """A model family as its config describes it."""
+
+    name: ClassVar[str]
+    trainable: ClassVar[bool] = False
+
+    @abstractmethod
+    def num_parameters(self, config: ModelConfig, tensor_parallel: int = 1) -> int:
+        """Parameters of the whole model from its config alone (no allocation), vocabulary padded for TP."""
+
+    def problems(self, config: RunConfig) -> list[str]:
+        """What in ``config`` this family cannot run (``mtk.config.check_run`` reports it)."""
+        if not self.trainable:
+            return [
+                f"family '{self.name}': mtk cannot build and train this family yet; its presets are there "
+                "for `mtk presets` and `mtk plan`"
+            ]
+        return []
+
+
+class TrainableFamily(FamilySpec):
+    """A family that ``mtk train`` builds, parallelises and trains."""
+
+    trainable: ClassVar[bool] = True
+    flops_convention: ClassVar[str]  # how ``flops_per_token`` counts, for reports
+
+    @abstractmethod
+    def build(self, config: ModelConfig) -> nn.Module:
+        """The whole model (on the current default device; ``torch.device("meta")`` allocates nothing)."""
+
+    @abstractmethod
+    def blocks(self, model: nn.Module) -> list[nn.ModuleDict]:
+        """The containers of transformer layers: each layer is a unit of recomputation and of FSDP."""
+
+    @abstractmethod
+    def tp_plan(self, model: nn.Module) -> dict[str, str]:
+        """Module path -> tensor-parallel style name (``mtk.parallel.tensor.STYLES``) for ``model`` or a
+        pipeline stage of it."""
+
+    @abstractmethod
+    def pipeline_layers(self, config: ModelConfig) -> int:
+        """How many layers the pipeline split distributes over stages."""
+
+    @abstractmethod
+    def pipeline_stage(self, model: nn.Module, layers: range, first: bool, last: bool) -> nn.Module:
+        """A copy of ``model`` with only what one stage runs: ``layers``, the input embedding when
+        ``first``, the output and loss inputs when ``last``. Parameter names stay the whole model's."""
+
+    def tied_parameters(self, config: ModelConfig) -> list[str]:
+        """Parameters held by both the first and the last pipeline stage (tied embeddings): their
+        gradients are summed across the two, and a gradient norm counts them once."""
+        return []
+
+    @abstractmethod
+    def model_batch(self, batch: dict[str, torch.Tensor]) -> ModelBatch:
+        """A collated micro-batch of this family's dataset as the model and loss take it."""
+
+    @abstractmethod
+    def loss_terms(self, outputs: Any, targets: torch.Tensor) -> LossTerms:
+        """The loss of one micro-batch as named ``(sum, count)`` terms; its value is sum(sum / count)."""
+
+    @abstractmethod
+    def datasets(
+        self, config: RunConfig, num_samples: tuple[int, int, int], facts: DataFacts | None
+    ) -> tuple[Any, Any, Any]:
+        """Train, valid and test datasets of ``num_samples`` samples each (None where a split has none);
+        mock data when ``config.data.mock_data``, else ``config.data.data_path`` (described by ``facts``)."""
+
+    @abstractmethod
+    def flops_per_token(self, config: ModelConfig) -> float:
+        """Training FLOPs per token, the model-FLOPs convention of MFU (no recomputation)."""

@@ -1,0 +1,133 @@
+"""Command-line options, declared once: config flags derive from the config dataclasses' fields.
+
+``with_config_options(*keys)`` gives a command one option per config key, named by the field's
+``flag`` and explained by its ``help``, typed by its annotation (a Literal lists its choices; an
+optional Literal also takes ``none``). The command receives the values given on the command line as
+``config_values`` (config key -> value); options left out keep the preset's value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import typer
+
+from mtk import config as cfg
+from stages.common import fail
+
+NONE = "none"  # an optional choice's way of saying "unset" on the command line
+
+Preset = Annotated[
+    str, typer.Option("--preset", "-p", help="Preset name (`mtk presets list`).", show_default=False)
+]
+Overrides = Annotated[
+    list[str],
+    typer.Option(
+        "--set",
+        help="Override any config key: --set num_layers=4 (Megatron names; `mtk presets show NAME` "
+        "lists them). Repeatable.",
+    ),
+]
+BF16 = Annotated[bool, typer.Option("--bf16", help="bf16 mixed precision.")]
+FP16 = Annotated[bool, typer.Option("--fp16", help="fp16 mixed precision with dynamic loss scaling.")]
+Device = Annotated[
+    str | None, typer.Option("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available).")
+]
+
+
+def _field(key: str) -> tuple[dataclasses.Field, Any]:
+    section = cfg.section_of(key)
+    if section is None:
+        raise KeyError(f"no config key {key!r}")
+    cls = cfg.SECTIONS[section]
+    item = next(f for f in dataclasses.fields(cls) if f.name == key)
+    return item, typing.get_type_hints(cls)[key]
+
+
+def _option_type(annotation: Any) -> Any:
+    """The CLI type of a config field: optional always (left out = keep); optional Literals add 'none'."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    optional = type(None) in typing.get_args(annotation)
+    base = args[0] if optional and len(args) == 1 else annotation
+    if typing.get_origin(base) is Literal:
+        choices = typing.get_args(base) + ((NONE,) if optional else ())
+        return Literal[choices] | None  # type: ignore[valid-type]
+    return base | None
+
+
+def flagged_keys(*sections: str) -> list[str]:
+    """The config keys of ``sections`` that have a command-line flag, in declaration order."""
+    return [
+        item.name
+        for name in sections
+        for item in dataclasses.fields(cfg.SECTIONS[name])
+        if item.metadata.get("flag")
+    ]
+
+
+def with_config_options(*keys: str) -> Callable[[Callable], Callable]:
+    """Add an option for each config key in ``keys`` to a command that takes ``config_values``."""
+    declared = {key: _field(key) for key in keys}
+
+    def decorate(command: Callable) -> Callable:
+        signature = inspect.signature(command)
+        hints = typing.get_type_hints(command, include_extras=True)
+        params = [
+            parameter.replace(annotation=hints[name])
+            for name, parameter in signature.parameters.items()
+            if name != "config_values"
+        ]
+        for key, (item, annotation) in declared.items():
+            option = typer.Option(item.metadata["flag"], help=item.metadata["help"], show_default=False)
+            params.append(
+                inspect.Parameter(
+                    key,
+                    inspect.Parameter.KEYWORD_ONLY,
+                    default=None,
+                    annotation=Annotated[_option_type(annotation), option],
+                )
+            )
+
+        @functools.wraps(command)
+        def run(**kwargs: Any) -> Any:
+            values = {}
+            for key in declared:
+                value = kwargs.pop(key)
+                if value is not None:
+                    values[key] = None if value == NONE else value
+            return command(**kwargs, config_values=values)
+
+        run.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+        del run.__wrapped__  # typer must read the new signature, not the command's own
+        return run
+
+    return decorate
+
+
+def build_config(
+    preset: str, overrides: list[str], config_values: dict[str, Any], bf16: bool = False, fp16: bool = False
+) -> cfg.RunConfig:
+    """The preset with ``--set`` overrides, then flag values, then precision flags applied; a
+    ConfigError becomes a clean exit naming the key."""
+    from mtk.presets import load_preset
+
+    if bf16 and fp16:
+        fail("--bf16 and --fp16 exclude each other")
+    try:
+        values = dict(cfg.parse_override(item) for item in overrides)
+        values.update(config_values)
+        if bf16 or fp16:
+            values["precision"] = "bf16" if bf16 else "fp16"
+        return cfg.apply_overrides(load_preset(preset).sections, values)
+    except cfg.ConfigError as err:
+        fail(str(err))
+
+
+def path_value(value: str | None) -> Path | None:
+    return Path(value) if value is not None else None

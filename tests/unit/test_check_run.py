@@ -1,0 +1,161 @@
+"""One validation home: every rule of a run (layout, batch, length, family, precision, ranges) up front,
+with messages that say what to change."""
+
+from __future__ import annotations
+
+import pytest
+
+from mtk.config import ConfigError, ModelConfig, RunConfig, apply_overrides, check_run, run_problems
+from mtk.models import family_spec
+from mtk.parallel.dims import ParallelDims
+from mtk.presets import load_preset
+
+
+def config(name, **overrides):
+    return apply_overrides(load_preset(name).sections, {"mock_data": True, **overrides})
+
+
+def check(cfg, world):
+    check_run(cfg, world, family_spec(cfg.model.family))
+
+
+def test_seed_recipe_layouts_are_valid():
+    # (preset, world size): the recipes' own layouts; bert is not trainable yet, fp8 not implemented
+    for name, world in [
+        ("gpt3-175b", 8 * 16),
+        ("bert-20b", 16),
+        ("llama3-8b", 8),
+        ("llama3-70b", 64),
+        ("llama3-405b", 1024),
+    ]:
+        cfg = config(name, train_iters=1)
+        problems = run_problems(cfg, world, family_spec(cfg.model.family))
+        assert {p.rule for p in problems} <= {"family", "precision"}, (name, problems)
+    llama405 = ParallelDims.from_config(config("llama3-405b"), 1024)
+    assert (llama405.tp, llama405.pp, llama405.cp, llama405.vp, llama405.dp) == (8, 8, 2, 8, 8)
+    assert llama405.mesh_shape() == (8, 8, 2, 8)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "world", "message"),
+    [
+        ({"tensor_model_parallel_size": 3}, 3, "num_attention_heads 4 is not divisible by TP 3"),
+        ({"pipeline_model_parallel_size": 4}, 4, "num_layers 2 is not divisible by PP x VP = 4 x 1"),
+        ({"context_parallel_size": 3}, 3, "seq_length 128 is not divisible by 2 x CP = 6"),
+        ({"tensor_model_parallel_size": 2}, 3, "world size 3 is not a multiple of TP x PP x CP"),
+        ({"virtual_pipeline_model_parallel_size": 2}, 1, "need pipeline parallelism"),
+    ],
+)
+def test_invalid_layouts_are_rejected_with_the_fix(overrides, world, message):
+    cfg = config("gpt-tiny", **overrides)
+    problems = run_problems(cfg, world, family_spec("gpt"))
+    assert message in " ".join(p.message for p in problems if p.rule == "layout")
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        check(cfg, world)
+
+
+def test_global_batch_must_divide_by_micro_batch_times_dp():
+    cfg = config("gpt-tiny", global_batch_size=12, micro_batch_size=4)
+    (problem,) = run_problems(cfg, 2, family_spec("gpt"))
+    assert problem.rule == "batch"  # the layout itself is fine, the batch is not
+    with pytest.raises(
+        ConfigError,
+        match=r"global batch size 12 is not a multiple of micro_batch_size \(4\) x data-parallel size \(2\)",
+    ):
+        check(cfg, 2)
+
+
+def test_query_groups_must_divide_by_tp():
+    cfg = config("llama-tiny", tensor_model_parallel_size=4)  # 4 heads, 2 query groups
+    with pytest.raises(ConfigError, match="num_query_groups 2 is not divisible by TP 4"):
+        check(cfg, 4)
+
+
+def test_all_problems_are_reported_at_once():
+    cfg = config("gpt-tiny", tensor_model_parallel_size=3, pipeline_model_parallel_size=4)
+    with pytest.raises(ConfigError) as err:
+        check(cfg, 12)
+    assert "the run cannot start" in str(err.value)
+    assert "layout: num_attention_heads 4 is not divisible by TP 3" in str(err.value)
+    assert "PP x VP = 4 x 1" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"pipeline_model_parallel_size": 2, "global_batch_size": 4}, "1 micro-batches per pipeline, fewer than PP 2"),
+        (
+            {"pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": 2, "num_layers": 4,
+             "global_batch_size": 12},
+            "interleaved schedule needs the micro-batches per pipeline (3",
+        ),
+    ],
+)  # fmt: skip
+def test_pipeline_schedules_need_enough_micro_batches(overrides, message):
+    cfg = config("gpt-tiny", micro_batch_size=4, **overrides)
+    world = cfg.parallel.pipeline_model_parallel_size
+    with pytest.raises(ConfigError) as err:
+        check(cfg, world)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "rule", "message"),
+    [
+        ({"mock_data": False}, "data", "give exactly one of --data PREFIX and --mock-data"),
+        ({"data_path": "corpus_text_document"}, "data", "give exactly one of --data PREFIX and --mock-data"),
+        ({"train_iters": None}, "length", "give --train-iters or --train-samples"),
+        ({"train_iters": None, "train_samples": 64, "batch_size_ramp": [[0, 4]]}, "length", "ramp needs"),
+        ({"min_lr": 0.1}, "schedule", "min_lr 0.1 is above lr 0.001"),
+        ({"fp8": "hybrid"}, "precision", "FP8 training is not implemented yet"),
+        ({"family": "bert"}, "family", "family 'bert': mtk cannot build and train this family yet"),
+        ({"max_position_embeddings": 16}, "layout", "seq_length 128 exceeds max_position_embeddings 16"),
+    ],
+)
+def test_every_rule_has_its_kind_and_says_what_to_change(overrides, rule, message):
+    cfg = config("gpt-tiny", **overrides)
+    (problem,) = run_problems(cfg, 1, family_spec(cfg.model.family))
+    assert problem.rule == rule and message in problem.message
+    with pytest.raises(ConfigError, match=message):
+        check(cfg, 1)
+    check_run(cfg, 1, family_spec(cfg.model.family), ignore=[rule])  # what plan does for its kinds
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "allowed"),
+    [
+        ("num_layers", 0, ">= 1"),
+        ("num_layers", -1, ">= 1"),
+        ("num_attention_heads", 0, ">= 1"),
+        ("num_query_groups", 0, ">= 1"),
+        ("hidden_size", -64, ">= 1"),
+        ("micro_batch_size", 0, ">= 1"),
+        ("global_batch_size", 0, ">= 1"),
+        ("log_interval", 0, ">= 1"),
+        ("tensor_model_parallel_size", 0, ">= 1"),
+        ("clip_grad", -1.0, ">= 0"),
+        ("weight_decay", -1.0, ">= 0"),
+        ("hidden_dropout", 1.0, "in [0, 1)"),
+        ("lr", float("nan"), ">= 0"),
+        ("seed", -1, "in [0, 4294967295]"),
+    ],
+)
+def test_values_out_of_their_declared_range_are_rejected_naming_the_key(key, value, allowed):
+    with pytest.raises(ConfigError) as err:
+        config("gpt-tiny", **{key: value})
+    assert f"'{key}' = {value!r} is out of range: it must be {allowed}" in str(err.value)
+
+
+@pytest.mark.parametrize("ramp", [[[0, 0]], [[0]], [[0, 4], [-1, 8]], [[100, 4], [0, 8]], [[0, 2.5]]])
+def test_malformed_batch_size_ramps_are_rejected(ramp):
+    with pytest.raises(ConfigError, match="batch_size_ramp"):
+        config("gpt-tiny", batch_size_ramp=ramp)
+
+
+def test_saved_configs_with_the_split_in_the_train_section_still_load():
+    legacy = RunConfig.from_dict({"train": {"split": "98,2,0"}})
+    assert legacy.data.split == "98,2,0"
+    with pytest.raises(ConfigError, match="split '1,x'"):
+        RunConfig.from_dict({"data": {"split": "1,x"}})
+    with pytest.raises(ConfigError, match="not a multiple of num_query_groups"):
+        ModelConfig(num_attention_heads=6, hidden_size=96, num_query_groups=4)

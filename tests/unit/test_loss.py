@@ -1,0 +1,78 @@
+"""The loss: ignored targets, micro-batch scaling, and the context-parallel factor, against plain references."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mtk.config import apply_overrides
+from mtk.layers.loss import IGNORE_INDEX, loss_targets, token_cross_entropy
+from mtk.models.gpt import SPEC
+from mtk.parallel.apply import ParallelModel
+from mtk.parallel.context import shard_sequence
+from mtk.presets import load_preset
+from mtk.train.loss import LossReduction
+from mtk.train.step import StepRunner
+
+
+def test_ignored_targets_count_for_nothing():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 11)
+    labels = torch.randint(0, 11, (2, 6))
+    mask = torch.tensor([[1, 1, 0, 1, 1, 1], [0, 0, 1, 1, 1, 1]], dtype=torch.float32)
+    targets = loss_targets(labels, mask)
+    assert (targets == IGNORE_INDEX).sum() == 3
+    total, count = token_cross_entropy(logits, targets)
+    kept = mask.bool()
+    reference = F.cross_entropy(logits[kept], labels[kept], reduction="sum")
+    torch.testing.assert_close(total, reference)
+    assert count.item() == 9
+    assert LossReduction()({"lm": (total, count)}).item() == pytest.approx(reference.item() / 9, rel=1e-6)
+
+
+def test_terms_add_and_scale_by_micro_batches():
+    terms = {"a": (torch.tensor(6.0), torch.tensor(3)), "b": (torch.tensor(1.0), torch.tensor(4))}
+    assert LossReduction(scale=0.5)(terms).item() == pytest.approx(0.5 * (2.0 + 0.25))
+    assert LossReduction()({"empty": (torch.tensor(0.0), torch.tensor(0))}).item() == 0.0  # no 0 / 0
+
+
+@pytest.mark.parametrize("cp", [2, 4])
+def test_context_parallel_losses_average_to_the_whole_sequence_loss(cp):
+    """Each cp rank sees part of the sequence; with the count summed over ranks and the cp factor,
+    the ranks' mean (what gradient averaging over dp x cp takes) is the one-process loss."""
+    torch.manual_seed(1)
+    logits = torch.randn(2, 8 * cp, 13)
+    targets = torch.randint(0, 13, (2, 8 * cp))
+    targets[0, :5] = IGNORE_INDEX  # uneven counts across ranks
+    whole = LossReduction()({"lm": token_cross_entropy(logits, targets)})
+    total_count = (targets != IGNORE_INDEX).sum()
+    per_rank = [
+        LossReduction(total_count=lambda count: total_count, cp_size=cp)(
+            {"lm": token_cross_entropy(shard_sequence(logits, cp, r), shard_sequence(targets, cp, r))}
+        )
+        for r in range(cp)
+    ]
+    torch.testing.assert_close(torch.stack(per_rank).mean(), whole)
+
+
+def test_a_step_of_micro_batches_is_the_global_batch_loss_and_gradient():
+    config = apply_overrides(load_preset("gpt-tiny").sections, {"seq_length": 16, "hidden_dropout": 0.0,
+                                                                "attention_dropout": 0.0})  # fmt: skip
+    torch.manual_seed(0)
+    model = SPEC.build(config.model)
+    tokens = torch.randint(0, 4000, (4, 17))
+    batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(4, 16),
+             "position_ids": torch.arange(16).expand(4, 16)}  # fmt: skip
+    halves = [{k: v[i : i + 2] for k, v in batch.items()} for i in (0, 2)]
+    runner = StepRunner(ParallelModel([model]), SPEC, config.model)
+    loss = runner.reduce_loss(runner.run(halves, contextlib.nullcontext, lambda loss: loss))
+    accumulated = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    reference = F.cross_entropy(model(batch["tokens"]).flatten(0, 1), batch["labels"].flatten())
+    reference.backward()
+    assert loss == pytest.approx(reference.item(), rel=1e-6)
+    for got, want in zip(accumulated, (p.grad for p in model.parameters()), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
