@@ -141,3 +141,11 @@ def layer_parameters(config: ModelConfig, cross_attention: bool = False) -> int:
 
 def norm_parameters(config: ModelConfig) -> int:
     return (2 if config.normalization == "LayerNorm" else 1) * config.hidden_size
+
+
+def embedding_parameters(config: ModelConfig, tensor_parallel: int = 1) -> int:
+    """The word embedding (vocabulary padded for ``tensor_parallel``) and learned positions, if any."""
+    total = config.padded_vocab_size(tensor_parallel) * config.hidden_size
+    if config.position_embedding_type == "learned_absolute":
+        total += config.max_position_embeddings * config.hidden_size
+    return total

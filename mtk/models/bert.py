@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from mtk.config import ModelConfig
-from mtk.layers.transformer import layer_parameters, norm_parameters
+from mtk.layers.transformer import embedding_parameters, layer_parameters, norm_parameters
 from mtk.models.spec import FamilySpec
 
 
@@ -13,7 +13,7 @@ class BertFamily(FamilySpec):
     def num_parameters(self, config: ModelConfig, tensor_parallel: int = 1) -> int:
         hidden, vocab = config.hidden_size, config.padded_vocab_size(tensor_parallel)
         norm = norm_parameters(config)
-        total = vocab * hidden + config.max_position_embeddings * hidden
+        total = embedding_parameters(config, tensor_parallel)
         total += 2 * hidden if config.bert_binary_head else 0  # token-type embeddings
         total += config.num_layers * layer_parameters(config) + norm
         total += (hidden * hidden + hidden) + norm + vocab  # LM head: dense, norm, output bias

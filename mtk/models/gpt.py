@@ -16,7 +16,7 @@ from mtk.config import ModelConfig, RunConfig
 from mtk.layers.attention import KVCache
 from mtk.layers.init import Embedding, Linear, initialize
 from mtk.layers.loss import loss_targets, token_cross_entropy
-from mtk.layers.transformer import TransformerBlock, layer_parameters, norm_parameters
+from mtk.layers.transformer import TransformerBlock, embedding_parameters, layer_parameters, norm_parameters
 from mtk.models.spec import LossTerms, ModelBatch, TrainableFamily
 
 
@@ -107,12 +107,10 @@ class GPTFamily(TrainableFamily):
     flops_convention = "6 * parameters + 12 * layers * hidden * seq per token (PaLM), no recompute"
 
     def num_parameters(self, config: ModelConfig, tensor_parallel: int = 1) -> int:
-        hidden, vocab = config.hidden_size, config.padded_vocab_size(tensor_parallel)
-        total = vocab * hidden + config.num_layers * layer_parameters(config) + norm_parameters(config)
-        if config.position_embedding_type == "learned_absolute":
-            total += config.max_position_embeddings * hidden
+        total = embedding_parameters(config, tensor_parallel)
+        total += config.num_layers * layer_parameters(config) + norm_parameters(config)
         if config.untie_embeddings_and_output_weights:
-            total += vocab * hidden
+            total += config.padded_vocab_size(tensor_parallel) * config.hidden_size
         return total
 
     def flops_per_token(self, config: ModelConfig) -> float:

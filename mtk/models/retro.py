@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from mtk.config import ModelConfig
-from mtk.layers.transformer import layer_parameters, norm_parameters
+from mtk.layers.transformer import embedding_parameters, layer_parameters, norm_parameters
 from mtk.models.spec import FamilySpec
 
 
@@ -21,9 +21,7 @@ class RetroFamily(FamilySpec):
         norm = norm_parameters(config)
         layer, cross_layer = layer_parameters(config), layer_parameters(config, cross_attention=True)
         attention_block = cross_layer - layer - norm
-        total = vocab * hidden
-        if config.position_embedding_type == "learned_absolute":
-            total += config.max_position_embeddings * hidden
+        total = embedding_parameters(config, tensor_parallel)
         retro_layers = len(retro_layer_numbers(config))
         total += (config.num_layers - retro_layers) * layer + retro_layers * cross_layer + norm
         # neighbour encoder: its first layer cross-attends to the decoder chunk

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from mtk.config import ModelConfig
-from mtk.layers.transformer import layer_parameters, norm_parameters
+from mtk.layers.transformer import embedding_parameters, layer_parameters, norm_parameters
 from mtk.models.spec import FamilySpec
 
 
@@ -11,9 +11,9 @@ class T5Family(FamilySpec):
     name = "t5"
 
     def num_parameters(self, config: ModelConfig, tensor_parallel: int = 1) -> int:
-        hidden, vocab = config.hidden_size, config.padded_vocab_size(tensor_parallel)
+        vocab = config.padded_vocab_size(tensor_parallel)
         norm = norm_parameters(config)
-        total = vocab * hidden + config.max_position_embeddings * hidden
+        total = embedding_parameters(config, tensor_parallel)
         total += config.num_layers * layer_parameters(config) + norm  # encoder
         total += config.decoder_num_layers * layer_parameters(config, cross_attention=True) + norm  # decoder
         return total + vocab  # LM head bias; weights tied to the embedding
