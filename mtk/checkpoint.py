@@ -2,22 +2,34 @@
 
 Weights and optimizer state are saved with ``torch.distributed.checkpoint`` (DCP): every rank writes
 its own shards, keyed by parameter name with their place in the whole tensor, so a checkpoint loads
-into any parallel layout (DCP reshards on load). ``trainer.pt`` holds the rest (iteration, samples,
-loss scaler, every rank's RNG state, config) and ``checkpoint.json`` describes the checkpoint (config,
-tokenizer), so that any ``iter_*`` folder stands on its own. A checkpoint is written into a temporary
-folder and renamed into place before the tracker is updated, so a crash at any moment leaves the
-previous checkpoint usable and never a half one.
+into any parallel layout (DCP reshards on load). ``trainer.safetensors`` holds the rest (iteration,
+samples, loss scaler, every rank's RNG state, config) as JSON and tensors, ``checkpoint.json``
+describes the checkpoint (config, tokenizer), and ``checksums.json`` records the size and sha256
+of every file. Nothing is unpickled on load except DCP's metadata, through an unpickler that only
+builds DCP's own metadata classes.
+
+A checkpoint is written into a temporary folder and renamed into place before the tracker is
+updated, so a crash at any moment leaves the previous checkpoint usable and never a half one. On
+load every file is checked against its checksum; a damaged checkpoint is skipped, with a warning
+naming what is wrong, for the newest intact one. One run at a time holds a run directory (a lock).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
+import hashlib
+import io
 import json
 import os
+import pickle
 import random
 import shutil
+import socket
+import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +40,15 @@ from torch import nn
 from mtk.manifest import atomic_output, atomic_write_text
 
 TRACKER = "latest_checkpointed_iteration.txt"  # Megatron's name, so its users find it
-TRAINER_STATE = "trainer.pt"
+TRAINER_STATE = "trainer.safetensors"
+LEGACY_TRAINER_STATE = "trainer.pt"  # written by mtk before 0.2: read without running code
 DESCRIPTION = "checkpoint.json"
+CHECKSUMS = "checksums.json"
+LOCK = ".lock"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint is missing or unreadable."""
+    """A checkpoint is missing, damaged or unreadable, or the run directory is in use."""
 
 
 class RunDir:
@@ -83,19 +98,37 @@ class RunDir:
                 found.append(int(digits))
         return sorted(found)
 
+    def tracked(self) -> int | None:
+        """The iteration the tracker names (None without a tracker); CheckpointError if unreadable."""
+        try:
+            text = self.tracker.read_text(encoding="ascii").strip()
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{self.tracker}: unreadable ({err}); it should hold an iteration number") from None
+        if not text.isdigit():
+            raise CheckpointError(f"{self.tracker}: expected an iteration number, found {text[:40]!r}")
+        return int(text)
+
     def latest(self) -> int | None:
         """The iteration the tracker names, or None when the directory holds no complete checkpoint."""
-        if not self.tracker.is_file():
+        iteration = self.tracked()
+        if iteration is None:
             return None
-        text = self.tracker.read_text().strip()
-        if not text.isdigit():
-            raise CheckpointError(f"{self.tracker}: expected an iteration number, found {text!r}")
-        iteration = int(text)
-        if not (self.checkpoint(iteration) / TRAINER_STATE).is_file():
+        if not has_trainer_state(self.checkpoint(iteration)):
             raise CheckpointError(
                 f"{self.tracker} names iteration {iteration}, but {self.checkpoint(iteration)} is missing"
             )
         return iteration
+
+    def candidates(self) -> list[int]:
+        """Checkpoints to resume from, best first: the tracker's, then the others from the newest."""
+        present = [i for i in reversed(self.checkpoints()) if has_trainer_state(self.checkpoint(i))]
+        tracked = self.tracked()
+        if tracked in present:
+            present.remove(tracked)
+            present.insert(0, tracked)
+        return present
 
     def checkpoint_path(self, iteration: int | None = None) -> Path:
         """The folder of checkpoint ``iteration`` (default: the latest); CheckpointError if absent."""
@@ -104,9 +137,35 @@ class RunDir:
             if iteration is None:
                 raise CheckpointError(f"{self.root}: no checkpoint ({TRACKER} not found)")
         path = self.checkpoint(iteration)
-        if not (path / TRAINER_STATE).is_file():
+        if not has_trainer_state(path):
             raise CheckpointError(f"{path}: checkpoint not found")
         return path
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold this run directory for the duration; CheckpointError naming the holder if another
+        process holds it. The lock dies with its holder (an flock), so it is never stale."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / LOCK
+        handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held until the block ends
+        try:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                raise CheckpointError(
+                    f"{self.root} is in use by {holder}; wait for that run to end (or stop it), "
+                    "or give this run another --save directory"
+                ) from None
+            handle.seek(0)
+            handle.truncate()
+            started = time.strftime("%Y-%m-%d %H:%M:%S")
+            handle.write(f"pid {os.getpid()} on host {socket.gethostname()} (since {started})\n")
+            handle.flush()
+            yield
+        finally:
+            handle.close()  # releases the flock
 
 
 def latest_iteration(root: str | os.PathLike) -> int | None:
@@ -114,19 +173,259 @@ def latest_iteration(root: str | os.PathLike) -> int | None:
     return RunDir(root).latest()
 
 
+def has_trainer_state(path: Path) -> bool:
+    return (path / TRAINER_STATE).is_file() or (path / LEGACY_TRAINER_STATE).is_file()
+
+
+# ---- data-only trainer state --------------------------------------------------------------------
+
+
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's random generators: Python's, numpy's, torch's (and CUDA's) states."""
+    version, internal, gauss = random.getstate()
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, position, has_gauss, cached = state["numpy"]
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)
+    np.random.set_state((name, keys.astype(np.uint32), position, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _encode(value: Any, name: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """JSON-able ``value`` with every tensor moved to ``tensors`` under a path-like name."""
+    if isinstance(value, torch.Tensor):
+        tensors[name] = value.detach().cpu().contiguous()
+        return {"__tensor__": name}
+    if isinstance(value, dict):
+        return {str(k): _encode(v, f"{name}.{k}", tensors) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_encode(v, f"{name}.{i}", tensors) for i, v in enumerate(value)]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _decode(value: Any, tensors: Any) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {"__tensor__"}:
+            return tensors.get_tensor(value["__tensor__"])
+        return {k: _decode(v, tensors) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode(v, tensors) for v in value]
+    return value
+
+
+def write_trainer_state(path: Path, state: dict[str, Any]) -> None:
+    """``state`` (numbers, strings, lists, dicts and tensors) as a safetensors file: data only."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    encoded = _encode(state, "state", tensors)
+    save_file(tensors, str(path), metadata={"mtk_trainer_state": json.dumps(encoded)})
+
+
+def read_trainer_state(folder: Path) -> dict[str, Any]:
+    """The trainer state of checkpoint folder ``folder``, read without running any code in it."""
+    path = folder / TRAINER_STATE
+    if not path.is_file():
+        return _read_legacy_trainer_state(folder / LEGACY_TRAINER_STATE)
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as tensors:
+            encoded = json.loads((tensors.metadata() or {})["mtk_trainer_state"])
+            return _decode(encoded, tensors)
+    except Exception as err:  # safetensors raises its own error types for torn or foreign files
+        raise CheckpointError(f"{path}: not a readable trainer state ({str(err).splitlines()[0]})") from None
+
+
+def _read_legacy_trainer_state(path: Path) -> dict[str, Any]:
+    """A ``trainer.pt`` of mtk 0.1 through torch's weights-only unpickler, which builds tensors,
+    containers and numpy arrays and nothing else."""
+    allowed = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(
+            f"{path}: refused; it is not the data-only trainer state mtk writes ({str(err).splitlines()[0]})"
+        ) from None
+
+
+# ---- DCP without unpickling -----------------------------------------------------------------------
+
+_METADATA_CLASSES = {
+    ("torch.distributed.checkpoint.metadata", name)
+    for name in (
+        "Metadata",
+        "MetadataIndex",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "TensorProperties",
+        "StorageMeta",
+        "_MEM_FORMAT_ENCODING",
+    )
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+    ("collections", "OrderedDict"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's ``.metadata``, building only DCP's metadata classes, sizes, paths and dtypes."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _METADATA_CLASSES:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
+
+
+def read_metadata(folder: Path) -> Any:
+    """DCP's metadata of checkpoint ``folder``, unpickled with ``_MetadataUnpickler``."""
+    path = Path(folder) / ".metadata"
+    try:
+        with open(path, "rb") as stream:
+            return _MetadataUnpickler(stream).load()
+    except OSError as err:
+        raise CheckpointError(f"{path}: unreadable ({err.strerror or err})") from None
+    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError, IndexError) as err:
+        raise CheckpointError(f"{path}: refused ({err})") from None
+
+
+def _safe_reader(path: Path):
+    """DCP's file reader with its metadata read by ``read_metadata`` (checked here first, so that a
+    refusal is reported as such rather than through DCP's retries)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    read_metadata(path)
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any):
+            metadata = read_metadata(Path(self.path))
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(path)
+
+
+def _weights_only(value: io.BytesIO) -> Any:
+    try:
+        return torch.load(value, weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"refused a non-tensor entry of a checkpoint ({str(err).splitlines()[0]})") from None
+
+
+def _safe_planner(keys: set[str] | None = None):
+    """DCP's load planner with non-tensor entries (optimizer hyperparameters) read weights-only."""
+    from torch.distributed.checkpoint._traverse import set_element
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
+
+    base = DefaultLoadPlanner if keys is None else _EmptyStateDictLoadPlanner
+
+    class SafePlanner(base):
+        def load_bytes(self, read_item, value):
+            loaded = _weights_only(value)
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = loaded
+
+    return SafePlanner() if keys is None else SafePlanner(keys=keys)
+
+
+# ---- checksums -------------------------------------------------------------------------------------
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while chunk := stream.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def describe_files(folder: Path, names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    return {name: {"bytes": (folder / name).stat().st_size, "sha256": sha256_of(folder / name)} for name in names}
+
+
+def damage(folder: Path, names: Sequence[str] | None = None) -> list[str]:
+    """What is wrong with checkpoint ``folder`` (empty when intact): files missing, cut or changed
+    against ``checksums.json``. ``names`` restricts the check to those files (one rank's share)."""
+    checksums = folder / CHECKSUMS
+    if not checksums.is_file():
+        if (folder / LEGACY_TRAINER_STATE).is_file() and (folder / ".metadata").is_file():
+            return []  # written by mtk 0.1, before checksums: nothing to compare against
+        return [f"{checksums} is missing"]
+    try:
+        recorded = json.loads(checksums.read_text(encoding="utf-8"))["files"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+        return [f"{checksums} is unreadable ({err})"]
+    problems = []
+    for name in sorted(recorded) if names is None else names:
+        path, expected = folder / name, recorded[name]
+        if not path.is_file():
+            problems.append(f"{path} is missing")
+        elif path.stat().st_size != expected["bytes"]:
+            problems.append(f"{path} has {path.stat().st_size} bytes, {expected['bytes']} were written")
+        elif sha256_of(path) != expected["sha256"]:
+            problems.append(f"{path} changed since it was written (sha256 differs)")
+    return problems
+
+
+# ---- collectives (none in a single process) ----------------------------------------------------------
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _rank_and_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    return (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
+
+
+def _barrier() -> None:
+    if _distributed():
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _gather(value: Any) -> list[Any]:
+    if not _distributed():
+        return [value]
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 @contextlib.contextmanager
@@ -137,33 +436,29 @@ def single_process_quietly():
         yield
 
 
-def _distributed() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if _distributed():
-        import torch.distributed as dist
-
-        dist.barrier()
+def _out_of_space(err: BaseException) -> bool:
+    """Whether ``err`` (or what caused it, on any rank) is a full disk."""
+    seen: list[BaseException] = [err]
+    while seen:
+        current = seen.pop()
+        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "no space left on device" in str(current).lower():
+            return True
+        seen += [e for e in (current.__cause__, current.__context__) if e is not None]
+        seen += [failure[0] for failure in getattr(current, "failures", {}).values()]
+    return False
 
 
 class Checkpointer:
     """Saves and loads the model parts and optimizers of this rank with DCP, into any layout.
 
     ``save`` writes every rank's shards (in the background with ``async_save``) into a staging
-    folder; ``finish`` waits for them and publishes the checkpoint from rank 0: trainer state and
-    ``checkpoint.json`` (``description`` plus the iteration), rename into place, tracker, pruning to
-    the newest ``keep_last``. ``load`` reads the latest checkpoint of ``load_dir`` if it has one,
-    else of ``save_dir``.
+    folder; ``finish`` waits for them, checksums every file (each rank a share) and publishes the
+    checkpoint from rank 0: trainer state, ``checkpoint.json`` (``description`` plus the iteration),
+    checksums, rename into place, tracker, pruning to the newest ``keep_last`` (never the one the
+    tracker names). ``load`` resumes from the newest intact checkpoint of ``save_dir``, else of
+    ``load_dir``. Each iteration is saved once: saving the iteration just loaded or published does nothing.
     """
 
     def __init__(
@@ -176,9 +471,13 @@ class Checkpointer:
         keep_last: int | None = None,
         async_save: bool = False,
     ) -> None:
+        if keep_last is not None and keep_last < 1:
+            raise CheckpointError(f"--keep-last {keep_last}: keep at least the newest checkpoint (1 or more)")
         self.save_dir, self.load_dir = save_dir, load_dir
         self.parts, self.optimizers = list(parts), list(optimizers)
         self.description, self.keep_last, self.async_save = description, keep_last, async_save
+        self.warnings: list[str] = []  # what load had to skip, for the run to report
+        self.current: int | None = None  # the iteration whose checkpoint holds the current state
         self._pending: tuple[Any, int, dict[str, Any]] | None = None
         self._save_group = None
 
@@ -202,8 +501,51 @@ class Checkpointer:
             keys.append((set(model), set(optim)))
         return state, keys
 
+    # ---- load ----------------------------------------------------------------------------------
+    def _damage(self, folder: Path) -> list[str]:
+        """``damage`` of ``folder`` checked by all ranks together, each a share of the files."""
+        rank, world = _rank_and_world()
+        try:
+            recorded = sorted(json.loads((folder / CHECKSUMS).read_text(encoding="utf-8"))["files"])
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+            return damage(folder)  # no or unreadable checksums: every rank finds the same
+        return sorted({p for problems in _gather(damage(folder, recorded[rank::world])) for p in problems})
+
     def load(self) -> dict[str, Any] | None:
-        """Load the latest checkpoint into the parts and optimizers; its trainer state, or None if none."""
+        """Load the newest intact checkpoint into the parts and optimizers and return its trainer
+        state; None when there is none to resume from. Damaged checkpoints are skipped with a warning
+        in ``warnings``; CheckpointError when checkpoints exist but none is intact, or when ``load_dir``
+        (an explicit --load) holds none."""
+        for run_dir in (self.save_dir, self.load_dir):
+            if run_dir is None:
+                continue
+            skipped = []
+            if run_dir.tracked() is None and run_dir.checkpoints():
+                self.warnings.append(f"{run_dir.tracker} is missing: looking for the newest intact checkpoint")
+            elif run_dir.tracked() is not None and run_dir.tracked() not in run_dir.candidates():
+                skipped.append(f"{run_dir.tracker} names iteration {run_dir.tracked()}, which is missing")
+            for iteration in run_dir.candidates():
+                folder = run_dir.checkpoint(iteration)
+                problems = self._damage(folder)
+                if problems:
+                    skipped.append(f"{folder}: " + "; ".join(problems))
+                    continue
+                state = self._load_from(folder)
+                self.warnings += [f"skipped a damaged checkpoint: {s}" for s in skipped]
+                if skipped:
+                    self.warnings.append(f"resuming from {folder} instead")
+                self.current = iteration if run_dir is self.save_dir else None
+                return state
+            if skipped:
+                raise CheckpointError(
+                    f"{run_dir.root} holds checkpoints, but none is intact:\n  " + "\n  ".join(skipped)
+                    + "\nrestore them, or train into another --save directory"
+                )
+        if self.load_dir is not None:
+            raise CheckpointError(f"--load {self.load_dir.root}: no checkpoint there ({TRACKER} and iter_* not found)")
+        return None
+
+    def _load_from(self, folder: Path) -> dict[str, Any]:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
@@ -211,88 +553,130 @@ class Checkpointer:
             set_optimizer_state_dict,
         )
 
-        for run_dir in (self.load_dir, self.save_dir):
-            if run_dir is None or (iteration := run_dir.latest()) is None:
-                continue
-            state, keys = self._sharded_state()
-            with single_process_quietly():
-                dcp.load(state, checkpoint_id=run_dir.checkpoint(iteration), no_dist=not _distributed())
-            options = StateDictOptions(flatten_optimizer_state_dict=True)
-            for part, optimizer, (model_keys, optim_keys) in zip(
-                self.parts, self.optimizers, keys, strict=True
-            ):
-                set_model_state_dict(part, {k: state["model"][k] for k in model_keys}, options=options)
-                set_optimizer_state_dict(
-                    part, optimizer, {k: state["optimizer"][k] for k in optim_keys}, options=options
-                )
-            return load_trainer_state(run_dir.root, iteration)
-        return None
+        state, keys = self._sharded_state()
+        with single_process_quietly():
+            dcp.load(
+                state,
+                storage_reader=_safe_reader(folder),
+                planner=_safe_planner(),
+                no_dist=not _distributed(),
+            )
+        options = StateDictOptions(flatten_optimizer_state_dict=True)
+        for part, optimizer, (model_keys, optim_keys) in zip(self.parts, self.optimizers, keys, strict=True):
+            set_model_state_dict(part, {k: state["model"][k] for k in model_keys}, options=options)
+            set_optimizer_state_dict(part, optimizer, {k: state["optimizer"][k] for k in optim_keys}, options=options)
+        return read_trainer_state(folder)
 
+    # ---- save ----------------------------------------------------------------------------------
     def save(self, iteration: int, trainer_state: dict[str, Any]) -> None:
         """Every rank writes its shards of checkpoint ``iteration``; published by ``finish``."""
         import torch.distributed.checkpoint as dcp
 
         self.finish()
+        if iteration == self.current:
+            return  # this state is already the checkpoint of this iteration
         staged = self.save_dir.staging(iteration)
-        if _rank() == 0:
+        rank, _ = _rank_and_world()
+        if rank == 0:
             shutil.rmtree(staged, ignore_errors=True)
             staged.mkdir(parents=True)
         _barrier()
         state, _ = self._sharded_state()
         no_dist = not _distributed()
-        with single_process_quietly():
-            if self.async_save:
-                if self._save_group is None and not no_dist:  # its own group: saving overlaps training
-                    self._save_group = torch.distributed.new_group(backend="gloo")
-                future = dcp.async_save(
-                    state, checkpoint_id=staged, process_group=self._save_group, no_dist=no_dist
-                )
-            else:
-                dcp.save(state, checkpoint_id=staged, no_dist=no_dist)
-                future = None
+        try:
+            with single_process_quietly():
+                if self.async_save:
+                    if self._save_group is None and not no_dist:  # its own group: saving overlaps training
+                        self._save_group = torch.distributed.new_group(backend="gloo")
+                    future = dcp.async_save(state, checkpoint_id=staged, process_group=self._save_group, no_dist=no_dist)
+                else:
+                    dcp.save(state, checkpoint_id=staged, no_dist=no_dist)
+                    future = None
+        except BaseException as err:  # DCP's CheckpointException is a BaseException
+            self._failed(iteration, err)
         self._pending = (future, iteration, trainer_state)
         if future is None:
             self.finish()
 
     def finish(self) -> None:
-        """Wait for the save in flight, if any, and publish it (trainer state, rename, tracker)."""
+        """Wait for the save in flight, if any, and publish it (checksums, trainer state, rename, tracker)."""
         if self._pending is None:
             return
         future, iteration, trainer_state = self._pending
         self._pending = None
-        if future is not None:
-            future.result()
-        _barrier()
-        if _rank() == 0:
-            self._publish(iteration, trainer_state)
-        _barrier()
+        staged = self.save_dir.staging(iteration)
+        try:
+            if future is not None:
+                future.result()
+            _barrier()
+            rank, world = _rank_and_world()
+            written = sorted(p.name for p in staged.iterdir())  # the shards and DCP's metadata
+            checksums = _gather(describe_files(staged, written[rank::world]))
+            if rank == 0:
+                files = {name: entry for share in checksums for name, entry in share.items()}
+                self._publish(iteration, trainer_state, files)
+            _barrier()
+        except BaseException as err:
+            if isinstance(err, KeyboardInterrupt):
+                shutil.rmtree(staged, ignore_errors=True)
+                raise
+            self._failed(iteration, err)
+        self.current = iteration
 
-    def _publish(self, iteration: int, trainer_state: dict[str, Any]) -> Path:
-        """Complete a checkpoint whose shards are in the staging folder: add the trainer state and the
-        description, rename it into place, point the tracker at it, drop all but the newest ``keep_last``."""
+    def _failed(self, iteration: int, err: BaseException):
+        """Clean the staging folder and say what went wrong; the previous checkpoint is untouched."""
+        staged = self.save_dir.staging(iteration)
+        shutil.rmtree(staged, ignore_errors=True)
+        kept = self.save_dir.tracked()
+        previous = f"{self.save_dir.checkpoint(kept)} is still the latest checkpoint" if kept else "no checkpoint was kept"
+        if _out_of_space(err):
+            raise CheckpointError(
+                f"no space left on device while saving checkpoint {iteration} to {staged}; {previous}. "
+                "Free space (or lower --keep-last) and run again to resume"
+            ) from None
+        if isinstance(err, OSError):
+            raise CheckpointError(
+                f"could not save checkpoint {iteration} to {staged} ({err.strerror or err}); {previous}"
+            ) from None
+        raise err
+
+    def _publish(self, iteration: int, trainer_state: dict[str, Any], files: dict[str, Any]) -> Path:
+        """Complete a checkpoint whose shards are in the staging folder: trainer state, description and
+        checksums, then rename it into place and point the tracker at it. An older folder of the same
+        iteration (from a run the tracker was rolled back from) is replaced only once the new one is
+        in place."""
         run_dir = self.save_dir
         final, staged = run_dir.checkpoint(iteration), run_dir.staging(iteration)
-        try:
-            torch.save(trainer_state, staged / TRAINER_STATE)
-            description = {**self.description, "iteration": iteration}
-            (staged / DESCRIPTION).write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
-            if final.exists():  # re-saving the same iteration (e.g. after a resume)
-                shutil.rmtree(final)
-            os.replace(staged, final)
-        finally:
-            shutil.rmtree(staged, ignore_errors=True)
+        write_trainer_state(staged / TRAINER_STATE, trainer_state)
+        description = {**self.description, "iteration": iteration}
+        (staged / DESCRIPTION).write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
+        files.update(describe_files(staged, [TRAINER_STATE, DESCRIPTION]))
+        (staged / CHECKSUMS).write_text(json.dumps({"files": files}, indent=1) + "\n", encoding="utf-8")
+        replaced = None
+        if final.exists():  # not the checkpoint the tracker names: that one is never replaced
+            replaced = final.with_name(f".{final.name}.replaced-{os.getpid()}")
+            os.replace(final, replaced)
+        os.replace(staged, final)
         atomic_write_text(run_dir.tracker, f"{iteration}\n")
-        if self.keep_last:
-            for old in run_dir.checkpoints()[: -self.keep_last]:
-                shutil.rmtree(run_dir.checkpoint(old), ignore_errors=True)
+        if replaced is not None:
+            shutil.rmtree(replaced, ignore_errors=True)
+        self._prune()
         return final
+
+    def _prune(self) -> None:
+        """Keep the newest ``keep_last`` checkpoints by iteration, and always the one the tracker names."""
+        if not self.keep_last:
+            return
+        run_dir = self.save_dir
+        keep = set(run_dir.checkpoints()[-self.keep_last :]) | {run_dir.tracked()}
+        for iteration in run_dir.checkpoints():
+            if iteration not in keep:
+                shutil.rmtree(run_dir.checkpoint(iteration), ignore_errors=True)
 
 
 def load_trainer_state(root: str | os.PathLike, iteration: int | None = None) -> dict[str, Any]:
     """Iteration, samples, scaler, RNG states and config of a checkpoint (no tensors of the model)."""
-    return torch.load(
-        RunDir(root).checkpoint_path(iteration) / TRAINER_STATE, map_location="cpu", weights_only=False
-    )
+    return read_trainer_state(RunDir(root).checkpoint_path(iteration))
 
 
 def checkpoint_description(root: str | os.PathLike, iteration: int | None = None) -> dict[str, Any]:
@@ -301,33 +685,33 @@ def checkpoint_description(root: str | os.PathLike, iteration: int | None = None
     described themselves are described by their run directory's config and manifest."""
     run_dir = RunDir(root)
     path = run_dir.checkpoint_path(iteration)
-    if (path / DESCRIPTION).is_file():
-        return json.loads((path / DESCRIPTION).read_text(encoding="utf-8"))
-    manifest = json.loads(run_dir.manifest.read_text()) if run_dir.manifest.is_file() else {}
-    return {
-        "config": json.loads(run_dir.config.read_text(encoding="utf-8")),
-        "tokenizer": manifest.get("tokenizer"),
-        "iteration": int(path.name.removeprefix("iter_")),
-    }
+    try:
+        if (path / DESCRIPTION).is_file():
+            return json.loads((path / DESCRIPTION).read_text(encoding="utf-8"))
+        manifest = json.loads(run_dir.manifest.read_text()) if run_dir.manifest.is_file() else {}
+        return {
+            "config": json.loads(run_dir.config.read_text(encoding="utf-8")),
+            "tokenizer": manifest.get("tokenizer"),
+            "iteration": int(path.name.removeprefix("iter_")),
+        }
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise CheckpointError(f"{path}: its description is unreadable ({err})") from None
 
 
 def load_checkpoint(root: str | os.PathLike, iteration: int | None = None) -> dict[str, Any]:
     """A checkpoint as plain full tensors in this process: ``model`` (name -> tensor) and the trainer
-    state. For tools (inspect, convert, generate); training resumes shard by shard instead."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    state, after checking every file. For tools (inspect, convert, generate); training resumes shard
+    by shard instead."""
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
     path = RunDir(root).checkpoint_path(iteration)
+    problems = damage(path)
+    if problems:
+        raise CheckpointError(f"{path} is damaged: " + "; ".join(problems))
     state: dict[str, Any] = {}
     with single_process_quietly():
-        _load_state_dict(
-            state,
-            storage_reader=FileSystemReader(path),
-            planner=_EmptyStateDictLoadPlanner(keys={"model"}),
-            no_dist=True,
-        )
-    return {**load_trainer_state(root, iteration), "model": state["model"]}
+        _load_state_dict(state, storage_reader=_safe_reader(path), planner=_safe_planner(keys={"model"}), no_dist=True)
+    return {**read_trainer_state(path), "model": state["model"]}
 
 
 def export_safetensors(root: str | os.PathLike, out: str | os.PathLike, iteration: int | None = None) -> Path:

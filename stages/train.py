@@ -51,12 +51,25 @@ def train(
     bf16: BF16 = False,
     fp16: FP16 = False,
     keep_last: Annotated[
-        int | None, typer.Option("--keep-last", help="Keep only the newest K checkpoints.")
+        int | None,
+        typer.Option(
+            "--keep-last",
+            min=1,
+            help="Keep only the newest K checkpoints (by iteration; the tracker's is always kept).",
+        ),
     ] = None,
     skip_nan: Annotated[
         bool,
         typer.Option("--skip-nan", help="Skip steps with a non-finite loss or gradient instead of stopping."),
     ] = False,
+    max_consecutive_skips: Annotated[
+        int,
+        typer.Option(
+            "--max-consecutive-skips",
+            min=1,
+            help="Stop when this many steps in a row were skipped (non-finite loss or gradient, fp16 overflow).",
+        ),
+    ] = 100,
     num_workers: Annotated[int, typer.Option("--num-workers", help="DataLoader worker processes.")] = 2,
     device: Device = None,
     nproc_per_node: Annotated[
@@ -102,6 +115,7 @@ def train(
         keep_last=keep_last,
         tensorboard_dir=tensorboard_dir,
         skip_nan=skip_nan,
+        max_consecutive_skips=max_consecutive_skips,
         num_workers=num_workers,
         device=device,
         stop_after=exit_after,

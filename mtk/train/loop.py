@@ -52,6 +52,7 @@ class TrainOptions:
     dp_size: int = 1  # ... among this many (the model is sharded over them by mtk.parallel)
     timeout_minutes: float = 10.0  # a collective waiting longer than this aborts the job
     async_save: bool = False  # write checkpoints in the background while training goes on
+    max_consecutive_skips: int = 100  # stop when this many steps in a row were skipped (NaN, fp16 overflow)
 
 
 @dataclass
@@ -118,6 +119,7 @@ class Trainer:
             enabled=precision == "fp16",
         )
         self.state = TrainState()
+        self._consecutive_skips = 0
         self.phase = "start-up"  # what the ranks are doing together: named when a collective times out
         self.iters = total_iterations(config)
         self.flops_per_token = self.family.flops_per_token(config.model)
@@ -300,11 +302,10 @@ class Trainer:
                     }
                     logger.log_train(record)
                     interval_start, interval_tokens, interval_losses = time.perf_counter(), 0, []
-                if (
-                    train.eval_interval
-                    and state.iteration % train.eval_interval == 0
-                    and state.iteration < self.iters
-                ):
+                self._count_skips(step["skipped"], step["loss_scale"])
+                if state.iteration == self.iters:
+                    break  # the last iteration is saved after the final evaluation, below
+                if train.eval_interval and state.iteration % train.eval_interval == 0:
                     logger.log_eval(self.evaluate(self.valid_data, "valid"))
                 self.phase = f"iteration {state.iteration}: preemption-flag all-reduce"
                 stop = any_rank(preemption.requested) or (
@@ -318,8 +319,21 @@ class Trainer:
                         f"stopping at iteration {state.iteration} (checkpoint saved); run again to resume"
                     )
                     return state
+            # evaluated before the final save: a checkpoint of the last iteration means the run owes nothing
             logger.log_eval(self.evaluate(self.valid_data, "valid"))
             logger.log_eval(self.evaluate(self.test_data, "test"))
             self.save()
             self.finish_save()
         return state
+
+    def _count_skips(self, skipped: bool, loss_scale: float) -> None:
+        """Stop a run whose last ``max_consecutive_skips`` steps were all skipped: it learns nothing."""
+        self._consecutive_skips = self._consecutive_skips + 1 if skipped else 0
+        limit = self.options.max_consecutive_skips
+        if self._consecutive_skips >= limit:
+            last = self.state.iteration
+            scale = f" (fp16 loss scale down to {loss_scale:g})" if self.scaler.is_enabled() else ""
+            raise TrainingError(
+                f"iterations {last - limit + 1} to {last}: all {limit} steps were skipped for a non-finite loss "
+                f"or gradient{scale}; stopping. Lower the learning rate, check the data, or train in bf16"
+            )

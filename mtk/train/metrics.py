@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from mtk.checkpoint import RunDir
-from mtk.manifest import atomic_output
+from mtk.manifest import atomic_output, atomic_write_text
 
 # Dense (non-sparse) peak TFLOP/s per device, by precision; FP8 is twice bf16 on Hopper.
 PEAK_TFLOPS = {
@@ -64,6 +64,17 @@ class MetricsLogger:
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
 
+    def forget_after(self, iteration: int) -> None:
+        """Drop the records of iterations after ``iteration``, which a resumed run replays and logs
+        again, so that every iteration has one record; also a torn last line."""
+        if not self.enabled or not self.path.is_file():
+            return
+        records = read_metrics(self.path.parent)
+        kept = [r for r in records if r.get("iteration", 0) <= iteration]
+        text = "".join(json.dumps(r) + "\n" for r in kept)
+        if text != self.path.read_text(encoding="utf-8", errors="replace"):
+            atomic_write_text(self.path, text)
+
     def log_train(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
@@ -113,10 +124,24 @@ class MetricsLogger:
 
 
 def read_metrics(root: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of run directory ``root``; a torn last line (a write cut short by a kill) is left out."""
     path = RunDir(root).metrics
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no metrics (is {root} an mtk run directory?)")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise ValueError(f"{path}:{number}: not a JSON record; remove the line or the file") from None
+        if isinstance(record, dict):
+            records.append(record)
+    return records
 
 
 def plot_loss(root: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:

@@ -6,6 +6,7 @@ the stage manifest (inputs with hashes, command line), metrics, checkpoints, the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mtk.checkpoint import RunDir
+from mtk.checkpoint import CheckpointError, RunDir
 from mtk.config import ConfigError, RunConfig, check_run
 from mtk.data.prepared import DataFacts, data_facts
 from mtk.manifest import atomic_write_text, inherit, write_manifest
@@ -51,7 +52,7 @@ def check_resumable(config: RunConfig, options: TrainOptions) -> None:
             continue
         run_dir = RunDir(root)
         if run_dir.config.is_file() and run_dir.checkpoints():
-            previous = json.loads(run_dir.config.read_text())["model"]
+            previous = RunConfig.from_json_file(run_dir.config).to_dict()["model"]
             current = config.to_dict()["model"]
             changed = {k: (previous.get(k), v) for k, v in current.items() if previous.get(k) != v}
             if changed:
@@ -70,9 +71,7 @@ def run_training(
     Under torchrun every rank calls this and holds its part of the model (``mtk.parallel``); every
     rank writes its checkpoint shards, only rank 0 the run description, metrics and plot.
     """
-    from mtk.parallel.apply import parallelize
-    from mtk.parallel.dims import ParallelDims
-    from mtk.parallel.distributed import barrier, init_distributed
+    from mtk.parallel.distributed import any_rank, init_distributed
 
     env = init_distributed(options.device, options.timeout_minutes)
     data = config.data
@@ -80,8 +79,26 @@ def run_training(
     config = resolve_vocab(config, facts, explicit_vocab)
     family = family_spec(config.model.family)
     check_run(config, env.world_size, family)
-    dims = ParallelDims.from_config(config, env.world_size)
     check_resumable(config, options)
+    run_dir = RunDir(options.save)
+    with contextlib.ExitStack() as held:
+        refused = None
+        if env.is_main:  # one holder per job: rank 0
+            try:
+                held.enter_context(run_dir.lock())
+            except CheckpointError as err:
+                refused = err
+        if any_rank(refused is not None):
+            raise refused or CheckpointError(f"{run_dir.root} is in use by another run")
+        return _train(config, options, env, family, facts, run_dir, show)
+
+
+def _train(config, options, env, family, facts, run_dir: RunDir, show) -> TrainState:
+    from mtk.parallel.apply import parallelize
+    from mtk.parallel.dims import ParallelDims
+    from mtk.parallel.distributed import barrier
+
+    dims = ParallelDims.from_config(config, env.world_size)
     seed_everything(config.train.seed)
     datasets = family.datasets(config, split_sample_counts(config), facts)
     mesh = dims.build_mesh(env.device.split(":")[0]) if env.world_size > 1 else None
@@ -93,21 +110,25 @@ def run_training(
     options.device, options.dp_size = env.device, dims.dp
     options.dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
     trainer = Trainer(config, model, datasets, options, tokenizer=facts.tokenizer if facts else None)
-    run_dir = RunDir(options.save)
     if env.is_main:
         write_run_description(config, run_dir, facts, family.num_parameters(config.model))
     barrier()
     peak = device_peak_tflops(config.train.precision, options.device)
     logger = MetricsLogger(run_dir, options.tensorboard_dir, peak, options.device, show, enabled=env.is_main)
+    data = config.data
     logger.message(
         f"{family.num_parameters(config.model):,} parameters, {trainer.iters} iterations on "
         f"{env.world_size} x {options.device}, {'mock data' if data.mock_data else data.data_path}"
     )
     try:
-        if trainer.resume():
+        resumed = trainer.resume()
+        for warning in trainer.checkpointer.warnings:
+            logger.message(f"warning: {warning}")
+        if resumed:
             logger.message(
                 f"resumed from iteration {trainer.state.iteration} ({trainer.state.consumed_samples:,} samples)"
             )
+        logger.forget_after(trainer.state.iteration)  # replayed iterations are logged once
         state = trainer.run(logger)
     except RuntimeError as err:  # torch.distributed's errors (DistBackendError ...) are RuntimeErrors
         if env.world_size > 1 and "timed out" in str(err).lower():

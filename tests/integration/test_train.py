@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -15,6 +16,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import mtk.checkpoint as checkpoint
 from mtk.checkpoint import TRACKER, latest_iteration, load_checkpoint
 from mtk.config import apply_overrides
 from mtk.models.gpt import SPEC, GPTModel
@@ -136,20 +138,21 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, counting_data, mo
     run = tmp_path / "run"
     train("--data", counting_data, "--save", str(run), "--train-iters", "4", "--save-interval", "2")
     before = load_checkpoint(run)
-    real_save = torch.save
+    real_write = checkpoint.write_trainer_state
 
-    def broken_save(obj, path, *args, **kwargs):
-        real_save(obj, path, *args, **kwargs)
-        if not isinstance(path, (str, os.PathLike)):  # the shards: DCP serialises to streams
-            return
+    def broken_write(path, state):
+        real_write(path, state)
         Path(path).write_bytes(Path(path).read_bytes()[:100])  # a torn write ...
-        raise OSError("disk full")  # ... and the crash
+        raise OSError(errno.EIO, "Input/output error")  # ... and the crash
 
-    monkeypatch.setattr(torch, "save", broken_save)
+    monkeypatch.setattr(checkpoint, "write_trainer_state", broken_write)
     result = runner.invoke(
         app, ["train", *BASE, "--data", counting_data, "--save", str(run), "--train-iters", "6"]
     )
-    assert result.exit_code != 0
+    assert result.exit_code == 2
+    assert (
+        "could not save checkpoint 6" in result.output and "iter_0000004 is still the latest" in result.output
+    )
     assert latest_iteration(run) == 4
     after = load_checkpoint(run)
     assert after["iteration"] == before["iteration"] == 4

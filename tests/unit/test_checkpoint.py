@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from mtk.checkpoint import (
     CheckpointError,
     RunDir,
     checkpoint_description,
+    describe_files,
     load_checkpoint,
 )
 from mtk.config import apply_overrides
@@ -100,3 +102,195 @@ def test_checkpoints_written_before_they_described_themselves_are_described_by_t
         "tokenizer": TOKENIZER,
         "iteration": 1,
     }
+
+
+# ---- failure behaviour -------------------------------------------------------------------------------
+
+
+def saved_run(root, iterations=(2, 4), **kwargs):
+    """A run directory with checkpoints at ``iterations``; the weights differ per iteration (+iteration)."""
+    model, optimizer = trained_pieces(0)
+    saver = checkpointer(root, model, optimizer, **kwargs)
+    for iteration in iterations:
+        with torch.no_grad():
+            model.embedding.weight.fill_(float(iteration))
+        saver.save(iteration, {"iteration": iteration})
+    return saver
+
+
+def loaded_iteration(root, **kwargs) -> tuple[int, list[str]]:
+    model, optimizer = trained_pieces(1)
+    loader = checkpointer(root, model, optimizer, **kwargs)
+    state = loader.load()
+    assert torch.all(model.embedding.weight == state["iteration"])  # the weights of that checkpoint
+    return state["iteration"], loader.warnings
+
+
+def shard(folder) -> Path:
+    return next(folder.glob("*.distcp"))
+
+
+DAMAGES = {
+    "truncated shard": lambda f: shard(f).write_bytes(shard(f).read_bytes()[:50]),
+    "emptied shard": lambda f: shard(f).write_bytes(b""),
+    "garbage in a shard": lambda f: shard(f).write_bytes(bytes(len(shard(f).read_bytes()))),
+    "missing .metadata": lambda f: (f / ".metadata").unlink(),
+    "truncated trainer state": lambda f: (f / "trainer.safetensors").write_bytes(b"\x00" * 10),
+    "missing checksums": lambda f: (f / "checksums.json").unlink(),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(DAMAGES))
+def test_a_damaged_latest_checkpoint_is_skipped_for_the_newest_intact_one(tmp_path, kind):
+    saved_run(tmp_path)
+    DAMAGES[kind](RunDir(tmp_path).checkpoint(4))
+    iteration, warnings = loaded_iteration(tmp_path)
+    assert iteration == 2
+    assert "iter_0000004" in warnings[0] and "resuming from" in warnings[-1] and str(tmp_path) in warnings[-1]
+    with pytest.raises(CheckpointError, match="iter_0000004 is damaged"):
+        load_checkpoint(tmp_path, 4)
+
+
+def test_no_intact_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
+    saved_run(tmp_path)
+    for iteration in (2, 4):
+        DAMAGES["garbage in a shard"](RunDir(tmp_path).checkpoint(iteration))
+    with pytest.raises(CheckpointError, match="holds checkpoints, but none is intact"):
+        loaded_iteration(tmp_path)
+
+
+def test_a_lost_tracker_recovers_the_newest_checkpoint(tmp_path):
+    saved_run(tmp_path)
+    RunDir(tmp_path).tracker.unlink()
+    iteration, warnings = loaded_iteration(tmp_path)
+    assert iteration == 4 and "latest_checkpointed_iteration.txt is missing" in warnings[0]
+    RunDir(tmp_path).tracker.write_text("9\n")  # names a folder that is gone
+    iteration, warnings = loaded_iteration(tmp_path)
+    assert iteration == 4 and "names iteration 9, which is missing" in " ".join(warnings)
+
+
+def test_the_save_directory_wins_over_load_and_an_empty_load_is_an_error(tmp_path):
+    saved_run(tmp_path / "a", iterations=(2,))
+    saved_run(tmp_path / "b", iterations=(4,))
+    assert loaded_iteration(tmp_path / "b", load_dir=RunDir(tmp_path / "a"))[0] == 4  # a requeued job
+    assert loaded_iteration(tmp_path / "c", load_dir=RunDir(tmp_path / "a"))[0] == 2
+    model, optimizer = trained_pieces(1)
+    with pytest.raises(CheckpointError, match="--load .*typo: no checkpoint there"):
+        checkpointer(tmp_path / "c", model, optimizer, load_dir=RunDir(tmp_path / "typo")).load()
+
+
+def test_pruning_keeps_the_tracked_checkpoint_and_goes_by_iteration(tmp_path):
+    saved_run(tmp_path, iterations=(5, 10, 20))
+    RunDir(tmp_path).tracker.write_text("10\n")  # rolled back: the run continues from 10
+    model, optimizer = trained_pieces(1)
+    saver = checkpointer(tmp_path, model, optimizer, keep_last=1)
+    assert saver.load()["iteration"] == 10
+    saver.save(15, {"iteration": 15})
+    assert RunDir(tmp_path).checkpoints() == [15, 20] and RunDir(tmp_path).latest() == 15
+    with pytest.raises(CheckpointError, match="keep at least the newest"):
+        checkpointer(tmp_path, model, optimizer, keep_last=0)
+
+
+def test_each_iteration_is_saved_once_and_replacing_an_abandoned_one_keeps_a_checkpoint(
+    tmp_path, monkeypatch
+):
+    published = []
+    real_publish = Checkpointer._publish
+    monkeypatch.setattr(
+        Checkpointer, "_publish", lambda self, i, *a: published.append(i) or real_publish(self, i, *a)
+    )
+    saver = saved_run(tmp_path, iterations=(2, 4))
+    saver.save(4, {"iteration": 4})  # the final save of a run whose save interval divides its length
+    assert published == [2, 4]
+    model, optimizer = trained_pieces(1)
+    resumed = checkpointer(tmp_path, model, optimizer)
+    resumed.load()
+    resumed.save(4, {"iteration": 4})  # a finished run started again
+    assert published == [2, 4]
+    RunDir(tmp_path).tracker.write_text("2\n")
+    later = checkpointer(tmp_path, model, optimizer)
+    later.load()
+    later.save(4, {"iteration": 4})  # another iter_4 than the one on disk: replaced, never missing
+    assert published == [2, 4, 4] and RunDir(tmp_path).latest() == 4 and not list(tmp_path.glob(".iter*"))
+
+
+def test_a_full_disk_says_so_and_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    import torch.distributed.checkpoint.filesystem as filesystem
+
+    saver = saved_run(tmp_path, iterations=(2,))
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(filesystem, "_write_item", full)
+    with pytest.raises(
+        CheckpointError,
+        match=r"no space left on device while saving checkpoint 4 to .*\.iter_0000004\.tmp; .*iter_0000002 is still the latest",
+    ):
+        saver.save(4, {"iteration": 4})
+    assert RunDir(tmp_path).latest() == 2 and not list(tmp_path.glob(".iter*"))
+
+
+def test_one_run_at_a_time_holds_a_run_directory(tmp_path):
+    import os
+    import socket
+
+    with RunDir(tmp_path).lock():
+        with pytest.raises(
+            CheckpointError, match=f"in use by pid {os.getpid()} on host {socket.gethostname()}"
+        ):
+            with RunDir(tmp_path).lock():
+                pass
+    with RunDir(tmp_path).lock():  # released with its holder
+        pass
+
+
+class _Exploit:
+    """Unpickling this runs code: the attack a checkpoint must not carry out."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_a_legacy_trainer_state_that_runs_code_is_refused(tmp_path):
+    import pickle
+
+    saved_run(tmp_path, iterations=(2,))
+    folder = RunDir(tmp_path).checkpoint(2)
+    (folder / "trainer.safetensors").unlink()
+    (folder / "checksums.json").unlink()  # as mtk 0.1 wrote checkpoints
+    marker = tmp_path / "PWNED"
+    torch.save({"iteration": 2, "x": _Exploit(marker)}, folder / "trainer.pt")
+    for attempt in (lambda: load_checkpoint(tmp_path), lambda: loaded_iteration(tmp_path)):
+        with pytest.raises(CheckpointError, match="trainer.pt: refused"):
+            attempt()
+    assert not marker.exists()
+    with pytest.raises(CheckpointError, match="refused a non-tensor entry"):
+        from mtk.checkpoint import _weights_only
+
+        _weights_only(__import__("io").BytesIO(pickle.dumps(_Exploit(marker))))
+    assert not marker.exists()
+
+
+def test_dcp_metadata_that_runs_code_is_refused(tmp_path):
+    import pickle
+
+    saved_run(tmp_path, iterations=(2,))
+    folder = RunDir(tmp_path).checkpoint(2)
+    marker = tmp_path / "PWNED"
+    (folder / ".metadata").write_bytes(pickle.dumps(_Exploit(marker)))
+    checksums = json.loads((folder / "checksums.json").read_text())  # the attacker rewrites them too
+    checksums["files"][".metadata"] = describe_files(folder, [".metadata"])[".metadata"]
+    (folder / "checksums.json").write_text(json.dumps(checksums))
+    with pytest.raises(
+        CheckpointError, match=r"\.metadata: refused .*is not part of a checkpoint's metadata"
+    ):
+        load_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match=r"\.metadata: refused"):
+        loaded_iteration(tmp_path)
+    assert not marker.exists()
