@@ -105,7 +105,9 @@ class RunDir:
         except FileNotFoundError:
             return None
         except (OSError, UnicodeDecodeError) as err:
-            raise CheckpointError(f"{self.tracker}: unreadable ({err}); it should hold an iteration number") from None
+            raise CheckpointError(
+                f"{self.tracker}: unreadable ({err}); it should hold an iteration number"
+            ) from None
         if not text.isdigit():
             raise CheckpointError(f"{self.tracker}: expected an iteration number, found {text[:40]!r}")
         return int(text)
@@ -336,7 +338,9 @@ def _weights_only(value: io.BytesIO) -> Any:
     try:
         return torch.load(value, weights_only=True)
     except Exception as err:
-        raise CheckpointError(f"refused a non-tensor entry of a checkpoint ({str(err).splitlines()[0]})") from None
+        raise CheckpointError(
+            f"refused a non-tensor entry of a checkpoint ({str(err).splitlines()[0]})"
+        ) from None
 
 
 def _safe_planner(keys: set[str] | None = None):
@@ -369,7 +373,9 @@ def sha256_of(path: Path) -> str:
 
 
 def describe_files(folder: Path, names: Sequence[str]) -> dict[str, dict[str, Any]]:
-    return {name: {"bytes": (folder / name).stat().st_size, "sha256": sha256_of(folder / name)} for name in names}
+    return {
+        name: {"bytes": (folder / name).stat().st_size, "sha256": sha256_of(folder / name)} for name in names
+    }
 
 
 def damage(folder: Path, names: Sequence[str] | None = None) -> list[str]:
@@ -521,7 +527,9 @@ class Checkpointer:
                 continue
             skipped = []
             if run_dir.tracked() is None and run_dir.checkpoints():
-                self.warnings.append(f"{run_dir.tracker} is missing: looking for the newest intact checkpoint")
+                self.warnings.append(
+                    f"{run_dir.tracker} is missing: looking for the newest intact checkpoint"
+                )
             elif run_dir.tracked() is not None and run_dir.tracked() not in run_dir.candidates():
                 skipped.append(f"{run_dir.tracker} names iteration {run_dir.tracked()}, which is missing")
             for iteration in run_dir.candidates():
@@ -538,11 +546,14 @@ class Checkpointer:
                 return state
             if skipped:
                 raise CheckpointError(
-                    f"{run_dir.root} holds checkpoints, but none is intact:\n  " + "\n  ".join(skipped)
+                    f"{run_dir.root} holds checkpoints, but none is intact:\n  "
+                    + "\n  ".join(skipped)
                     + "\nrestore them, or train into another --save directory"
                 )
         if self.load_dir is not None:
-            raise CheckpointError(f"--load {self.load_dir.root}: no checkpoint there ({TRACKER} and iter_* not found)")
+            raise CheckpointError(
+                f"--load {self.load_dir.root}: no checkpoint there ({TRACKER} and iter_* not found)"
+            )
         return None
 
     def _load_from(self, folder: Path) -> dict[str, Any]:
@@ -564,7 +575,9 @@ class Checkpointer:
         options = StateDictOptions(flatten_optimizer_state_dict=True)
         for part, optimizer, (model_keys, optim_keys) in zip(self.parts, self.optimizers, keys, strict=True):
             set_model_state_dict(part, {k: state["model"][k] for k in model_keys}, options=options)
-            set_optimizer_state_dict(part, optimizer, {k: state["optimizer"][k] for k in optim_keys}, options=options)
+            set_optimizer_state_dict(
+                part, optimizer, {k: state["optimizer"][k] for k in optim_keys}, options=options
+            )
         return read_trainer_state(folder)
 
     # ---- save ----------------------------------------------------------------------------------
@@ -588,7 +601,9 @@ class Checkpointer:
                 if self.async_save:
                     if self._save_group is None and not no_dist:  # its own group: saving overlaps training
                         self._save_group = torch.distributed.new_group(backend="gloo")
-                    future = dcp.async_save(state, checkpoint_id=staged, process_group=self._save_group, no_dist=no_dist)
+                    future = dcp.async_save(
+                        state, checkpoint_id=staged, process_group=self._save_group, no_dist=no_dist
+                    )
                 else:
                     dcp.save(state, checkpoint_id=staged, no_dist=no_dist)
                     future = None
@@ -628,7 +643,11 @@ class Checkpointer:
         staged = self.save_dir.staging(iteration)
         shutil.rmtree(staged, ignore_errors=True)
         kept = self.save_dir.tracked()
-        previous = f"{self.save_dir.checkpoint(kept)} is still the latest checkpoint" if kept else "no checkpoint was kept"
+        previous = (
+            f"{self.save_dir.checkpoint(kept)} is still the latest checkpoint"
+            if kept
+            else "no checkpoint was kept"
+        )
         if _out_of_space(err):
             raise CheckpointError(
                 f"no space left on device while saving checkpoint {iteration} to {staged}; {previous}. "
@@ -710,7 +729,9 @@ def load_checkpoint(root: str | os.PathLike, iteration: int | None = None) -> di
         raise CheckpointError(f"{path} is damaged: " + "; ".join(problems))
     state: dict[str, Any] = {}
     with single_process_quietly():
-        _load_state_dict(state, storage_reader=_safe_reader(path), planner=_safe_planner(keys={"model"}), no_dist=True)
+        _load_state_dict(
+            state, storage_reader=_safe_reader(path), planner=_safe_planner(keys={"model"}), no_dist=True
+        )
     return {**read_trainer_state(path), "model": state["model"]}
 
 
