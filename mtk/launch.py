@@ -37,6 +37,18 @@ class LaunchSpec:
             raise ValueError("leave --nproc-per-node out of the command: the launcher starts the processes")
         if self.nodes < 1 or self.gpus_per_node < 1:
             raise ValueError("--nodes and --gpus-per-node must be at least 1")
+        sbatch_values = {
+            "--job-name": self.job_name,
+            "--partition": self.partition,
+            "--account": self.account,
+            "--time": self.time,
+            "--log-dir": self.log_dir,
+        }
+        for option, value in sbatch_values.items():
+            if value is not None and any(char.isspace() or not char.isprintable() for char in value):
+                raise ValueError(
+                    f"{option} {value!r}: an #SBATCH value may not hold spaces or control characters"
+                )
 
 
 def _entry(command: list[str]) -> list[str]:
@@ -120,8 +132,15 @@ def slurm_script(spec: LaunchSpec) -> str:
             container.append(f"--container-mounts={','.join(spec.container_mounts)}")
     run = [["srun", "--kill-on-bad-exit=1"], *([arg] for arg in container)]
     rendezvous = (spec.nodes, '"$HEAD_NODE:$MASTER_PORT"', '"$SLURM_JOB_ID"')
-    run += _groups(torchrun_command(spec.command, spec.gpus_per_node, rendezvous))
-    body = " \\\n    ".join(" ".join(_quote(arg) for arg in part) for part in run)
+    command = torchrun_command(spec.command, spec.gpus_per_node, rendezvous)
+    expanded = {
+        f"--rdzv-endpoint={rendezvous[1]}",
+        f"--rdzv-id={rendezvous[2]}",
+    }  # "$VAR"s the script fills in
+    run += _groups(command)
+    body = " \\\n    ".join(
+        " ".join(arg if arg in expanded else shlex.quote(arg) for arg in part) for part in run
+    )
     lines += [
         "",
         "set -euo pipefail",
@@ -138,8 +157,3 @@ def slurm_script(spec: LaunchSpec) -> str:
         "",
     ]
     return "\n".join(lines)
-
-
-def _quote(arg: str) -> str:
-    """Shell-quote, except the "$VAR" placeholders the script fills in."""
-    return arg if '"$' in arg else shlex.quote(arg)

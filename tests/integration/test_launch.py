@@ -103,3 +103,39 @@ def test_slurm_script_runs_and_resumes_like_a_requeued_job(tmp_path):
 def test_launch_errors(args, message):
     result = runner.invoke(app, args)
     assert result.exit_code == 2 and message in result.output
+
+
+def test_hostile_arguments_reach_the_command_as_text_and_never_run(tmp_path):
+    """The batch script quotes every argument: "$(...)" in an argument stays text when the job starts."""
+    script, marker = tmp_path / "job.sbatch", tmp_path / "PWN"
+    hostile = ['x"$(touch PWN)"', "$(touch PWN)", "`touch PWN`", "a'b", "semi;touch PWN", "new\nline"]
+    result = runner.invoke(app, ["launch", "slurm", "--nodes", "1", "--gpus-per-node", "2", "-o", str(script),
+                                 "--log-dir", str(tmp_path / "logs"), "--", "mtk", "train", "--data", *hostile])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    fake_slurm(tmp_path / "bin")
+    recorded = tmp_path / "argv.json"
+    torchrun = tmp_path / "bin" / "torchrun"  # records what it was given instead of starting ranks
+    torchrun.write_text(
+        f'#!/usr/bin/env python3\nimport json, sys\njson.dump(sys.argv[1:], open("{recorded}", "w"))\n'
+    )
+    torchrun.chmod(stat.S_IRWXU)
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "SLURM_JOB_ID": "7",
+           "SLURM_JOB_NODELIST": "node1", "SLURM_JOB_NUM_NODES": "1"}  # fmt: skip
+    proc = subprocess.run(
+        ["bash", str(script)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    argv = json.loads(recorded.read_text())
+    assert argv[-len(hostile) :] == hostile and not marker.exists()
+    assert "--rdzv-endpoint=127.0.0.1:29500" in argv and "--rdzv-id=7" in argv  # the placeholders expanded
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("--job-name", "x\ntouch PWN"), ("--partition", "gpu\rq"), ("--account", "a b"), ("--time", "1:00\x00")],
+)
+def test_sbatch_values_with_control_characters_are_refused(tmp_path, option, value):
+    result = runner.invoke(app, ["launch", "slurm", "--nodes", "1", option, value, "-o", str(tmp_path / "j"),
+                                 "--", "mtk", "train"])  # fmt: skip
+    assert result.exit_code == 2 and "may not hold spaces or control characters" in result.output
+    assert not (tmp_path / "j").exists()
