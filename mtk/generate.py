@@ -58,6 +58,12 @@ def generate(
     """Continue ``prompt``; ``temperature=0`` is greedy. Stops at ``eod`` or the model's context length."""
     if not prompt:
         raise ValueError("the prompt is empty")
+    vocab = model.config.vocab_size
+    outside = [token for token in prompt if not 0 <= token < vocab]
+    if outside:
+        raise ValueError(
+            f"token id {outside[0]} is outside the model's vocabulary of {vocab} tokens (0 to {vocab - 1})"
+        )
     limit = model.config.max_position_embeddings
     if len(prompt) >= limit:
         raise ValueError(f"the prompt has {len(prompt)} tokens; the model's context is {limit}")

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,43 +39,102 @@ def describe_file(path: str | os.PathLike, with_hash: bool = True) -> dict[str, 
     return entry
 
 
+def _temporary(path: Path, kind: str) -> Path:
+    """A hidden name beside ``path`` that says whose it is: ``.NAME.KIND-PID``."""
+    return path.with_name(f".{path.name}.{kind}-{os.getpid()}{path.suffix}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Delete what processes that died (SIGKILL, power loss) left beside ``path`` while writing it:
+    ``.NAME.tmp-PID`` and ``.NAME.old-PID`` of pids that no longer run. Returns what was removed."""
+    removed = []
+    for kind in ("tmp", "old"):
+        for stale in path.parent.glob(f".{glob.escape(path.name)}.{kind}-*"):
+            pid = stale.name.removeprefix(f".{path.name}.{kind}-").split(".", 1)[0]
+            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+                _remove(stale)
+                removed.append(stale)
+    return removed
+
+
+@contextlib.contextmanager
+def atomic_outputs(paths: Sequence[str | os.PathLike]) -> Iterator[list[Path]]:
+    """Temporary paths beside ``paths`` to write files (or fill folders) into, published together
+    when the block succeeds and removed when it fails: readers see all the old outputs or all the new.
+
+    Publishing moves each existing output aside, renames every temporary into place, then deletes
+    the old ones; if a rename fails, the new outputs are removed and the old ones put back. Every
+    temporary must exist when the block ends. Stale temporaries of dead processes are removed first.
+    """
+    paths = [Path(path) for path in paths]
+    for path in paths:
+        remove_stale_temporaries(path)
+    temporaries = [_temporary(path, "tmp") for path in paths]
+    finals = {str(tmp): path for tmp, path in zip(temporaries, paths, strict=True)}
+    try:
+        try:
+            yield temporaries
+        except OSError as err:  # name the output the user asked for, not its temporary
+            if str(err.filename) not in finals:
+                raise
+            raise OSError(err.errno, err.strerror, str(finals[str(err.filename)])) from None
+        missing = [str(tmp) for tmp in temporaries if not (tmp.exists() or tmp.is_symlink())]
+        if missing:
+            raise FileNotFoundError(f"nothing was written to {', '.join(missing)}")
+        if len(paths) == 1 and not temporaries[0].is_dir():
+            os.replace(temporaries[0], paths[0])  # one file: rename over it, atomically
+        else:
+            _publish_together(list(zip(temporaries, paths, strict=True)))
+    finally:
+        for tmp in temporaries:
+            _remove(tmp)
+
+
+def _publish_together(moves: list[tuple[Path, Path]]) -> None:
+    aside: list[tuple[Path, Path]] = []
+    placed: list[Path] = []
+    try:
+        for _, path in moves:
+            if path.exists() or path.is_symlink():
+                old = _temporary(path, "old")
+                os.replace(path, old)
+                aside.append((old, path))
+        for tmp, path in moves:
+            os.replace(tmp, path)
+            placed.append(path)
+    except BaseException:
+        for path in placed:
+            _remove(path)
+        for old, path in aside:
+            os.replace(old, path)
+        raise
+    for old, _ in aside:
+        _remove(old)
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
-    """A temporary path beside ``path`` to write a file (or fill a folder) into, renamed onto ``path``
-    when the block succeeds and removed when it fails: readers see the old output or the whole new one.
-
-    A folder replaces an existing folder ``path`` whole: the old one is moved aside for the rename,
-    deleted after it, and put back if the rename fails.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
-    try:
+    """``atomic_outputs`` of one path: a temporary to write a file (or fill a folder) into."""
+    with atomic_outputs([path]) as (tmp,):
         yield tmp
-        if tmp.is_dir() and path.is_dir():
-            _replace_folder(tmp, path)
-        else:
-            os.replace(tmp, path)
-    finally:
-        _remove(tmp)
-
-
-def _replace_folder(new: Path, path: Path) -> None:
-    # rename cannot put a folder over a non-empty one: move that aside, so a failure can put it back
-    old = path.with_name(f".{path.name}.old-{os.getpid()}")
-    os.replace(path, old)
-    try:
-        os.replace(new, path)
-    except BaseException:
-        os.replace(old, path)
-        raise
-    _remove(old)
 
 
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
-        path.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            path.unlink()
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -98,11 +158,14 @@ def write_manifest(path: str | os.PathLike, stage: str, **content: Any) -> dict[
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        manifest = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ManifestError(f"{path}: manifest not found") from None
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ManifestError(f"{path}: manifest is not valid JSON ({err})") from None
+    if not isinstance(manifest, dict):
+        raise ManifestError(f"{path}: expected a JSON object, found a {type(manifest).__name__}")
+    return manifest
 
 
 def data_manifest_path(prefix: str | os.PathLike) -> Path:

@@ -75,5 +75,8 @@ def bench(
         table.add_row(key, shown)
     console.print(table)
     if json_out is not None:
-        json_out.write_text(json.dumps(rows, indent=2) + "\n")
+        try:
+            json_out.write_text(json.dumps(rows, indent=2) + "\n")
+        except OSError as err:
+            fail(f"--json {json_out}: {err.strerror or err}")
         console.print(f"wrote {json_out}")

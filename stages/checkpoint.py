@@ -6,13 +6,14 @@ from pathlib import Path
 
 import typer
 
-from stages.common import console, fail
+from stages.common import console, fail, reports_file_errors
 
 SUMMARY = "Inspect checkpoints (iteration, config, tensors) and convert them to safetensors."
 app = typer.Typer(no_args_is_help=True, help=SUMMARY)
 
 
 @app.command("inspect")
+@reports_file_errors
 def inspect(
     run_dir: Path = typer.Argument(..., help="A run directory (--save of `mtk train`).", show_default=False),
     iteration: int | None = typer.Option(None, "--iteration", help="Which checkpoint (default: the latest)."),
@@ -50,6 +51,7 @@ def inspect(
 
 
 @app.command("convert")
+@reports_file_errors
 def convert(
     run_dir: Path = typer.Argument(..., help="A run directory (--save of `mtk train`).", show_default=False),
     out: Path = typer.Option(..., "--out", "-o", help="The .safetensors file to write.", show_default=False),

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import NoReturn
+import functools
+import os
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -17,3 +20,21 @@ def fail(message: str, code: int = 2) -> NoReturn:
 
     err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def reports_file_errors(command: Callable) -> Callable:
+    """The command with file-system errors (read-only, no permission, disk full, a file where a folder
+    should be) reported as one line naming the path and the cause, instead of a traceback."""
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except OSError as err:
+            paths = " -> ".join(str(p) for p in (err.filename, err.filename2) if p is not None)
+            cause = err.strerror
+            if isinstance(err, FileExistsError) and os.path.isfile(err.filename):
+                cause = "a file is in the way, where a folder is needed"
+            fail(f"{paths}: {cause}" if paths and cause else str(err))
+
+    return run

@@ -18,6 +18,7 @@ from stages import (
     tokenizer,
     train,
 )
+from stages.common import reports_file_errors
 
 app = typer.Typer(
     name="mtk",
@@ -27,14 +28,17 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-app.command("quickstart", help=quickstart.SUMMARY)(quickstart.quickstart)
-app.command("prepare-data", help=prepare_data.SUMMARY)(prepare_data.prepare_data)
-app.command("merge-data", help=merge_data.SUMMARY)(merge_data.merge_data)
-app.command("train", help=train.SUMMARY)(train.train)
-app.command("bench", help=bench.SUMMARY)(bench.bench)
-app.command("generate", help=generate.SUMMARY)(generate.generate)
-app.command("plot", help=plot.SUMMARY)(plot.plot)
-app.command("plan", help=plan.SUMMARY)(plan.plan)
+for name, module, command in [
+    ("quickstart", quickstart, quickstart.quickstart),
+    ("prepare-data", prepare_data, prepare_data.prepare_data),
+    ("merge-data", merge_data, merge_data.merge_data),
+    ("train", train, train.train),
+    ("bench", bench, bench.bench),
+    ("generate", generate, generate.generate),
+    ("plot", plot, plot.plot),
+    ("plan", plan, plan.plan),
+]:
+    app.command(name, help=module.SUMMARY)(reports_file_errors(command))
 app.add_typer(launch.app, name="launch", help=launch.SUMMARY)
 app.add_typer(checkpoint.app, name="checkpoint", help=checkpoint.SUMMARY)
 app.add_typer(presets.app, name="presets", help=presets.SUMMARY)

@@ -123,6 +123,8 @@ def prepare_data(
     from mtk.data.tokenizer import load_tokenizer
 
     keys = [key.strip() for spec in json_keys for key in spec.split(",") if key.strip()]
+    if not keys:
+        fail(f"--json-keys {' '.join(json_keys)!r} names no key; e.g. --json-keys text,title")
     try:
         tok = load_tokenizer(
             tokenizer,

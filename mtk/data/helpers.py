@@ -17,7 +17,7 @@ from typing import Any
 import numba
 import numpy as np
 
-from mtk.data.indexed import IndexedDataset, idx_path
+from mtk.data.indexed import IndexedDataset, bin_path, idx_path
 from mtk.manifest import atomic_output, atomic_write_text, sha256_file
 
 
@@ -145,11 +145,43 @@ def cached_indices(
     description_path = cache_dir / f"{stem}-description.json"
     paths = {name: cache_dir / f"{stem}-{name}.npy" for name in names}
     if description_path.exists() and all(path.exists() for path in paths.values()):
-        return {name: np.load(path, mmap_mode="r") for name, path in paths.items()}, False
+        try:
+            return {name: np.load(path, mmap_mode="r") for name, path in paths.items()}, False
+        except (OSError, ValueError):  # a damaged entry (a truncated copy ...): built again below
+            pass
     arrays = build()
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    for name, path in paths.items():
-        with atomic_output(path) as tmp, open(tmp, "wb") as sink:
-            np.save(sink, arrays[name], allow_pickle=False)
-    atomic_write_text(description_path, text + "\n")
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        for name, path in paths.items():  # written with the umask's mode: others may share the cache
+            with atomic_output(path) as tmp, open(tmp, "wb") as sink:
+                np.save(sink, arrays[name], allow_pickle=False)
+        atomic_write_text(description_path, text + "\n")
+    except OSError as err:
+        raise CacheError(
+            f"cannot write the sample-index cache in {cache_dir} ({err.strerror or err}); "
+            "give --data-cache-path DIR on a disk you can write to"
+        ) from None
     return arrays, True
+
+
+class CacheError(ValueError):
+    """The sample-index cache cannot be written where it was asked to be."""
+
+
+def max_token_id(indexed: IndexedDataset, cache_dir: str | os.PathLike | None = None) -> int:
+    """The largest token id in the dataset's ``.bin`` (-1 if it holds none): read once, then cached
+    beside the sample indices under the file's identity (its .idx hash, size and modification time)."""
+    bin_file = bin_path(indexed.prefix)
+    stat = bin_file.stat()
+    description = {"class": "MaxTokenId", "path_prefix": str(Path(indexed.prefix).resolve()),
+                   "idx_sha256": idx_sha256(indexed), "bin_bytes": stat.st_size, "bin_mtime_ns": stat.st_mtime_ns}  # fmt: skip
+
+    def scan() -> dict[str, np.ndarray]:
+        tokens = np.memmap(bin_file, dtype=indexed.dtype, mode="r") if stat.st_size else np.zeros(0, np.int64)
+        step = 1 << 26
+        largest = max((int(tokens[i : i + step].max()) for i in range(0, len(tokens), step)), default=-1)
+        return {"max_token_id": np.array([largest], dtype=np.int64)}
+
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir(indexed.prefix)
+    arrays, _ = cached_indices(cache, description, ["max_token_id"], scan)
+    return int(arrays["max_token_id"][0])

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mtk.manifest import atomic_output
+from mtk.manifest import atomic_outputs
 
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
@@ -117,6 +117,8 @@ class IndexedDataset:
         for path in (index_file, data_file):
             if not path.exists():
                 raise IndexedDatasetError(f"{path}: not found (expected the pair {data_file} / {index_file})")
+        if index_file.stat().st_size == 0:
+            raise IndexedDatasetError(f"{index_file}: empty file, not an MMIDIDX index")
         raw = np.memmap(index_file, dtype=np.uint8, mode="r")
         header_size = len(INDEX_MAGIC) + 8 + 1 + 8 + 8
         if len(raw) < header_size or bytes(raw[: len(INDEX_MAGIC)]) != INDEX_MAGIC:
@@ -186,14 +188,25 @@ class IndexedDataset:
 
 @contextlib.contextmanager
 def atomic_pair(prefix: str | os.PathLike) -> Iterator[tuple[Path, Path]]:
-    """Temporary ``.bin`` and ``.idx`` paths to write the pair ``prefix`` into, renamed into place together
-    when the block succeeds and removed when it fails (an old pair then stays as it was).
-    """
-    with atomic_output(idx_path(prefix)) as tmp_idx, atomic_output(bin_path(prefix)) as tmp_bin:
+    """Temporary ``.bin`` and ``.idx`` paths to write the pair ``prefix`` into, published together
+    when the block succeeds (``atomic_outputs``, the .bin first: a crash in between leaves a pair
+    without its index, never a new .bin with an old .idx)."""
+    with atomic_outputs([bin_path(prefix), idx_path(prefix)]) as (tmp_bin, tmp_idx):
         yield tmp_bin, tmp_idx
-        # The .bin is renamed first: dropping the old .idx before it means a crash between the two
-        # renames leaves no valid-looking pair of new .bin and old .idx.
-        idx_path(prefix).unlink(missing_ok=True)
+
+
+def check_output_prefix(prefix: str | os.PathLike, inputs: Sequence[str | os.PathLike] = ()) -> None:
+    """An output prefix names files (``DIR/NAME``), and is none of the ``inputs``: IndexedDatasetError
+    saying so before anything is written."""
+    text = str(prefix)
+    if not Path(text).name or text.endswith(("/", os.sep)) or Path(text).is_dir():
+        raise IndexedDatasetError(
+            f"output prefix {text!r} names a folder; give DIR/NAME, e.g. {os.path.join(text, 'corpus')}"
+        )
+    target = bin_path(text).resolve()
+    for source in inputs:
+        if bin_path(source).resolve() == target:
+            raise IndexedDatasetError(f"the output {text} is one of the inputs; write the result elsewhere")
 
 
 def merge_datasets(prefixes: Sequence[str | os.PathLike], output_prefix: str | os.PathLike) -> IndexedDataset:
@@ -201,6 +214,7 @@ def merge_datasets(prefixes: Sequence[str | os.PathLike], output_prefix: str | o
 
     The output pair appears whole or not at all (see ``atomic_pair``).
     """
+    check_output_prefix(output_prefix, prefixes)
     datasets = [IndexedDataset(prefix) for prefix in prefixes]
     if not datasets:
         raise IndexedDatasetError("nothing to merge: give at least one input prefix")

@@ -12,7 +12,9 @@ import hashlib
 import itertools
 import json
 import multiprocessing
+import os
 import signal
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -24,9 +26,16 @@ from typing import Any, BinaryIO, Literal
 
 import numpy as np
 
-from mtk.data.indexed import IndexWriter, atomic_pair, bin_path, idx_path, token_dtype
+from mtk.data.indexed import (
+    IndexedDatasetError,
+    IndexWriter,
+    bin_path,
+    check_output_prefix,
+    idx_path,
+    token_dtype,
+)
 from mtk.data.sources import Chunk, TextMode, expand_inputs, read_chunks, total_input_bytes
-from mtk.manifest import data_manifest_path, describe_file, write_manifest
+from mtk.manifest import atomic_outputs, data_manifest_path, describe_file, write_manifest
 
 OnError = Literal["fail", "skip"]
 
@@ -111,13 +120,17 @@ class _Encoder:
                 item = json.loads(text)
             except json.JSONDecodeError as err:
                 raise ValueError(f"malformed JSON: {err.msg} at column {err.colno}") from None
+            except RecursionError:
+                raise ValueError("JSON nested too deeply to read (more levels than Python allows)") from None
             if not isinstance(item, dict):
                 raise ValueError(f"expected a JSON object, got {type(item).__name__}")
             escapes = "\\u" in text
         document = {}
         for key in self.keys:
-            if key not in item or item[key] is None:
+            if key not in item:
                 raise ValueError(f"missing key '{key}' (keys present: {', '.join(map(str, item)) or 'none'})")
+            if item[key] is None:
+                raise ValueError(f"key '{key}' is null, expected a string")
             value = item[key]
             if isinstance(value, bytes):
                 value = _decode_utf8(value)
@@ -159,6 +172,18 @@ class _Encoder:
         )
 
     def __call__(self, chunk: Chunk) -> EncodedChunk:
+        try:
+            return self._encode(chunk)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as err:
+            if type(err).__name__ != "PanicException":  # a crash inside the Rust tokenizer
+                raise
+            raise PrepareError(
+                f"{chunk.source}: the tokenizer crashed on this input ({err}); check its files"
+            ) from None
+
+    def _encode(self, chunk: Chunk) -> EncodedChunk:
         lines, documents, errors = self._texts(chunk)
         try:
             keys = {key: self._encode_key([doc[key] for doc in documents]) for key in self.keys}
@@ -189,10 +214,23 @@ def _decode_utf8(raw: bytes) -> str:
 _worker_encoder: _Encoder | None = None
 
 
-def _init_worker(*args: Any) -> None:
+def _init_worker(parent: int, *args: Any) -> None:
     global _worker_encoder
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and cleans up
+    _exit_with_parent(parent)
     _worker_encoder = _Encoder(*args)
+
+
+def _exit_with_parent(parent: int, period: float = 0.5) -> None:
+    """End this worker when its parent is gone (killed with SIGKILL, it could not stop us): a worker
+    blocked on its task queue would otherwise live on, orphaned."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(period)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _encode_in_worker(chunk: Chunk) -> EncodedChunk:
@@ -212,7 +250,7 @@ def _encode_all(chunks: Iterator[Chunk], encoder_args: tuple, workers: int) -> I
         workers,
         mp_context=multiprocessing.get_context("spawn"),
         initializer=_init_worker,
-        initargs=encoder_args,
+        initargs=(os.getpid(), *encoder_args),
     )
     try:
         pending: deque = deque()
@@ -264,18 +302,6 @@ class _PairWriter:
         self.index.add_documents(encoded.sequence_lengths, encoded.sequences_per_document)
 
 
-@contextlib.contextmanager
-def _pair_writer(prefix: str, dtype: np.dtype) -> Iterator[_PairWriter]:
-    """A writer whose pair replaces ``prefix``'s (dropping its old manifest) when the block succeeds;
-    on failure the old pair and manifest stay."""
-    with atomic_pair(prefix) as (tmp_bin, tmp_idx):
-        with open(tmp_bin, "wb", buffering=1 << 24) as bin_file:
-            writer = _PairWriter(prefix, dtype, bin_file)
-            yield writer
-        tmp_idx.write_bytes(writer.index.to_bytes())
-        data_manifest_path(prefix).unlink(missing_ok=True)
-
-
 def output_prefix_for(output_prefix: str, key: str, split_sentences: bool) -> str:
     return f"{output_prefix}_{key}_{'sentence' if split_sentences else 'document'}"
 
@@ -299,11 +325,17 @@ def prepare_data(
     ``tokenizer`` is a loaded :class:`mtk.data.tokenizer.Tokenizer`. ``progress(stats, total_bytes)``
     is called after each chunk. Raises :class:`PrepareError` on bad input with ``on_error="fail"``.
     """
-    keys = list(json_keys or ["text"])
+    keys = list(json_keys) if json_keys is not None else ["text"]
+    if not keys or not all(key.strip() for key in keys):
+        raise PrepareError(f"--json-keys {json_keys}: name the JSON keys to tokenize, e.g. --json-keys text")
     if len(set(keys)) != len(keys):
         raise PrepareError(f"--json-keys lists a key twice: {keys}")
     if append_eod and tokenizer.eod is None:
         raise PrepareError(f"--append-eod: the {tokenizer.kind} tokenizer has no end-of-document token")
+    try:
+        check_output_prefix(output_prefix)
+    except IndexedDatasetError as err:
+        raise PrepareError(str(err)) from None
     paths = expand_inputs(inputs, text_mode)
     total_bytes = total_input_bytes(paths)
     Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
@@ -316,37 +348,46 @@ def prepare_data(
     )
     encoder_args = (tokenizer.describe(), keys, append_eod, language if split_sentences else None)
     start = time.perf_counter()
-    with _sigterm_as_interrupt(), contextlib.ExitStack() as outputs:
-        writers = {
-            key: outputs.enter_context(_pair_writer(prefix, dtype)) for key, prefix in prefixes.items()
-        }
-        chunks = read_chunks(paths, keys, text_mode, chunk_bytes)
-        for encoded in _encode_all(chunks, encoder_args, workers):
-            _account(encoded, stats, on_error)
-            for key, writer in writers.items():
-                writer.write(encoded.keys[key])
-                stats.sequences[key] += len(encoded.keys[key].sequence_lengths)
-                stats.tokens[key] += len(encoded.keys[key].tokens)
-                stats.empty_documents[key] += int((encoded.keys[key].sequences_per_document == 0).sum())
+    try:
+        # every key's .bin, .idx and manifest appear together, or none of them (the old ones stay)
+        finals = {key: (bin_path(p), idx_path(p), data_manifest_path(p)) for key, p in prefixes.items()}
+        with _sigterm_as_interrupt(), atomic_outputs([f for key in keys for f in finals[key]]) as temporaries:
+            staged = dict(zip([f for key in keys for f in finals[key]], temporaries, strict=True))
+            with contextlib.ExitStack() as files:
+                writers = {
+                    key: _PairWriter(
+                        prefix,
+                        dtype,
+                        files.enter_context(open(staged[finals[key][0]], "wb", buffering=1 << 24)),
+                    )
+                    for key, prefix in prefixes.items()
+                }
+                chunks = read_chunks(paths, keys, text_mode, chunk_bytes)
+                for encoded in _encode_all(chunks, encoder_args, workers):
+                    _account(encoded, stats, on_error)
+                    for key, writer in writers.items():
+                        writer.write(encoded.keys[key])
+                        stats.sequences[key] += len(encoded.keys[key].sequence_lengths)
+                        stats.tokens[key] += len(encoded.keys[key].tokens)
+                        stats.empty_documents[key] += int(
+                            (encoded.keys[key].sequences_per_document == 0).sum()
+                        )
+                    stats.seconds = time.perf_counter() - start
+                    if progress is not None:
+                        progress(stats, total_bytes)
             stats.seconds = time.perf_counter() - start
-            if progress is not None:
-                progress(stats, total_bytes)
-    stats.seconds = time.perf_counter() - start
-    manifests = {
-        key: _write_data_manifest(
-            prefixes[key],
-            key,
-            tokenizer,
-            dtype,
-            paths,
-            stats,
-            writers[key],
-            split_sentences,
-            language,
-            append_eod,
-        )
-        for key in keys
-    }
+            manifests = {}
+            for key, writer in writers.items():
+                bin_file, idx_file, manifest_file = (staged[path] for path in finals[key])
+                idx_file.write_bytes(writer.index.to_bytes())
+                manifests[key] = _write_data_manifest(
+                    manifest_file, key, tokenizer, dtype, paths, stats, writer,
+                    {bin_file: finals[key][0], idx_file: finals[key][1]}, split_sentences, language, append_eod,
+                )  # fmt: skip
+    except OSError as err:
+        if err.filename is not None:
+            raise
+        raise OSError(err.errno, err.strerror, f"{output_prefix}_*") from None  # a write: name the outputs
     return PrepareResult(outputs=prefixes, stats=stats, manifests=manifests)
 
 
@@ -367,21 +408,27 @@ def _account(encoded: EncodedChunk, stats: PrepareStats, on_error: OnError) -> N
 
 
 def _write_data_manifest(
-    prefix: str,
+    manifest_file: Path,
     key: str,
     tokenizer: Any,
     dtype: np.dtype,
     paths: list[Path],
     stats: PrepareStats,
     writer: _PairWriter,
+    outputs: dict[Path, Path],
     split_sentences: bool,
     language: str,
     append_eod: bool,
 ) -> dict[str, Any]:
-    bin_entry = describe_file(bin_path(prefix), with_hash=False)
+    """Write the manifest of ``writer``'s pair to ``manifest_file``; ``outputs`` maps the staged
+    .bin and .idx to the paths they are published under, which the manifest records."""
+    (bin_file, bin_final), (idx_file, idx_final) = outputs.items()
+    bin_entry = {**describe_file(bin_file, with_hash=False), "path": str(bin_final.resolve())}
     bin_entry["sha256"] = writer.bin_sha256.hexdigest()
+    idx_entry = {**describe_file(idx_file), "path": str(idx_final.resolve())}
+    prefix = writer.prefix
     return write_manifest(
-        data_manifest_path(prefix),
+        manifest_file,
         stage="prepare-data",
         prefix=str(Path(prefix).resolve()),
         json_key=key,
@@ -400,5 +447,5 @@ def _write_data_manifest(
             "skipped_lines": stats.skipped_lines,
         },
         inputs=[describe_file(p, with_hash=False) for p in paths],
-        outputs=[bin_entry, describe_file(idx_path(prefix))],
+        outputs=[bin_entry, idx_entry],
     )

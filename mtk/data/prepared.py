@@ -103,3 +103,18 @@ def _require_one_tokenizer(found: list[tuple[str, dict[str, Any]]], what: str) -
         raise ManifestError(
             f"{what} were prepared with different tokenizers, whose token ids do not mean the same:\n{listing}"
         )
+
+
+def check_token_ids(data: str, vocab_size: int, cache_dir: str | os.PathLike | None = None) -> None:
+    """Every token id of every prefix of ``data`` lies in the vocabulary of ``vocab_size`` tokens;
+    ManifestError naming the file, the id and the vocabulary otherwise (the embedding would fail)."""
+    from mtk.data.blended import parse_blend
+    from mtk.data.helpers import max_token_id
+
+    for _, prefix in parse_blend(data):
+        largest = max_token_id(IndexedDataset(prefix), cache_dir)
+        if largest >= vocab_size:
+            raise ManifestError(
+                f"{bin_path(prefix)} holds token id {largest}, outside this run's vocabulary of {vocab_size} "
+                "tokens: give the --vocab-size of the tokenizer that prepared it (its manifest records it)"
+            )

@@ -289,7 +289,9 @@ def _load_hf(path: Path) -> Tokenizer:
         raise TokenizerError(f"{path}: no tokenizer.json in this directory")
     try:
         core = Core.from_file(str(file))
-    except Exception as err:  # tokenizers raises plain Exceptions for unreadable files
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:  # plain Exceptions for unreadable files, a Rust PanicException for worse
         raise TokenizerError(f"{file}: not a Hugging Face tokenizer.json ({err})") from None
     files, eod = [file], None
     config = file.with_name("tokenizer_config.json")
@@ -325,11 +327,13 @@ def _load_gpt2bpe(path: Path) -> Tokenizer:
     merges = _read_merges(merges_file)
     try:
         core = gpt2_core(vocab, merges)
-    except Exception as err:  # tokenizers raises plain Exceptions, e.g. a merge of unknown tokens
+        ranks = _tiktoken_ranks(vocab, merges, core)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:  # plain Exceptions (a merge of unknown tokens), or a Rust PanicException
         raise TokenizerError(f"{folder}: vocab.json and merges.txt do not fit together ({err})") from None
     settings = dict(kind="gpt2bpe", vocab_size=max(vocab.values()) + 1, eod=vocab.get(ENDOFTEXT))
     files = _describe([vocab_file, merges_file])
-    ranks = _tiktoken_ranks(vocab, merges, core)
     if ranks is None:
         return TokenizersTokenizer(**settings, files=files, core=core)
     import tiktoken

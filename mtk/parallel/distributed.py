@@ -73,3 +73,11 @@ def gather_objects(obj: object) -> list:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def shutdown_distributed() -> None:
+    """End the job's process group together: every rank waits for the others, then tears it down
+    (a rank that exits while another still talks to it can abort the job)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -16,7 +16,7 @@ import torch
 
 from mtk.checkpoint import CheckpointError, RunDir
 from mtk.config import ConfigError, RunConfig, check_run
-from mtk.data.prepared import DataFacts, data_facts
+from mtk.data.prepared import DataFacts, check_token_ids, data_facts
 from mtk.manifest import atomic_write_text, inherit, write_manifest
 from mtk.models import family_spec
 from mtk.train.loop import Trainer, TrainingError, TrainOptions, TrainState
@@ -71,12 +71,14 @@ def run_training(
     Under torchrun every rank calls this and holds its part of the model (``mtk.parallel``); every
     rank writes its checkpoint shards, only rank 0 the run description, metrics and plot.
     """
-    from mtk.parallel.distributed import any_rank, init_distributed
+    from mtk.parallel.distributed import any_rank, init_distributed, shutdown_distributed
 
     env = init_distributed(options.device, options.timeout_minutes)
     data = config.data
     facts = data_facts(data.data_path) if data.data_path is not None else None
     config = resolve_vocab(config, facts, explicit_vocab)
+    if data.data_path is not None:
+        check_token_ids(data.data_path, config.model.vocab_size, data.data_cache_path)
     family = family_spec(config.model.family)
     check_run(config, env.world_size, family)
     check_resumable(config, options)
@@ -90,7 +92,9 @@ def run_training(
                 refused = err
         if any_rank(refused is not None):
             raise refused or CheckpointError(f"{run_dir.root} is in use by another run")
-        return _train(config, options, env, family, facts, run_dir, show)
+        state = _train(config, options, env, family, facts, run_dir, show)
+    shutdown_distributed()
+    return state
 
 
 def _train(config, options, env, family, facts, run_dir: RunDir, show) -> TrainState:

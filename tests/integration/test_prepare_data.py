@@ -308,3 +308,83 @@ def test_worker_that_cannot_start_fails_cleanly_instead_of_hanging(tmp_path, bpe
     with pytest.raises(PrepareError, match="worker process could not start"):
         prepare_data([str(src)], str(tmp_path / "out"), tok, workers=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "tok"]
+
+
+def test_several_keys_are_published_together_or_not_at_all(tmp_path, monkeypatch):
+    src = write_jsonl(tmp_path / "in.jsonl", RECORDS)
+    prepare_data([str(src)], str(tmp_path / "out"), null_tokenizer(), json_keys=["text", "title"])
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("out_")}
+    assert len(before) == 6  # two pairs and their manifests
+    write_jsonl(src, [{"text": "9 9", "title": "1"}])
+    real_replace, calls = os.replace, []
+
+    def failing_replace(source, target):
+        calls.append(target)
+        if len(calls) == 9:  # six moved aside, three renamed into place: then the disk goes away
+            raise OSError(5, "Input/output error")
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="Input/output error"):
+        prepare_data([str(src)], str(tmp_path / "out"), null_tokenizer(), json_keys=["text", "title"])
+    monkeypatch.setattr(os, "replace", real_replace)
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name != "in.jsonl"}
+    assert after == before  # every old output back, nothing new, no temporary left
+
+
+def test_temporaries_of_dead_runs_are_removed(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = [
+        tmp_path / f".out_text_document.bin.tmp-{dead.pid}.bin",
+        tmp_path / f".out_text_document.idx.old-{dead.pid}.idx",
+    ]
+    for path in stale:
+        path.write_bytes(b"left by a killed run")
+    mine = tmp_path / f".out_text_document.bin.tmp-{os.getppid()}.bin"  # a live process's: kept
+    mine.write_bytes(b"in use")
+    src = write_jsonl(tmp_path / "in.jsonl", RECORDS)
+    prepare_data([str(src)], str(tmp_path / "out"), null_tokenizer())
+    assert not any(path.exists() for path in stale) and mine.exists()
+
+
+@pytest.mark.slow  # a prepare-data subprocess, killed
+def test_workers_die_with_a_killed_parent(tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", [{"text": " ".join(["1 2 3 4 5 6 7"] * 50)}] * 40000)
+    command = [sys.executable, "-m", "stages.main", "prepare-data", str(src), "-o", str(tmp_path / "out"),
+               "--tokenizer", "null", "--vocab-size", "10", "--workers", "2"]  # fmt: skip
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=os.getcwd())
+
+    def children() -> list[int]:
+        found = []
+        for entry in os.listdir("/proc"):
+            try:
+                stat = open(f"/proc/{entry}/stat").read()
+            except OSError:
+                continue
+            if entry.isdigit() and int(stat.rsplit(")", 1)[1].split()[1]) == proc.pid:
+                found.append(int(entry))
+        return found
+
+    deadline = time.monotonic() + 60
+    while len(children()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    workers = children()
+    assert len(workers) >= 2, "the workers did not start"
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 15
+    while (
+        any(
+            os.path.exists(f"/proc/{pid}") and "Z" not in open(f"/proc/{pid}/stat").read().split()[2]
+            for pid in workers
+        )
+        and time.monotonic() < deadline
+    ):
+        time.sleep(0.2)
+    alive = [
+        pid
+        for pid in workers
+        if os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z"
+    ]
+    assert not alive, f"workers {alive} outlived their killed parent"

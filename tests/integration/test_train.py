@@ -113,6 +113,8 @@ def test_resume_after_sigkill_between_saves_is_exact(tmp_path, counting_data):
     assert stopped_at is not None and stopped_at < 40
     train(*common, "--save", str(run), "--save-interval", "5")
     assert losses(tmp_path / "straight") == losses(run)
+    logged = [json.loads(line)["iteration"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, 41)) + [40]  # replayed iterations logged once; the test evaluation at 40
 
 
 @pytest.mark.slow  # a training subprocess, killed

@@ -17,6 +17,7 @@ import mtk.data.helpers as helpers
 from mtk.config import parse_split
 from mtk.data.blended import build_split_datasets
 from mtk.data.gpt_dataset import GPTDataset
+from mtk.data.helpers import CacheError
 from mtk.data.indexed import IndexedDataset
 from mtk.data.mock import MockGPTDataset
 from mtk.data.splits import split_indices
@@ -221,7 +222,7 @@ def test_crash_while_caching_leaves_no_entry(write_corpus, tmp_path, monkeypatch
         raise OSError("disk full")
 
     monkeypatch.setattr(np, "save", crash_midway)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CacheError, match=r"cache .*\(disk full\); give --data-cache-path"):
         GPTDataset(IndexedDataset(prefix), "1", 0, 20, 8, seed=1, cache_dir=tmp_path / "cache")
     assert list((tmp_path / "cache").iterdir()) == []
     monkeypatch.setattr(np, "save", real_save)
