@@ -13,7 +13,6 @@ import functools
 import inspect
 import typing
 from collections.abc import Callable
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import typer
@@ -128,6 +127,3 @@ def build_config(
     except cfg.ConfigError as err:
         fail(str(err))
 
-
-def path_value(value: str | None) -> Path | None:
-    return Path(value) if value is not None else None
