@@ -12,6 +12,8 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+CLI_MODULE = "mtk.stages.main"  # where the installed wheel puts the checkout's stages/ folder
+
 
 @dataclass
 class LaunchSpec:
@@ -52,9 +54,9 @@ class LaunchSpec:
 
 
 def _entry(command: list[str]) -> list[str]:
-    """torchrun runs a module or a script: ``mtk ...`` becomes ``-m stages.main ...``."""
+    """torchrun runs a module or a script: ``mtk ...`` becomes ``-m mtk.stages.main ...``."""
     if command[0] == "mtk":
-        return ["-m", "stages.main", *command[1:]]
+        return ["-m", CLI_MODULE, *command[1:]]
     return command
 
 
@@ -75,9 +77,10 @@ def torchrun_command(
     return [*launcher, *placement, *_entry(command)]
 
 
-def local_torchrun_command(argv: list[str], nproc_per_node: int) -> list[str]:
+def local_torchrun_command(argv: list[str], nproc_per_node: int, module: str = CLI_MODULE) -> list[str]:
     """This mtk command line (``argv`` after ``mtk``) as ``nproc_per_node`` ranks on this machine,
-    ``--nproc-per-node`` left out of what each rank runs."""
+    ``--nproc-per-node`` left out of what each rank runs; ``module`` is the CLI module that runs now
+    (``stages.main`` in a checkout run with ``python -m``)."""
     args, skip = [], False
     for arg in argv:
         if skip:
@@ -87,7 +90,7 @@ def local_torchrun_command(argv: list[str], nproc_per_node: int) -> list[str]:
         elif not arg.startswith("--nproc-per-node="):
             args.append(arg)
     launcher = (sys.executable, "-m", "torch.distributed.run")
-    return torchrun_command(["mtk", *args], nproc_per_node, launcher=launcher)
+    return torchrun_command(["-m", module, *args], nproc_per_node, launcher=launcher)
 
 
 def torchrun_text(spec: LaunchSpec, head: str = "HEAD_NODE_ADDRESS") -> str:

@@ -8,8 +8,8 @@ from typing import Annotated, Any
 
 import typer
 
-from stages.common import console, fail
-from stages.options import BF16, FP16, Device, Overrides, Preset, build_config, with_config_options
+from .common import console, fail
+from .options import BF16, FP16, Device, Overrides, Preset, build_config, with_config_options
 
 SUMMARY = "Measure steady-state training speed of a preset: step time, tokens/s, TFLOP/s, MFU, memory."
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from stages.common import console, fail, reports_file_errors
+from .common import console, fail, reports_file_errors
 
 SUMMARY = "Inspect checkpoints (iteration, config, tensors) and convert them to safetensors."
 app = typer.Typer(no_args_is_help=True, help=SUMMARY)

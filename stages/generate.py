@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from stages.common import console, fail
+from .common import console, fail
 
 SUMMARY = "Generate text from a trained run (greedy, top-k, top-p; KV cache)."
 

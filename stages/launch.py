@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from stages.common import console, fail, reports_file_errors
+from .common import console, fail, reports_file_errors
 
 SUMMARY = "Write the torchrun command or Slurm batch script that runs an mtk command on many nodes."
 app = typer.Typer(no_args_is_help=True, help=SUMMARY)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from stages import (
+from . import (
     bench,
     checkpoint,
     generate,
@@ -18,7 +18,7 @@ from stages import (
     tokenizer,
     train,
 )
-from stages.common import reports_file_errors
+from .common import reports_file_errors
 
 app = typer.Typer(
     name="mtk",

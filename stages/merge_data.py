@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from stages.common import console, fail
+from .common import console, fail
 
 SUMMARY = "Merge several prepared .bin/.idx datasets into one (same tokenizer, same dtype)."
 

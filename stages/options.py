@@ -18,7 +18,8 @@ from typing import Annotated, Any, Literal
 import typer
 
 from mtk import config as cfg
-from stages.common import fail
+
+from .common import fail
 
 NONE = "none"  # an optional choice's way of saying "unset" on the command line
 
@@ -103,7 +104,9 @@ def with_config_options(*keys: str) -> Callable[[Callable], Callable]:
             return command(**kwargs, config_values=values)
 
         run.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
-        del run.__wrapped__  # typer must read the new signature, not the command's own
+        # typer reads the signature and the annotations: both the new ones, resolved, not the command's
+        run.__annotations__ = {parameter.name: parameter.annotation for parameter in params}
+        del run.__wrapped__
         return run
 
     return decorate
@@ -126,4 +129,3 @@ def build_config(
         return cfg.apply_overrides(load_preset(preset).sections, values)
     except cfg.ConfigError as err:
         fail(str(err))
-

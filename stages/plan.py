@@ -6,8 +6,8 @@ from typing import Annotated, Any
 
 import typer
 
-from stages.common import console, fail
-from stages.options import build_config, with_config_options
+from .common import console, fail
+from .options import build_config, with_config_options
 
 SUMMARY = "Estimate per-GPU memory of a preset's parallel layout and suggest one that fits your GPUs."
 

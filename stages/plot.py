@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from stages.common import console, fail
+from .common import console, fail
 
 SUMMARY = "Draw a run's loss curve (train, valid, test) as a PNG."
 

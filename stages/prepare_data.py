@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from stages.common import console, fail
+from .common import console, fail
 
 SUMMARY = "Tokenize JSONL, Parquet or text into Megatron-compatible .bin/.idx files, fast."
 

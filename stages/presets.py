@@ -8,7 +8,8 @@ import json
 import typer
 
 from mtk.config import SECTIONS
-from stages.common import console, fail
+
+from .common import console, fail
 
 SUMMARY = "List the model presets (GPT-3, BERT, T5, Llama 3, RETRO, tiny) and show one in full."
 app = typer.Typer(no_args_is_help=True, help=SUMMARY)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from stages.common import console
+from .common import console
 
 SUMMARY = "Prepare the bundled corpus, train a tiny GPT on CPU (~2 min), plot the loss, generate a sample."
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from stages.common import console, fail, reports_file_errors
+from .common import console, fail, reports_file_errors
 
 SUMMARY = "Train a GPT-2 style byte-level BPE or a BERT WordPiece vocabulary from local files."
 app = typer.Typer(no_args_is_help=True, help=SUMMARY)

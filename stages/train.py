@@ -8,8 +8,8 @@ from typing import Annotated, Any
 
 import typer
 
-from stages.common import console, fail
-from stages.options import (
+from .common import console, fail
+from .options import (
     BF16,
     FP16,
     Device,
@@ -162,4 +162,5 @@ def _relaunch_with_torchrun(nproc_per_node: int) -> None:
 
     if "LOCAL_RANK" in os.environ:
         fail("--nproc-per-node is for starting a job; under torchrun leave it out")
-    raise typer.Exit(subprocess.call(local_torchrun_command(sys.argv[1:], nproc_per_node)))
+    module = f"{__package__}.main"  # the CLI as this process runs it: mtk.stages, or stages in a checkout
+    raise typer.Exit(subprocess.call(local_torchrun_command(sys.argv[1:], nproc_per_node, module)))

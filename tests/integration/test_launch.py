@@ -45,7 +45,7 @@ def test_printed_torchrun_command_trains_on_two_ranks(tmp_path):
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     command = result.output
-    assert "--rdzv-backend=c10d" in command and "-m stages.main train" in command
+    assert "--rdzv-backend=c10d" in command and "-m mtk.stages.main train" in command
     proc = subprocess.run(
         ["bash", "-c", command], capture_output=True, text=True, cwd=os.getcwd(), timeout=300
     )

@@ -43,10 +43,11 @@ def wheel(tmp_path_factory) -> Path:
 @pytest.mark.slow  # builds and installs the wheel
 def test_wheel_contains_packages_presets_and_assets(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
-    sources = {
-        str(p.relative_to(ROOT)) for folder in ("mtk", "stages") for p in (ROOT / folder).rglob("*.py")
-    }
+    sources = {str(p.relative_to(ROOT)) for p in (ROOT / "mtk").rglob("*.py")}
+    sources |= {f"mtk/stages/{p.name}" for p in (ROOT / "stages").glob("*.py")}  # the CLI ships inside mtk
     assert sources <= names, f"missing from the wheel: {sorted(sources - names)}"
+    top_level = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
+    assert top_level == {"mtk"}  # no generic top-level name such as `stages` taken in site-packages
     assert {
         "mtk/assets/tokenizer/vocab.json",
         "mtk/assets/tokenizer/merges.txt",
@@ -54,9 +55,9 @@ def test_wheel_contains_packages_presets_and_assets(wheel):
     } <= names
     for preset in preset_names():
         assert f"mtk/preset_files/{preset}.toml" in names
-    assert {"mtk/assets/sample.jsonl", "stages/main.py", "mtk/data/indexed.py"} <= names
+    assert {"mtk/assets/sample.jsonl", "mtk/stages/main.py", "mtk/data/indexed.py"} <= names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "mtk = stages.main:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "mtk = mtk.stages.main:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
 
 @pytest.mark.slow  # builds and installs the wheel
@@ -71,14 +72,17 @@ def test_installed_wheel_finds_presets_outside_the_checkout(wheel, tmp_path):
         "import mtk.presets as p; print(p.__file__); print(' '.join(p.preset_names()));"
         "from mtk.quickstart import asset; from mtk.data.tokenizer import load_tokenizer;"
         "import mtk.train.loop, mtk.parallel.apply, mtk.models.gpt;"
-        "print(load_tokenizer(str(asset('tokenizer'))).vocab_size)"
+        "print(load_tokenizer(str(asset('tokenizer'))).vocab_size);"
+        "from typer.testing import CliRunner; from mtk.stages.main import app;"
+        "print(CliRunner().invoke(app, ['plan', '--preset', 'gpt3-175b']).exit_code)"
     )
     env = {**os.environ, "PYTHONPATH": str(target)}
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, check=True
     )
-    where, names, vocab = out.stdout.splitlines()
+    where, names, vocab, cli = out.stdout.splitlines()
     assert vocab == "4096"  # the bundled tokenizer ships too
+    assert cli == "0"  # the CLI runs from the installed mtk.stages
     assert where.startswith(str(target))
     assert names.split() == preset_names()
 
