@@ -551,17 +551,14 @@ def run_problems(config: RunConfig, world_size: int, family: FamilySpec) -> list
         except ConfigError as err:
             problem("batch", str(err))
             continue
-        if pp > 1 and micro_batches < pp:
+        # one stage per rank: 1F1B, or GPipe for a phase with fewer micro-batches than stages (a larger
+        # bubble, the same gradients); interleaved stages follow Megatron's rule
+        if pp > 1 and vp > 1 and micro_batches % pp:
             problem(
                 "batch",
-                f"global batch size {batch} gives {micro_batches} micro-batches per pipeline, fewer than PP {pp}; "
-                "the pipeline needs at least one per stage: raise --global-batch-size or lower --micro-batch-size",
-            )
-        elif pp > 1 and vp > 1 and micro_batches % pp:
-            problem(
-                "batch",
-                f"the interleaved schedule needs the micro-batches per pipeline ({micro_batches}, from global "
-                f"batch {batch}) to be a multiple of PP {pp}; change --global-batch-size or --micro-batch-size",
+                f"the interleaved schedule (--vp {vp}) needs the micro-batches per pipeline ({micro_batches}, "
+                f"from global batch {batch}) to be a multiple of PP {pp}; change --global-batch-size or "
+                "--micro-batch-size, or leave out --vp",
             )
     if train.train_iters is None and train.train_samples is None:
         problem("length", "give --train-iters or --train-samples")

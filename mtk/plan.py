@@ -22,6 +22,8 @@ from mtk.parallel.dims import ParallelDims
 
 GIB = 2**30
 STRATEGIES = ("no_shard", "optim_grads", "optim_grads_params")
+# short names of the data-parallel sharding strategies, for one-line layouts
+SHARDING_NAMES = {"no_shard": "ddp", "optim_grads": "zero2", "optim_grads_params": "zero3"}
 RECOMPUTE = (None, "selective", "full")
 
 
@@ -35,14 +37,13 @@ class Layout:
     recompute: str | None = None
 
     def describe(self, world_size: int) -> str:
+        """Compact: ``TP8 PP16 DP8 zero2`` (CP and VP when above 1, recomputation when on)."""
         dp = world_size // (self.tp * self.pp * self.cp)
-        parts = [
-            f"TP{self.tp}",
-            f"PP{self.pp}" + (f" VP{self.vp}" if self.vp > 1 else ""),
-            f"CP{self.cp}",
-            f"DP{dp}",
-        ]
-        return " x ".join(parts) + f", {self.strategy}, recompute {self.recompute or 'none'}"
+        parts = [f"TP{self.tp}", f"PP{self.pp}"]
+        parts += [f"VP{self.vp}"] if self.vp > 1 else []
+        parts += [f"CP{self.cp}"] if self.cp > 1 else []
+        parts += [f"DP{dp}", SHARDING_NAMES[self.strategy]]
+        return " ".join(parts + ([f"recompute-{self.recompute}"] if self.recompute else []))
 
 
 @dataclass(frozen=True)

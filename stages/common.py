@@ -8,10 +8,27 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 import typer
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 
-console = Console()
-err_console = Console(stderr=True)
+UNBOUNDED = 100_000  # columns, when output goes to a file or a pipe
+
+
+class _Console(Console):
+    """As wide as the terminal; unbounded when output goes to a file or a pipe (logs, Slurm, CI), so
+    that a table row or a log record stays on one line there, whatever the width of the job's shell."""
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = super().size
+        return size if self.is_terminal else ConsoleDimensions(UNBOUNDED, size.height)
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        Console.size.fset(self, new_size)
+
+
+console = _Console()
+err_console = _Console(stderr=True)
 
 
 def fail(message: str, code: int = 2) -> NoReturn:

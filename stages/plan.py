@@ -97,3 +97,8 @@ def plan(
             *suggested,
         )
     console.print(table)
+    console.print(
+        "ddp: gradients all-reduced (no_shard); zero2: optimizer state and gradients sharded "
+        "(optim_grads, --use-distributed-optimizer); zero3: parameters too (optim_grads_params, FSDP)",
+        highlight=False,
+    )

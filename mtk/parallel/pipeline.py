@@ -47,8 +47,15 @@ def split_model(
 
 
 def build_schedule(parts, indices, num_stages, pp_mesh, device, micro_batches: int, loss_fn):
-    """The 1F1B schedule for one stage per rank, the interleaved 1F1B one for several."""
-    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B
+    """The 1F1B schedule for one stage per rank, the interleaved 1F1B one for several. With fewer
+    micro-batches than stages (the first phases of a batch-size ramp) 1F1B cannot fill the pipeline:
+    GPipe runs them instead, with the same gradients and a larger bubble."""
+    from torch.distributed.pipelining import (
+        PipelineStage,
+        Schedule1F1B,
+        ScheduleGPipe,
+        ScheduleInterleaved1F1B,
+    )
 
     group = pp_mesh.get_group()
     stages = [
@@ -56,7 +63,8 @@ def build_schedule(parts, indices, num_stages, pp_mesh, device, micro_batches: i
         for part, index in zip(parts, indices, strict=True)
     ]
     if len(stages) == 1:
-        return Schedule1F1B(stages[0], micro_batches, loss_fn=loss_fn, scale_grads=False)
+        schedule = ScheduleGPipe if micro_batches < num_stages else Schedule1F1B
+        return schedule(stages[0], micro_batches, loss_fn=loss_fn, scale_grads=False)
     return ScheduleInterleaved1F1B(stages, micro_batches, loss_fn=loss_fn, scale_grads=False)
 
 

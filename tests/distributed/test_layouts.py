@@ -152,3 +152,14 @@ def test_fp16_loss_scaling_agrees_across_tp2_pp2(tmp_path):
     one, parallel = records(tmp_path / "one"), records(tmp_path / "tp_pp")
     assert [scale for _, scale in parallel] == [scale for _, scale in one]
     assert [loss for loss, _ in parallel] == pytest.approx([loss for loss, _ in one], rel=1e-4)
+
+
+def test_a_ramp_phase_with_fewer_micro_batches_than_stages_matches_one_process(tmp_path):
+    """The GPT-3 ramp's first phases give a pipeline fewer micro-batches than stages: GPipe runs them
+    (1 micro-batch on 2 stages here), 1F1B the later phases (4), with the same losses as one process."""
+    ramp = ["--micro-batch-size", "2", "--global-batch-size", "8", "--set", "batch_size_ramp=[[0, 2], [128, 8]]"]
+    train("gpt-tiny", tmp_path / "one", *ramp)
+    train("gpt-tiny", tmp_path / "pp", *ramp, "--pp", "2", ranks=2)
+    records = [json.loads(line) for line in (tmp_path / "pp" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["global_batch_size"] for r in records if "split" not in r] == [2, 2, 8, 8]
+    assert losses(tmp_path / "pp") == pytest.approx(losses(tmp_path / "one"), rel=TOLERANCE)

@@ -80,23 +80,21 @@ def test_all_problems_are_reported_at_once():
     assert "PP x VP = 4 x 1" in str(err.value)
 
 
-@pytest.mark.parametrize(
-    ("overrides", "message"),
-    [
-        ({"pipeline_model_parallel_size": 2, "global_batch_size": 4}, "1 micro-batches per pipeline, fewer than PP 2"),
-        (
-            {"pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": 2, "num_layers": 4,
-             "global_batch_size": 12},
-            "interleaved schedule needs the micro-batches per pipeline (3",
-        ),
-    ],
-)  # fmt: skip
-def test_pipeline_schedules_need_enough_micro_batches(overrides, message):
-    cfg = config("gpt-tiny", micro_batch_size=4, **overrides)
-    world = cfg.parallel.pipeline_model_parallel_size
+def test_interleaved_pipelines_need_a_multiple_of_pp_micro_batches():
+    cfg = config("gpt-tiny", micro_batch_size=4, pipeline_model_parallel_size=2,
+                 virtual_pipeline_model_parallel_size=2, num_layers=4, global_batch_size=12)  # fmt: skip
     with pytest.raises(ConfigError) as err:
-        check(cfg, world)
-    assert message in str(err.value)
+        check(cfg, 2)
+    assert "interleaved schedule (--vp 2) needs the micro-batches per pipeline (3" in str(err.value)
+
+
+def test_fewer_micro_batches_than_stages_run_every_phase_of_the_gpt3_ramp():
+    """GPT-3 175B at 1024 GPUs (TP8 PP16 DP8): its ramp starts at 16 samples, 2 micro-batches per
+    pipeline of 16 stages. GPipe runs such phases, so every phase of the recipe is valid."""
+    cfg = config("gpt3-175b")
+    assert run_problems(cfg, 1024, family_spec("gpt")) == []
+    assert run_problems(config("gpt-tiny", micro_batch_size=4, global_batch_size=4,
+                               pipeline_model_parallel_size=2), 2, family_spec("gpt")) == []  # fmt: skip
 
 
 @pytest.mark.parametrize(
