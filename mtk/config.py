@@ -18,10 +18,14 @@ import types
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 
-if TYPE_CHECKING:
-    from mtk.models.spec import FamilySpec
+
+class FamilyRules(Protocol):
+    """What validation needs of a model family (``mtk.models.spec.FamilySpec`` provides it)."""
+
+    def problems(self, config: RunConfig) -> list[str]:
+        """What in ``config`` this family cannot run."""
 
 
 class ConfigError(ValueError):
@@ -493,7 +497,7 @@ def data_parallel_size(parallel: ParallelConfig, world_size: int) -> int:
     return max(1, world_size // model_parallel)
 
 
-def run_problems(config: RunConfig, world_size: int, family: FamilySpec) -> list[Problem]:
+def run_problems(config: RunConfig, world_size: int, family: FamilyRules) -> list[Problem]:
     """Every rule ``config`` breaks on ``world_size`` processes; ``family`` is its model family's spec."""
     model, train, parallel = config.model, config.train, config.parallel
     problems: list[Problem] = []
@@ -584,7 +588,7 @@ def run_problems(config: RunConfig, world_size: int, family: FamilySpec) -> list
     return problems
 
 
-def check_run(config: RunConfig, world_size: int, family: FamilySpec, ignore: Sequence[str] = ()) -> None:
+def check_run(config: RunConfig, world_size: int, family: FamilyRules, ignore: Sequence[str] = ()) -> None:
     """Raise ConfigError listing every broken rule (except those of the kinds in ``ignore``)."""
     problems = [p for p in run_problems(config, world_size, family) if p.rule not in ignore]
     if len(problems) == 1:

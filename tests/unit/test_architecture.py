@@ -9,16 +9,12 @@ ROOT = Path(__file__).resolve().parents[2] / "mtk"
 
 
 def _imports(path: Path) -> set[str]:
-    """Every module ``path`` imports, at any depth, except under ``if TYPE_CHECKING:``."""
+    """Every module ``path`` imports, at any depth (under ``if TYPE_CHECKING:`` too: a type is a dependency)."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     package = ".".join(path.relative_to(ROOT.parent).with_suffix("").parts[:-1])
     found: set[str] = set()
 
     def visit(node: ast.AST) -> None:
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            for child in node.orelse:
-                visit(child)
-            return
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
