@@ -111,6 +111,183 @@ def build_blending_indices(weights: Sequence[float], size: int) -> tuple[np.ndar
     return dataset_index, dataset_sample_index
 
 
+# ---------------------------------------------------------------- sentence-pair samples (BERT, T5)
+# std::mt19937 and std::mt19937_64, the generators helpers.cpp draws with, so the sample index is
+# Megatron's for the same data, length and seed.
+
+
+@_jit
+def _mt32_seed(seed):
+    state = np.empty(624, np.uint32)
+    state[0] = np.uint32(seed)
+    for i in range(1, 624):
+        previous = np.uint64(state[i - 1])
+        state[i] = np.uint32(
+            (np.uint64(1812433253) * (previous ^ (previous >> np.uint64(30))) + np.uint64(i))
+            & np.uint64(0xFFFFFFFF)
+        )
+    return state
+
+
+@_jit
+def _mt32_twist(state):
+    for i in range(624):
+        y = (np.uint32(state[i]) & np.uint32(0x80000000)) | (
+            np.uint32(state[(i + 1) % 624]) & np.uint32(0x7FFFFFFF)
+        )
+        value = np.uint32(state[(i + 397) % 624]) ^ (y >> np.uint32(1))
+        if y & np.uint32(1):
+            value ^= np.uint32(0x9908B0DF)
+        state[i] = value
+
+
+@_jit
+def _mt32_next(state, position):
+    """(next output, new position); ``position`` 624 means the state needs twisting."""
+    if position[0] >= 624:
+        _mt32_twist(state)
+        position[0] = 0
+    y = np.uint32(state[position[0]])
+    position[0] += 1
+    y ^= y >> np.uint32(11)
+    y ^= (y << np.uint32(7)) & np.uint32(0x9D2C5680)
+    y ^= (y << np.uint32(15)) & np.uint32(0xEFC60000)
+    y ^= y >> np.uint32(18)
+    return y
+
+
+@_jit
+def _mt64_seed(seed):
+    state = np.empty(312, np.uint64)
+    state[0] = np.uint64(seed)
+    for i in range(1, 312):
+        previous = state[i - 1]
+        state[i] = np.uint64(6364136223846793005) * (previous ^ (previous >> np.uint64(62))) + np.uint64(i)
+    return state
+
+
+@_jit
+def _mt64_next(state, position):
+    if position[0] >= 312:
+        for i in range(312):
+            y = (state[i] & np.uint64(0xFFFFFFFF80000000)) | (state[(i + 1) % 312] & np.uint64(0x7FFFFFFF))
+            value = state[(i + 156) % 312] ^ (y >> np.uint64(1))
+            if y & np.uint64(1):
+                value ^= np.uint64(0xB5026F5AA96619E9)
+            state[i] = value
+        position[0] = 0
+    y = state[position[0]]
+    position[0] += 1
+    y ^= (y >> np.uint64(29)) & np.uint64(0x5555555555555555)
+    y ^= (y << np.uint64(17)) & np.uint64(0x71D67FFFEDA60000)
+    y ^= (y << np.uint64(37)) & np.uint64(0xFFF7EEE000000000)
+    y ^= y >> np.uint64(43)
+    return y
+
+
+@_jit
+def _target_length(short_ratio, max_length, state, position):
+    if short_ratio == 0:
+        return max_length
+    draw = _mt32_next(state, position)
+    if draw % np.uint32(short_ratio) == 0:
+        return 2 + np.int64(draw % np.uint32(max_length - 1))
+    return max_length
+
+
+LONG_SENTENCE = 512  # helpers.cpp: documents with a longer sentence are left out
+
+
+@_jit
+def _sentence_samples(
+    documents, sizes, epochs, max_samples, max_length, short_ratio, seed, min_sentences, out
+):
+    """One pass of helpers.cpp's build_mapping; fills ``out`` when it is big enough, returns the count."""
+    state, position = _mt32_seed(seed), np.full(1, 624, np.int64)
+    count = 0
+    for _ in range(epochs):
+        if count >= max_samples:
+            break
+        for doc in range(documents.shape[0] - 1):
+            first, last = documents[doc], documents[doc + 1]
+            remaining = last - first
+            long_sentence = False
+            if remaining > 1:
+                for sentence in range(first, last):
+                    if sizes[sentence] > LONG_SENTENCE:
+                        long_sentence = True
+                        break
+            if remaining < min_sentences or long_sentence:
+                continue
+            start, length, sentences = first, 0, 0
+            target = _target_length(short_ratio, max_length, state, position)
+            for sentence in range(first, last):
+                length += sizes[sentence]
+                sentences += 1
+                remaining -= 1
+                if (length >= target and remaining > 1 and sentences >= min_sentences) or remaining == 0:
+                    if count < out.shape[0]:
+                        out[count, 0] = start
+                        out[count, 1] = sentence + 1
+                        out[count, 2] = target
+                    count += 1
+                    start = sentence + 1
+                    target = _target_length(short_ratio, max_length, state, position)
+                    length, sentences = 0, 0
+    return count
+
+
+@_jit
+def _shuffle_rows(rows, seed):
+    state, position = _mt64_seed(seed), np.full(1, 312, np.int64)
+    for i in range(rows.shape[0] - 1, 0, -1):
+        j = np.int64(_mt64_next(state, position) % np.uint64(i + 1))
+        for column in range(rows.shape[1]):
+            rows[i, column], rows[j, column] = rows[j, column], rows[i, column]
+
+
+def build_sentence_samples(
+    documents: np.ndarray,
+    sizes: np.ndarray,
+    num_samples: int | None,
+    max_length: int,
+    short_probability: float,
+    seed: int,
+    min_sentences: int,
+) -> np.ndarray:
+    """Megatron's sentence-group samples (``helpers.build_mapping``): rows (first sentence, end
+    sentence, target length), shuffled. A sample packs whole sentences of one document up to a target
+    length (``max_length``, or with ``short_probability`` a random shorter one); documents with fewer
+    than ``min_sentences`` sentences, or a sentence over 512 tokens, are left out. ``documents``
+    holds each document's first sentence and the end; passes repeat until ``num_samples`` (None: one).
+    """
+    if not 0 <= short_probability <= 1 or max_length < 2 or seed <= 0:
+        raise ValueError(
+            f"bad sample settings: max_length {max_length}, short probability {short_probability}, seed {seed}"
+        )
+    short_ratio = int(round(1 / short_probability)) if short_probability > 0 else 0
+    documents = np.ascontiguousarray(documents, dtype=np.int64)
+    sizes = np.ascontiguousarray(sizes, dtype=np.int32)
+    empty = np.zeros((0, 3), np.int64)
+    per_pass = _sentence_samples(documents, sizes, 1, 1, max_length, short_ratio, seed, min_sentences, empty)
+    if per_pass == 0:
+        raise ValueError(
+            f"no document has {min_sentences} or more sentences of at most {LONG_SENTENCE} tokens: "
+            "prepare the data with --split-sentences"
+        )
+    # as helpers.cpp: whole passes until num_samples (a pass's count varies with its short targets)
+    epochs, limit = (1, per_pass) if num_samples is None else (np.iinfo(np.int32).max - 1, num_samples)
+    count = _sentence_samples(
+        documents, sizes, epochs, limit, max_length, short_ratio, seed, min_sentences, empty
+    )
+    rows = np.empty((count, 3), np.int64)
+    _sentence_samples(
+        documents, sizes, epochs, limit, max_length, short_ratio, seed, min_sentences, rows
+    )
+    _shuffle_rows(rows, seed + 1)
+    return rows
+
+
 def default_cache_dir(prefix: str | os.PathLike) -> Path:
     return Path(prefix).resolve().parent / ".mtk-cache"
 
