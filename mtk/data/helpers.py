@@ -281,9 +281,7 @@ def build_sentence_samples(
         documents, sizes, epochs, limit, max_length, short_ratio, seed, min_sentences, empty
     )
     rows = np.empty((count, 3), np.int64)
-    _sentence_samples(
-        documents, sizes, epochs, limit, max_length, short_ratio, seed, min_sentences, rows
-    )
+    _sentence_samples(documents, sizes, epochs, limit, max_length, short_ratio, seed, min_sentences, rows)
     _shuffle_rows(rows, seed + 1)
     return rows
 

@@ -449,7 +449,10 @@ def _added_around(post: dict[str, Any] | None, spec: dict[str, Any]) -> tuple[tu
 def _verbatim(added: list[dict[str, Any]]) -> bool:
     """Added tokens found in the text as they are, in one pass, with one candidate at any position."""
     contents = [token.get("content") for token in added]
-    if any(not isinstance(c, str) or not c for c in contents) or len({t.get("normalized") for t in added}) > 1:
+    if (
+        any(not isinstance(c, str) or not c for c in contents)
+        or len({t.get("normalized") for t in added}) > 1
+    ):
         return False
     if any(token.get(flag) for token in added for flag in ("lstrip", "rstrip", "single_word")):
         return False

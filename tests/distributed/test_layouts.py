@@ -157,7 +157,14 @@ def test_fp16_loss_scaling_agrees_across_tp2_pp2(tmp_path):
 def test_a_ramp_phase_with_fewer_micro_batches_than_stages_matches_one_process(tmp_path):
     """The GPT-3 ramp's first phases give a pipeline fewer micro-batches than stages: GPipe runs them
     (1 micro-batch on 2 stages here), 1F1B the later phases (4), with the same losses as one process."""
-    ramp = ["--micro-batch-size", "2", "--global-batch-size", "8", "--set", "batch_size_ramp=[[0, 2], [128, 8]]"]
+    ramp = [
+        "--micro-batch-size",
+        "2",
+        "--global-batch-size",
+        "8",
+        "--set",
+        "batch_size_ramp=[[0, 2], [128, 8]]",
+    ]
     train("gpt-tiny", tmp_path / "one", *ramp)
     train("gpt-tiny", tmp_path / "pp", *ramp, "--pp", "2", ranks=2)
     records = [json.loads(line) for line in (tmp_path / "pp" / "metrics.jsonl").read_text().splitlines()]

@@ -242,7 +242,9 @@ def test_hf_tokenizer_json_equals_gpt2bpe_and_round_trips(bpe_dir):
     hf = load_tokenizer(bpe_dir / "tokenizer.json")
     gpt2 = load_tokenizer(bpe_dir)
     assert (hf.kind, hf.backend, hf.vocab_size, hf.eod) == ("hf", "tiktoken", gpt2.vocab_size, gpt2.eod)
-    assert hf.encode_batch(TRICKY_TEXTS) == gpt2.encode_batch(TRICKY_TEXTS) == tokenizers_path(hf, TRICKY_TEXTS)
+    assert (
+        hf.encode_batch(TRICKY_TEXTS) == gpt2.encode_batch(TRICKY_TEXTS) == tokenizers_path(hf, TRICKY_TEXTS)
+    )
     for text in TRICKY_TEXTS:
         assert hf.decode(hf.encode(text)) == text
 
@@ -345,7 +347,10 @@ def test_tokenizer_json_forms_take_tiktoken_with_the_ids_of_tokenizers(fast_form
     texts = [*TRICKY_TEXTS, *REGEX_CORNERS, "".join(REGEX_CORNERS)]
     assert tok.encode_batch(texts) == tokenizers_path(tok, texts)
     eot = tok.core.token_to_id(EOT)
-    assert tok.encode("a") == ([eot] if form.endswith("-bos") else []) + tok.core.encode("a", add_special_tokens=False).ids
+    assert (
+        tok.encode("a")
+        == ([eot] if form.endswith("-bos") else []) + tok.core.encode("a", add_special_tokens=False).ids
+    )
 
 
 @settings(max_examples=150, deadline=None)
@@ -393,10 +398,15 @@ def test_tokenizer_json_that_tiktoken_cannot_reproduce_stays_on_tokenizers(bpe_d
         options["edit"] = lambda spec: spec["added_tokens"][0].update(lstrip=True)
     elif change == "overlapping-tokens":
         extra = {"id": 1200, "content": EOT + "x", "single_word": False, "lstrip": False, "rstrip": False}
-        options["edit"] = lambda spec: spec["added_tokens"].append({**extra, "normalized": False, "special": True})
+        options["edit"] = lambda spec: spec["added_tokens"].append(
+            {**extra, "normalized": False, "special": True}
+        )
     elif change == "template-repeating-the-text":
-        options["edit"] = lambda spec: add_bos(spec) or spec["post_processor"]["processors"][1]["single"].append(
-            {"Sequence": {"id": "A", "type_id": 0}}
+        options["edit"] = lambda spec: (
+            add_bos(spec)
+            or spec["post_processor"]["processors"][1]["single"].append(
+                {"Sequence": {"id": "A", "type_id": 0}}
+            )
         )
     else:
         merges = converted_merges(bpe_dir)
