@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mtk.data.helpers import build_sample_index, cached_indices, default_cache_dir, idx_sha256
+from mtk.data.helpers import build_sample_index, cached_indices, default_cache_dir, index_description
 from mtk.data.indexed import IndexedDataset
 from mtk.data.splits import SPLIT_NAMES, split_indices
 
@@ -118,17 +118,10 @@ class GPTDataset:
         self.indexed = indexed
         self.seq_length = seq_length
         self.mask_token = eod if eod_mask_loss else None
-        self.description = {
-            "class": type(self).__name__,
-            "path_prefix": str(Path(indexed.prefix).resolve()),
-            "idx_sha256": idx_sha256(indexed),
-            "split": split,
-            "split_index": split_index,
-            "num_samples": num_samples,
-            "seq_length": seq_length,
-            "seed": seed,
-            "add_extra_token": 1,
-        }
+        self.description = index_description(
+            self, indexed, split, split_index,
+            num_samples=num_samples, seq_length=seq_length, seed=seed, add_extra_token=1,
+        )  # fmt: skip
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(indexed.prefix)
         arrays, self.built_indices = cached_indices(
             self.cache_dir,

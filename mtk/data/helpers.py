@@ -301,6 +301,21 @@ def idx_sha256(indexed: IndexedDataset) -> str:
     return _idx_hashes[indexed]
 
 
+def index_description(
+    owner: object, indexed: IndexedDataset, split: str, split_index: int, **settings: Any
+) -> dict:
+    """What a dataset's cached indices depend on: its class, the data (path and .idx hash), the split,
+    and ``settings``; the cache key of :func:`cached_indices`."""
+    return {
+        "class": type(owner).__name__,
+        "path_prefix": str(Path(indexed.prefix).resolve()),
+        "idx_sha256": idx_sha256(indexed),
+        "split": split,
+        "split_index": split_index,
+        **settings,
+    }
+
+
 def cached_indices(
     cache_dir: str | os.PathLike,
     description: dict[str, Any],

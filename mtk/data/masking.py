@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from mtk.data.helpers import build_sentence_samples, cached_indices, default_cache_dir, idx_sha256
+from mtk.data.helpers import build_sentence_samples, cached_indices, default_cache_dir, index_description
 from mtk.data.indexed import IndexedDataset
 from mtk.data.splits import SPLIT_NAMES, split_indices
 
@@ -186,19 +186,11 @@ class SentenceSamples:
                 f"{indexed.prefix}: split {split!r} leaves the {SPLIT_NAMES[split_index]} split no document"
             )
         self.indexed, self.seed, self.masking = indexed, seed, masking
-        self.description = {
-            "class": type(self).__name__,
-            "path_prefix": str(Path(indexed.prefix).resolve()),
-            "idx_sha256": idx_sha256(indexed),
-            "split": split,
-            "split_index": split_index,
-            "num_samples": num_samples,
-            "max_length": max_length,
-            "seed": seed,
-            "short_probability": short_probability,
-            "min_sentences": min_sentences,
-            "masking": asdict(masking),
-        }
+        self.description = index_description(
+            self, indexed, split, split_index,
+            num_samples=num_samples, max_length=max_length, seed=seed, short_probability=short_probability,
+            min_sentences=min_sentences, masking=asdict(masking),
+        )  # fmt: skip
         bounds = documents[np.append(chosen, chosen[-1] + 1)]
         arrays, self.built_indices = cached_indices(
             Path(cache_dir) if cache_dir is not None else default_cache_dir(indexed.prefix),
