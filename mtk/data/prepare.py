@@ -8,6 +8,7 @@ renamed only when everything succeeded, so a failure or Ctrl-C never leaves a va
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import itertools
 import json
@@ -18,7 +19,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -236,24 +237,29 @@ def _encode_in_worker(chunk: Chunk) -> EncodedChunk:
 
 
 def _encode_all(chunks: Iterator[Chunk], encoder_args: tuple, workers: int) -> Iterator[EncodedChunk]:
-    """Encoded chunks in input order, with at most ``2 * workers`` chunks in flight."""
+    """Encoded chunks in input order, with at most ``2 * workers`` chunks in flight.
+
+    One worker encodes in this process on two threads: the tokenizer releases the GIL, so the next
+    chunk is read and parsed while this one is encoded (the encoding itself stays on one core)."""
     if workers <= 1:
         encoder = _Encoder(*encoder_args)
-        yield from map(encoder, chunks)
-        return
-    # An executor, not multiprocessing.Pool: a worker that cannot start raises BrokenProcessPool
-    # here instead of being respawned forever.
-    pool = ProcessPoolExecutor(
-        workers,
-        mp_context=multiprocessing.get_context("spawn"),
-        initializer=_init_worker,
-        initargs=(os.getpid(), *encoder_args),
-    )
+        pool: Any = ThreadPoolExecutor(2, thread_name_prefix="encode")
+        submit = functools.partial(pool.submit, encoder)
+    else:
+        # An executor, not multiprocessing.Pool: a worker that cannot start raises BrokenProcessPool
+        # here instead of being respawned forever.
+        pool = ProcessPoolExecutor(
+            workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_worker,
+            initargs=(os.getpid(), *encoder_args),
+        )
+        submit = functools.partial(pool.submit, _encode_in_worker)
     try:
         pending: deque = deque()
         for chunk in chunks:
-            pending.append(pool.submit(_encode_in_worker, chunk))
-            if len(pending) >= 2 * workers:
+            pending.append(submit(chunk))
+            if len(pending) >= 2 * max(workers, 1):
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
