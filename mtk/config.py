@@ -117,7 +117,14 @@ class ModelConfig:
     # encoder-decoder (T5): num_layers is the encoder depth
     decoder_num_layers: int | None = setting(None, "T5 decoder layers (default num_layers).", range=POSITIVE)
     decoder_seq_length: int | None = setting(None, "T5 decoder tokens per sample.", range=POSITIVE)
-    bert_binary_head: bool = setting(True, "BERT sentence-order head.")
+    bert_binary_head: bool = setting(
+        True, "BERT: two segments per sample and the sentence-order head (Megatron's --bert-binary-head)."
+    )
+    post_norm: bool = setting(
+        False,
+        "Norm after each residual add and on the embeddings, no final norm: the original BERT layout, "
+        "as real BERT checkpoints need (default: pre-norm, as Megatron).",
+    )
     retro_encoder_num_layers: int = setting(2, "RETRO neighbour-encoder layers.", range=POSITIVE)
     retro_num_neighbors: int = setting(2, "RETRO neighbours per chunk.", range=POSITIVE)
     retro_chunk_length: int = setting(64, "RETRO chunk length in tokens.", range=POSITIVE)
@@ -169,6 +176,18 @@ class DataConfig:
         None,
         "Where sample indices are cached (default: .mtk-cache beside the data).",
         flag="--data-cache-path",
+    )
+    mask_prob: float = setting(
+        0.15,
+        "BERT/T5: share of tokens masked (Megatron's --mask-prob).",
+        range=Range(low=0, high=1, open_low=True, open_high=True),
+        flag="--mask-prob",
+    )
+    short_seq_prob: float = setting(
+        0.1,
+        "BERT/T5: probability that a sample aims at a shorter random length (Megatron's --short-seq-prob).",
+        range=PROBABILITY,
+        flag="--short-seq-prob",
     )
 
     def __post_init__(self) -> None:

@@ -74,6 +74,13 @@ def prepare_data(
         help="WordPiece only: lower-case (uncased BERT) or keep case. Default: detected from vocab.txt.",
         show_default=False,
     ),
+    vocab_extra_ids: int = typer.Option(
+        0,
+        "--vocab-extra-ids",
+        min=0,
+        help="WordPiece only: append N sentinel tokens <extra_id_0> ... to the vocabulary, as Megatron "
+        "does for T5 (which needs 100).",
+    ),
     json_keys: list[str] = typer.Option(
         ["text"],
         "--json-keys",
@@ -87,7 +94,7 @@ def prepare_data(
     split_sentences: bool = typer.Option(
         False,
         "--split-sentences",
-        help="Store each document as a sequence of sentences (needed by BERT); "
+        help="Store each document as a sequence of sentences (needed by BERT and T5); "
         "outputs are named _sentence. Splitter: sentencex.",
     ),
     language: str = typer.Option("en", "--language", help="Language code for --split-sentences."),
@@ -131,6 +138,7 @@ def prepare_data(
             kind=None if tokenizer_type is TokenizerType.auto else tokenizer_type.value,
             vocab_size=vocab_size,
             lower_case=lower_case,
+            vocab_extra_ids=vocab_extra_ids,
         )
     except (ValueError, OSError) as err:
         fail(f"--tokenizer {tokenizer}: {err}")

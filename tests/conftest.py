@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -48,3 +54,29 @@ def counting_data(tmp_path_factory) -> str:
         [str(root / "count.jsonl")], str(root / "count"), load_tokenizer("null", vocab_size=COUNTING_VOCAB)
     )
     return result.outputs["text"]
+
+
+@pytest.fixture
+def kill_during_training():
+    """Factory: see ``_kill_during_training``."""
+    return _kill_during_training
+
+
+def _kill_during_training(train_args: list[str], run: Path, after_iteration: int) -> int:
+    """Run ``mtk train TRAIN_ARGS --save RUN`` in a subprocess, SIGKILL it once a checkpoint of
+    ``after_iteration`` or later is published, and return the iteration it left."""
+    from mtk.checkpoint import TRACKER, latest_iteration
+
+    command = [sys.executable, "-m", "stages.main", "train", *train_args, "--save", str(run)]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, cwd=os.getcwd())
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        tracker = run / TRACKER
+        if tracker.is_file() and int(tracker.read_text()) >= after_iteration:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    stopped_at = latest_iteration(run)
+    assert stopped_at is not None
+    return stopped_at

@@ -153,6 +153,35 @@ class WordPieceIds:
             )
         return cls(vocab["[CLS]"], vocab["[SEP]"], vocab["[MASK]"], vocab["[PAD]"], continues, **extra)
 
+    @classmethod
+    def from_manifest(cls, entry: dict[str, Any] | None, family: str, sentinels: bool) -> WordPieceIds:
+        """The ids of the WordPiece tokenizer a data manifest records (reloaded from its files, checked
+        unchanged). ``sentinels``: T5's, the ``--vocab-extra-ids`` tokens, with [CLS] as <bos> and
+        [SEP] as <eos> (Megatron's BertWordPieceCase)."""
+        from mtk.data.tokenizer import EXTRA_ID, tokenizer_from_manifest
+
+        if not entry:
+            raise ValueError(
+                f"{family} samples need the WordPiece vocabulary of the data, which has no mtk manifest: "
+                "prepare it with `mtk prepare-data --tokenizer VOCAB.txt --split-sentences`"
+            )
+        if entry["kind"] != "wordpiece":
+            raise ValueError(
+                f"{family} trains on WordPiece data ([CLS] [SEP] [MASK] [PAD]); this data was prepared "
+                f"with a {entry['kind']} tokenizer: prepare it with a BERT vocab.txt "
+                "(`mtk tokenizer train --kind wordpiece` makes one)"
+            )
+        extra = entry.get("vocab_extra_ids", 0)
+        if sentinels and not extra:
+            raise ValueError(
+                f"{family} samples need sentinel tokens: prepare the data with --vocab-extra-ids 100"
+            )
+        vocab = tokenizer_from_manifest(entry).core.get_vocab(with_added_tokens=True)
+        if not sentinels:
+            return cls.from_vocab(vocab)
+        ids = [vocab[EXTRA_ID.format(i)] for i in range(extra)]
+        return cls.from_vocab(vocab, bos=vocab["[CLS]"], eos=vocab["[SEP]"], sentinels=tuple(ids))
+
 
 class SentenceSamples:
     """Samples of whole sentences from split ``split_index`` of a sentence-level indexed dataset,

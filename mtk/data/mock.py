@@ -47,3 +47,49 @@ class MockGPTDataset:
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return gpt_sample(self.sample_tokens(index))
+
+
+MOCK_SPECIALS = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "[MASK]": 4}
+
+
+def mock_wordpiece_ids(vocab_size: int, sentinels: int = 0):
+    """WordPiece ids for mock masked-LM data: the first five ids are the specials, the last
+    ``sentinels`` ids T5's sentinels ([CLS] and [SEP] as its <bos> and <eos>)."""
+    from mtk.data.masking import WordPieceIds
+
+    if vocab_size < len(MOCK_SPECIALS) + sentinels + 10:
+        raise ValueError(
+            f"mock masked-LM data needs a vocabulary of {len(MOCK_SPECIALS) + sentinels + 10}+ ids"
+        )
+    vocab = {**MOCK_SPECIALS, **{f"w{i}": i for i in range(len(MOCK_SPECIALS), vocab_size)}}
+    extra = {}
+    if sentinels:
+        ids = tuple(range(vocab_size - sentinels, vocab_size))
+        extra = {"bos": vocab["[CLS]"], "eos": vocab["[SEP]"], "sentinels": ids}
+    return WordPieceIds.from_vocab(vocab, **extra)
+
+
+def mock_sentences(ids, vocab_size: int, seed: int, documents: int = 512):
+    """A sentence-level ``IndexedDataset`` of random sentences (2-12 per document, 4-40 tokens of
+    regular ids each), a pure function of ``seed``, written to a temporary folder removed at exit;
+    returns it and that folder (for its sample-index cache)."""
+    import atexit
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from mtk.data.indexed import IndexedDataset, IndexWriter, token_dtype
+
+    rng = np.random.default_rng(seed)
+    regular_end = vocab_size - len(ids.sentinels)
+    per_document = rng.integers(2, 13, documents)
+    lengths = rng.integers(4, 41, int(per_document.sum()))
+    tokens = rng.integers(len(MOCK_SPECIALS), regular_end, int(lengths.sum()))
+    folder = Path(tempfile.mkdtemp(prefix="mtk-mock-"))
+    atexit.register(shutil.rmtree, folder, True)
+    dtype = token_dtype(vocab_size)
+    writer = IndexWriter(dtype)
+    writer.add_documents(lengths.astype(np.int32), per_document.astype(np.int64))
+    (folder / "mock.bin").write_bytes(tokens.astype(dtype).tobytes())
+    (folder / "mock.idx").write_bytes(writer.to_bytes())
+    return IndexedDataset(folder / "mock"), folder

@@ -34,6 +34,7 @@ GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|
 EOD_TOKENS = (ENDOFTEXT, "<|end_of_text|>", "</s>", "<eos>")
 BERT_SPECIALS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
 TRAINED_MANIFEST = "mtk-tokenizer.json"
+EXTRA_ID = "<extra_id_{}>"  # T5's sentinel tokens (--vocab-extra-ids)
 
 
 class TokenizerError(ValueError):
@@ -66,6 +67,7 @@ class Tokenizer(ABC):
     eod: int | None
     files: list[dict[str, Any]] = field(default_factory=list)  # describe_file() entries; [0] reloads it
     lower_case: bool | None = None  # wordpiece only
+    vocab_extra_ids: int = 0  # wordpiece: sentinels <extra_id_0> ... appended (T5)
     special_ids: dict[str, int] = field(default_factory=dict)  # wordpiece: pad, unk, cls, sep, mask
     backend: ClassVar[str]
 
@@ -85,6 +87,8 @@ class Tokenizer(ABC):
         entry: dict[str, Any] = {"kind": self.kind}
         if self.lower_case is not None:
             entry["lower_case"] = self.lower_case
+        if self.vocab_extra_ids:
+            entry["vocab_extra_ids"] = self.vocab_extra_ids
         entry.update(vocab_size=self.vocab_size, eod=self.eod)
         if self.special_ids:
             entry["special_ids"] = dict(self.special_ids)
@@ -185,6 +189,7 @@ def load_tokenizer(
     kind: str | None = None,
     vocab_size: int | None = None,
     lower_case: bool | None = None,
+    vocab_extra_ids: int = 0,
 ) -> Tokenizer:
     """Load the tokenizer at ``spec`` (a path, or ``null``), of ``kind`` or of the kind its files show.
 
@@ -192,7 +197,8 @@ def load_tokenizer(
     ``eos_token`` of a tokenizer_config.json beside it, else a common end-of-text token in the vocabulary).
     ``gpt2bpe``: a directory with GPT-2 vocab.json + merges.txt; a literal ``<|endoftext|>`` in the text
     is that token (the eod). ``wordpiece``: a BERT vocab.txt or a directory with one; ``lower_case``
-    None detects it. ``null``: needs ``vocab_size``. A directory written by ``train_tokenizer``
+    None detects it; ``vocab_extra_ids`` N appends T5's sentinels ``<extra_id_0>`` ... as special
+    tokens after the vocabulary, as Megatron's BertWordPieceCase does. ``null``: needs ``vocab_size``. A directory written by ``train_tokenizer``
     loads as what it was trained as. Raises :class:`TokenizerError` (a ValueError) saying what is wrong.
     """
     kind = kind or detect_kind(spec)
@@ -204,6 +210,11 @@ def load_tokenizer(
         )
     if lower_case is not None and kind != "wordpiece":
         raise TokenizerError(f"lower_case is for wordpiece; a {kind} tokenizer's files define its casing")
+    if vocab_extra_ids and kind != "wordpiece":
+        raise TokenizerError(
+            f"vocab_extra_ids (T5 sentinels) are added to a WordPiece vocab.txt; a {kind} tokenizer "
+            "carries its own special tokens"
+        )
     if kind == "null":
         if vocab_size is None or vocab_size < 1:
             raise TokenizerError("the null tokenizer needs vocab_size N >= 1 (ids lie below N; eod is N)")
@@ -215,7 +226,7 @@ def load_tokenizer(
         return _load_hf(path)
     if kind == "gpt2bpe":
         return _load_gpt2bpe(path)
-    return _load_wordpiece(path, lower_case)
+    return _load_wordpiece(path, lower_case, vocab_extra_ids)
 
 
 def detect_kind(spec: str | os.PathLike) -> str:
@@ -261,7 +272,10 @@ def tokenizer_from_manifest(entry: dict[str, Any]) -> Tokenizer:
         tokenizer = load_tokenizer("null", "null", vocab_size=entry["vocab_size"] - 1)
     else:
         tokenizer = load_tokenizer(
-            entry["files"][0]["path"], entry["kind"], lower_case=entry.get("lower_case")
+            entry["files"][0]["path"],
+            entry["kind"],
+            lower_case=entry.get("lower_case"),
+            vocab_extra_ids=entry.get("vocab_extra_ids", 0),
         )
     for name in ("vocab_size", "eod"):
         if getattr(tokenizer, name) != entry[name]:
@@ -563,7 +577,7 @@ def tiktoken_ranks(
     return {token.translate(to_latin1).encode("latin-1"): i for token, i in regular.items()}
 
 
-def _load_wordpiece(path: Path, lower_case: bool | None) -> Tokenizer:
+def _load_wordpiece(path: Path, lower_case: bool | None, extra_ids: int = 0) -> Tokenizer:
     from tokenizers import Tokenizer as Core
     from tokenizers import models
 
@@ -580,13 +594,17 @@ def _load_wordpiece(path: Path, lower_case: bool | None) -> Tokenizer:
     # 200 characters per word as Google's WordpieceTokenizer (tokenizers' default is 100)
     core = Core(models.WordPiece(vocab, unk_token=BERT_SPECIALS["unk"], max_input_chars_per_word=200))
     bert_pipeline(core, lower_case)
+    if extra_ids < 0:
+        raise TokenizerError(f"vocab_extra_ids must be >= 0, got {extra_ids}")
+    core.add_special_tokens([EXTRA_ID.format(i) for i in range(extra_ids)])
     specials = {name: vocab[token] for name, token in BERT_SPECIALS.items() if token in vocab}
     return TokenizersTokenizer(
         "wordpiece",
-        max(vocab.values()) + 1,
+        max(core.get_vocab(with_added_tokens=True).values()) + 1,
         specials.get("sep"),
         _describe([file]),
         lower_case=lower_case,
+        vocab_extra_ids=extra_ids,
         special_ids=specials,
         core=core,
     )

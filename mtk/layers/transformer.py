@@ -1,4 +1,4 @@
-"""Pre-norm transformer layers and the stack of them."""
+"""Transformer layers (pre-norm, or post-norm as the original BERT) and the stack of them."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from mtk.layers.mlp import MLP
 from mtk.layers.norms import build_norm
 from mtk.layers.rotary import RotaryEmbedding
 
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
 
 def scaled_output_std(config: ModelConfig, num_layers: int) -> float:
     """Megatron's init std of the projections back into the residual stream: std / sqrt(2 x layers)."""
@@ -20,7 +22,11 @@ def scaled_output_std(config: ModelConfig, num_layers: int) -> float:
 
 
 class TransformerLayer(nn.Module):
-    """x + attention(norm(x)), then x + mlp(norm(x)); an optional cross-attention block in between."""
+    """x + attention(norm(x)), then x + mlp(norm(x)); an optional cross-attention block in between.
+
+    ``config.post_norm``: norm(x + attention(x)) and norm(x + mlp(x)), the original Transformer and
+    BERT layout, which real BERT checkpoints need.
+    """
 
     def __init__(
         self,
@@ -37,6 +43,12 @@ class TransformerLayer(nn.Module):
         self.mlp_norm = build_norm(config)
         self.mlp = MLP(config, output_std)
         self.dropout = nn.Dropout(config.hidden_dropout)
+        self.post_norm = config.post_norm
+
+    def _residual(self, x: torch.Tensor, norm: nn.Module, block) -> torch.Tensor:
+        if self.post_norm:
+            return norm(x + self.dropout(block(x)))
+        return x + self.dropout(block(norm(x)))
 
     def forward(
         self,
@@ -45,20 +57,25 @@ class TransformerLayer(nn.Module):
         causal: bool = True,
         attention_mask: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
     ) -> torch.Tensor:
-        x = x + self.dropout(
-            self.attention(
-                self.attention_norm(x),
-                position_ids=position_ids,
-                causal=causal,
-                attention_mask=attention_mask,
-                kv_cache=kv_cache,
-            )
+        """``attention_mask`` / ``context_mask``: True = attend, broadcastable to (batch, heads,
+        queries, keys), for self-attention and for the cross-attention to ``context``."""
+        x = self._residual(
+            x,
+            self.attention_norm,
+            lambda h: self.attention(
+                h, position_ids=position_ids, causal=causal, attention_mask=attention_mask, kv_cache=kv_cache
+            ),
         )
         if self.cross_attention is not None:
-            x = x + self.dropout(self.cross_attention(self.cross_norm(x), context=context))
-        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+            x = self._residual(
+                x,
+                self.cross_norm,
+                lambda h: self.cross_attention(h, context=context, attention_mask=context_mask),
+            )
+        return self._residual(x, self.mlp_norm, self.mlp)
 
     def tp_plan(self) -> dict[str, str]:
         """Tensor-parallel styles of this layer's modules (see ``mtk.parallel.tensor.STYLES``).
@@ -80,6 +97,10 @@ class TransformerLayer(nn.Module):
         }
         if self.mlp.gate is not None:
             plan["mlp.gate"] = "colwise"
+        if self.cross_attention is not None:
+            plan["cross_norm"] = "sequence"
+            plan["cross_attention"] = "gather_sequence_and_context"
+            plan.update({f"cross_attention.{name}": plan[f"attention.{name}"] for name in PROJECTIONS})
         return plan
 
 
@@ -88,7 +109,8 @@ class TransformerBlock(nn.Module):
 
     Layers sit in a ModuleDict keyed by their global index ("0", "1", ...): a pipeline stage keeps a
     subset and the parameter names stay those of the whole model. A stage without the final norm
-    (``final_norm = None``) returns the residual stream as is. The output projections of every layer
+    (``final_norm = None``, and a post-norm stack, whose layers end with a norm) returns the residual
+    stream as is. The output projections of every layer
     start with std / sqrt(2 x ``num_layers``), as Megatron initialises them.
     """
 
@@ -106,7 +128,7 @@ class TransformerBlock(nn.Module):
                 for i in range(num_layers)
             }
         )
-        self.final_norm: nn.Module | None = build_norm(config)
+        self.final_norm: nn.Module | None = None if config.post_norm else build_norm(config)
 
     def forward(self, x: torch.Tensor, kv_caches: list[KVCache] | None = None, **kwargs) -> torch.Tensor:
         for i, layer in enumerate(self.layers.values()):
@@ -140,6 +162,7 @@ def layer_parameters(config: ModelConfig, cross_attention: bool = False) -> int:
 
 
 def norm_parameters(config: ModelConfig) -> int:
+    """One norm's parameters."""
     return (2 if config.normalization == "LayerNorm" else 1) * config.hidden_size
 
 

@@ -110,6 +110,10 @@ class TrainableFamily(FamilySpec):
     def loss_terms(self, outputs: Any, targets: torch.Tensor) -> LossTerms:
         """The loss of one micro-batch as named ``(sum, count)`` terms; its value is sum(sum / count)."""
 
+    def loss_names(self, config: ModelConfig) -> tuple[str, ...]:
+        """The names ``loss_terms`` returns for ``config`` (metrics report each when there are several)."""
+        return ("lm loss",)
+
     @abstractmethod
     def datasets(
         self, config: RunConfig, num_samples: tuple[int, int, int], facts: DataFacts | None

@@ -1,22 +1,180 @@
-"""T5 (encoder-decoder, span corruption): presets and parameter count so far; training comes next."""
+"""T5 as Megatron-LM builds it: a bidirectional encoder, a causal decoder that cross-attends to the
+encoder's output, one word and position embedding shared by both, and an LM head tied to it.
+
+``T5Model`` is the plain single-device module; ``SPEC`` is its family spec.
+"""
 
 from __future__ import annotations
 
-from mtk.config import ModelConfig
-from mtk.layers.transformer import embedding_parameters, layer_parameters, norm_parameters
-from mtk.models.spec import FamilySpec
+import functools
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from mtk.config import ModelConfig, RunConfig
+from mtk.layers.heads import LMHead
+from mtk.layers.init import Embedding, initialize
+from mtk.layers.loss import loss_targets, token_cross_entropy
+from mtk.layers.transformer import TransformerBlock, embedding_parameters, layer_parameters, norm_parameters
+from mtk.models.masked import MaskedLMFamily
+from mtk.models.spec import LossTerms, ModelBatch
 
 
-class T5Family(FamilySpec):
+class T5Model(nn.Module):
+    """(encoder tokens (batch, seq), decoder tokens (batch, decoder seq)) -> logits (batch, decoder
+    seq, padded vocab). ``encoder_mask`` (1 = a token, 0 = padding) keeps encoder padding out of the
+    encoder's attention and the decoder's cross-attention; the decoder attends causally."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        std, hidden = config.init_method_std, config.hidden_size
+        self.embedding = Embedding(config.padded_vocab_size(), hidden, std)
+        self.position_embedding = Embedding(config.max_position_embeddings, hidden, std)
+        self.embedding_dropout = nn.Dropout(config.hidden_dropout)
+        self.encoder = TransformerBlock(config, config.num_layers)
+        self.decoder = TransformerBlock(config, config.decoder_num_layers, cross_attention=True)
+        self.lm_head = LMHead(config, transform=False)
+        if self.embedding.weight.device.type != "meta":
+            self.init_weights()
+
+    def init_weights(self, seed: int | None = None) -> None:
+        if seed is None:
+            seed = int(torch.randint(2**62, ()).item())
+        initialize(self, seed)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        return self.embedding_dropout(self.embedding(tokens) + self.position_embedding(positions))
+
+    def encode(self, tokens: torch.Tensor, encoder_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.encoder(self.embed(tokens), causal=False, attention_mask=_key_mask(encoder_mask))
+
+    def decode(
+        self, encoded: torch.Tensor, decoder_tokens: torch.Tensor, encoder_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        x = self.decoder(
+            self.embed(decoder_tokens), causal=True, context=encoded, context_mask=_key_mask(encoder_mask)
+        )
+        return self.lm_head(x, self.embedding.weight)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        decoder_tokens: torch.Tensor,
+        encoder_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return self.decode(self.encode(tokens, encoder_mask), decoder_tokens, encoder_mask)
+
+
+def _key_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """(batch, keys) 1/0 -> (batch, 1, 1, keys) True = attend."""
+    return None if mask is None else mask[:, None, None, :].bool()
+
+
+class T5Family(MaskedLMFamily):
     name = "t5"
+    needs_sentinels = True
+    flops_convention = (
+        "6 * parameters per token of each stack (encoder: seq_length, decoder and LM head: "
+        "decoder_seq_length) + attention, per encoder token, no recompute"
+    )
 
     def num_parameters(self, config: ModelConfig, tensor_parallel: int = 1) -> int:
-        vocab = config.padded_vocab_size(tensor_parallel)
         norm = norm_parameters(config)
         total = embedding_parameters(config, tensor_parallel)
         total += config.num_layers * layer_parameters(config) + norm  # encoder
         total += config.decoder_num_layers * layer_parameters(config, cross_attention=True) + norm  # decoder
-        return total + vocab  # LM head bias; weights tied to the embedding
+        return total + config.padded_vocab_size(tensor_parallel)  # LM head bias; weights tied
+
+    def problems(self, config: RunConfig) -> list[str]:
+        found = super().problems(config)
+        model = config.model
+        if config.parallel.pipeline_model_parallel_size > 1:
+            found.append(
+                "family 't5': pipeline parallelism would cut the encoder and the decoder, whose every "
+                "layer needs the encoder's output; t5-220m fits one device: use --tp and data "
+                "parallelism (--pp 1)"
+            )
+        decoder_length = model.decoder_seq_length or model.seq_length
+        worst = 1 + 2 * math.floor(config.data.mask_prob * (model.seq_length - 2))
+        if decoder_length < worst:
+            found.append(
+                f"decoder_seq_length {decoder_length} cannot hold the spans of a {model.seq_length}-token "
+                f"sample masked at {config.data.mask_prob}: up to {worst} decoder tokens (<bos>, a "
+                f"sentinel per span, each masked token); set decoder_seq_length >= {worst}"
+            )
+        if max(model.seq_length, decoder_length) > model.max_position_embeddings:
+            found.append(
+                f"max_position_embeddings {model.max_position_embeddings} is below the encoder or decoder "
+                "length; the two stacks share the position table"
+            )
+        return found
+
+    def flops_per_token(self, config: ModelConfig) -> float:
+        hidden, enc, dec = (
+            config.hidden_size,
+            config.seq_length,
+            config.decoder_seq_length or config.seq_length,
+        )
+        encoder = config.num_layers * layer_parameters(config)
+        decoder = config.decoder_num_layers * layer_parameters(config, cross_attention=True)
+        head = config.padded_vocab_size() * hidden
+        attention = (
+            12.0 * hidden * (config.num_layers * enc + config.decoder_num_layers * (dec + enc) * dec / enc)
+        )
+        return 6.0 * (encoder + (decoder + head) * dec / enc) + attention
+
+    def build(self, config: ModelConfig) -> T5Model:
+        return T5Model(config)
+
+    def blocks(self, model: T5Model) -> list[nn.ModuleDict]:
+        return [model.encoder.layers, model.decoder.layers]
+
+    def tp_plan(self, model: T5Model) -> dict[str, str]:
+        plan = {"embedding": "vocab_embedding", "position_embedding": "vocab_embedding"}
+        plan.update(model.encoder.tp_plan("encoder"))
+        plan.update(model.decoder.tp_plan("decoder"))
+        plan["decoder"] = "gather_output"
+        plan["lm_head"] = "vocab_bias"
+        return plan
+
+    def pipeline_layers(self, config: ModelConfig) -> int:
+        raise NotImplementedError("T5 runs without pipeline parallelism (see problems())")
+
+    def pipeline_stage(self, model: T5Model, layers: range, first: bool, last: bool) -> T5Model:
+        raise NotImplementedError("T5 runs without pipeline parallelism (see problems())")
+
+    def tied_parameters(self, config: ModelConfig) -> list[str]:
+        return []  # one stage holds the embedding and the head
+
+    def model_batch(self, batch: dict[str, torch.Tensor]) -> ModelBatch:
+        return ModelBatch(
+            batch["text_enc"],
+            {"decoder_tokens": batch["text_dec"], "encoder_mask": batch["enc_mask"]},
+            loss_targets(batch["labels"], batch["loss_mask"]),
+        )
+
+    def loss_terms(self, outputs: torch.Tensor, targets: torch.Tensor) -> LossTerms:
+        return {"lm loss": token_cross_entropy(outputs, targets)}
+
+    def datasets(
+        self, config: RunConfig, num_samples: tuple[int, int, int], facts: Any
+    ) -> tuple[Any, Any, Any]:
+        from mtk.data.t5_dataset import T5Dataset
+
+        model = config.model
+        make = functools.partial(
+            T5Dataset,
+            encoder_length=model.seq_length,
+            decoder_length=model.decoder_seq_length or model.seq_length,
+            seed=config.train.seed,
+            short_probability=config.data.short_seq_prob,
+            masking=self.masking(config),
+        )
+        return self.split_datasets(config, num_samples, facts, make)
 
 
 SPEC = T5Family()

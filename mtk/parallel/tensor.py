@@ -11,6 +11,7 @@ sharded the same way (over rows).
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 STYLES = {
@@ -21,7 +22,45 @@ STYLES = {
     "vocab_embedding": "rows (vocabulary or positions) split; output as sequence slices",
     "gather_output": "the module's output (sequence slices) is gathered whole, kept a DTensor",
     "vocab_output": "logits split over the vocabulary, kept a DTensor for loss_parallel",
+    "gather_sequence_and_context": "gather_sequence for the input and the `context` (cross-attention)",
+    "replicate": "parameters whole on every rank (small heads), output kept a DTensor",
+    "replicate_local_output": "parameters whole on every rank, output a plain tensor (a head the loss "
+    "reads whole)",
+    "vocab_bias": "parameters whole on every rank but `bias`, split over the vocabulary like the logits "
+    "it is added to",
 }
+
+
+def _parameters_style(shard_bias: bool = False, local_output: bool = False):
+    """A style that distributes a module's own parameters (whole, or ``bias`` over its rows)."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
+    from torch.distributed.tensor.parallel import ParallelStyle
+
+    class Parameters(ParallelStyle):
+        def _apply(self, module: nn.Module, mesh) -> nn.Module:
+            def partition(name: str, submodule: nn.Module, mesh) -> None:
+                for key, param in list(submodule.named_parameters(recurse=False)):
+                    placement = (
+                        Shard(0) if shard_bias and submodule is module and key == "bias" else Replicate()
+                    )
+                    submodule.register_parameter(
+                        key, nn.Parameter(distribute_tensor(param, mesh, [placement]))
+                    )
+
+            def inputs(module, args, mesh):
+                return tuple(
+                    DTensor.from_local(a, mesh, [Replicate()], run_check=False)
+                    if isinstance(a, torch.Tensor) and not isinstance(a, DTensor)
+                    else a
+                    for a in args
+                )
+
+            def outputs(module, output, mesh):
+                return output.to_local() if local_output and isinstance(output, DTensor) else output
+
+            return distribute_module(module, mesh, partition, inputs, outputs)
+
+    return Parameters()
 
 
 def _style(name: str):
@@ -50,6 +89,15 @@ def _style(name: str):
         "vocab_output": lambda: ColwiseParallel(
             input_layouts=Replicate(), output_layouts=Shard(-1), use_local_output=False
         ),
+        "gather_sequence_and_context": lambda: PrepareModuleInput(
+            input_layouts=(Shard(1),),
+            desired_input_layouts=(Replicate(),),
+            input_kwarg_layouts={"context": Shard(1)},
+            desired_input_kwarg_layouts={"context": Replicate()},
+        ),
+        "replicate": lambda: _parameters_style(),
+        "replicate_local_output": lambda: _parameters_style(local_output=True),
+        "vocab_bias": lambda: _parameters_style(shard_bias=True),
     }[name]()
 
 

@@ -32,6 +32,16 @@ from mtk.train.schedule import global_batch_size, learning_rate, total_iteration
 from mtk.train.step import StepRunner
 
 
+def mean_terms(steps: list[dict[str, float]]) -> dict[str, float]:
+    """Each loss term's mean over ``steps`` (finite values), keyed as metrics record it: ``lm_loss``."""
+    names = steps[0] if steps else {}
+    means = {}
+    for name in names:
+        finite = [step[name] for step in steps if math.isfinite(step[name])]
+        means[name.replace(" ", "_")] = sum(finite) / len(finite) if finite else float("nan")
+    return means
+
+
 class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss or gradients, bad data for the requested run)."""
 
@@ -198,6 +208,7 @@ class Trainer:
         grad_value = self.steps.clip_grad_norm(train.clip_grad or math.inf)
         # every rank sees the same values, so all take the same branch below
         loss_value = self.steps.reduce_loss(local)
+        terms = self.steps.reduce_terms()
         scale = self.scaler.get_scale()
         finite = math.isfinite(loss_value) and math.isfinite(grad_value)
         if not finite and not self.scaler.is_enabled():
@@ -220,6 +231,7 @@ class Trainer:
             "lr": lr,
             "loss_scale": scale,
             "skipped": skipped,
+            "terms": terms,
         }
 
     @torch.no_grad()
@@ -234,20 +246,23 @@ class Trainer:
             build_loader(dataset, train.micro_batch_size, 0, options.dp_rank, options.dp_size, num_workers=0)
         )
         per_step = micro_batches_per_step(train.global_batch_size, train.micro_batch_size, options.dp_size)
-        losses = []
+        losses, terms = [], []
         for _ in range(train.eval_iters):
             micro_batches = list(islice(loader, per_step))
             if len(micro_batches) < per_step:
                 break
             losses.append(self.steps.run(micro_batches, self._autocast))
+            terms.append(self.steps.reduce_terms())
         if not losses:
             return None
         loss = self.steps.reduce_loss(torch.stack(losses).mean())
+        means = mean_terms(terms)
         return {
             "split": split,
             "iteration": self.state.iteration,
             "loss": loss,
-            "ppl": math.exp(min(loss, 50.0)),
+            "ppl": math.exp(min(means.get("lm_loss", loss), 50.0)),  # of the language model's loss
+            **means,
         }
 
     # ---- the run ----------------------------------------------------------------------------
@@ -271,6 +286,7 @@ class Trainer:
         seq_length = self.config.model.seq_length
         interval_start, interval_tokens = time.perf_counter(), 0
         interval_losses: list[float] = []
+        interval_terms: list[dict[str, float]] = []
         with _Preemption() as preemption:
             while state.iteration < self.iters:
                 batch_size = global_batch_size(train, state.consumed_tokens)
@@ -282,6 +298,7 @@ class Trainer:
                 state.skipped_iterations += int(step["skipped"])
                 state.losses.append(step["loss"])
                 interval_losses.append(step["loss"])
+                interval_terms.append(step["terms"])
                 interval_tokens += batch_size * seq_length
                 if state.iteration % train.log_interval == 0 or state.iteration == self.iters:
                     seconds = time.perf_counter() - interval_start
@@ -291,6 +308,7 @@ class Trainer:
                         "consumed_samples": state.consumed_samples,
                         "consumed_tokens": state.consumed_tokens,
                         "loss": sum(finite) / len(finite) if finite else float("nan"),
+                        **mean_terms(interval_terms),
                         "lr": step["lr"],
                         "grad_norm": step["grad_norm"],
                         "loss_scale": step["loss_scale"],
@@ -302,6 +320,7 @@ class Trainer:
                     }
                     logger.log_train(record)
                     interval_start, interval_tokens, interval_losses = time.perf_counter(), 0, []
+                    interval_terms = []
                 self._count_skips(step["skipped"], step["loss_scale"])
                 if state.iteration == self.iters:
                     break  # the last iteration is saved after the final evaluation, below

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,16 +27,30 @@ class LossReduction:
     scale: float = 1.0
     total_count: Callable[[torch.Tensor], torch.Tensor] = _identity
     cp_size: int = 1
+    # each call's terms (detached, scaled the same way): what metrics report
+    calls: list[dict[str, torch.Tensor]] = field(default_factory=list)
 
     def __call__(self, terms: LossTerms) -> torch.Tensor:
-        loss = None
+        loss, values = None, {}
         factor = self.scale * self.cp_size
-        for total, count in terms.values():
+        for name, (total, count) in terms.items():
             if hasattr(total, "full_tensor"):
                 total = total.full_tensor()
             value = total * factor / self.total_count(count).clamp(min=1)
+            values[name] = value.detach().float()
             loss = value if loss is None else loss + value
+        self.calls.append(values)
         return loss
+
+    def terms(self, calls: int) -> dict[str, torch.Tensor]:
+        """Each term summed over the last ``calls`` calls (a pipeline schedule makes one more, on
+        placeholder tensors, the first time it runs), and the record emptied."""
+        summed: dict[str, torch.Tensor] = {}
+        for values in self.calls[-calls:] if calls else []:
+            for name, value in values.items():
+                summed[name] = summed.get(name, 0) + value
+        self.calls = []
+        return summed
 
 
 def cp_total_count(cp_group) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -84,6 +84,7 @@ class MetricsLogger:
         self._append(record)
         if self.writer is not None:
             for key in (
+                *(key for key in record if key.endswith("_loss")),
                 "loss",
                 "lr",
                 "grad_norm",
@@ -97,7 +98,7 @@ class MetricsLogger:
         mfu = f" | MFU {record['mfu']:.1%}" if "mfu" in record else ""
         self.show(
             f"iter {record['iteration']:>7} | samples {record['consumed_samples']:>9,} | tokens {record['consumed_tokens']:>12,}"
-            f" | lr {record['lr']:.3e} | loss {record['loss']:.4f} | grad {record['grad_norm']:.3f}"
+            f" | lr {record['lr']:.3e} | loss {record['loss']:.4f}{_terms(record)} | grad {record['grad_norm']:.3f}"
             f" | scale {record['loss_scale']:g} | {record['tokens_per_s']:,.0f} tok/s | {record['tflops']:.2f} TFLOP/s{mfu}"
             f" | mem {record['memory_gib']:.2f} GiB"
         )
@@ -111,7 +112,7 @@ class MetricsLogger:
             self.writer.add_scalar(f"{record['split']}/ppl", record["ppl"], record["iteration"])
             self.writer.flush()
         self.show(
-            f"{record['split']} at iter {record['iteration']}: loss {record['loss']:.4f} | ppl {record['ppl']:.2f}"
+            f"{record['split']} at iter {record['iteration']}: loss {record['loss']:.4f}{_terms(record)} | ppl {record['ppl']:.2f}"
         )
 
     def message(self, text: str) -> None:
@@ -170,3 +171,10 @@ def plot_loss(root: str | os.PathLike, out: str | os.PathLike | None = None) -> 
         figure.savefig(tmp, dpi=100, format="png")
     plt.close(figure)
     return out
+
+
+def _terms(record: dict[str, Any]) -> str:
+    """The loss terms of a family with several (``lm_loss``, ``sop_loss``) for a log line."""
+    return "".join(
+        f" | {key.replace('_', ' ')} {value:.4f}" for key, value in record.items() if key.endswith("_loss")
+    )

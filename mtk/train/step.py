@@ -30,14 +30,22 @@ class StepRunner:
     def __init__(self, model: ParallelModel, family: TrainableFamily, config: ModelConfig) -> None:
         self.model, self.family = model, family
         self.tied = family.tied_parameters(config)
+        self.loss_names = family.loss_names(config)
         self._schedules: dict[int, Any] = {}
+        self._reductions: dict[int, LossReduction] = {}
         self._loss_scale: ScaleLoss = lambda loss: loss
+        self.terms: dict[str, torch.Tensor] = {}  # this rank's share of each loss term, last run
 
     def _reduction(self, micro_batches: int) -> LossReduction:
-        cp_group = self.model.cp_group
-        if cp_group is None:
-            return LossReduction(1.0 / micro_batches)
-        return LossReduction(1.0 / micro_batches, cp_total_count(cp_group), self.model.dims.cp)
+        """The reduction of a step of ``micro_batches``, its term totals reset."""
+        if micro_batches not in self._reductions:
+            cp_group = self.model.cp_group
+            self._reductions[micro_batches] = (
+                LossReduction(1.0 / micro_batches)
+                if cp_group is None
+                else LossReduction(1.0 / micro_batches, cp_total_count(cp_group), self.model.dims.cp)
+            )
+        return self._reductions[micro_batches]
 
     def run(
         self,
@@ -63,14 +71,15 @@ class StepRunner:
                 if backward:
                     scale_loss(loss).backward()
                 total += loss.detach()
+            self.terms = reduction.terms(len(batches))
             return total
 
     def _pipeline(self, batches: list[ModelBatch], autocast, scale_loss: ScaleLoss | None) -> torch.Tensor:
         from mtk.parallel.pipeline import build_schedule, sync_tied_parameters
 
         model, count = self.model, len(batches)
+        reduction = self._reduction(count)
         if count not in self._schedules:
-            reduction = self._reduction(count)
 
             def loss_fn(outputs, targets):
                 return self._loss_scale(reduction(self.family.loss_terms(outputs, targets)))
@@ -96,6 +105,7 @@ class StepRunner:
                 schedule.eval(*args, **extra, target=target, losses=losses)
             else:
                 schedule.step(*args, **extra, target=target, losses=losses)
+        self.terms = reduction.terms(count)
         if scale_loss is not None:
             if self.tied:
                 sync_tied_parameters(model.parts, self.tied, model.mesh["pp"])
@@ -112,6 +122,18 @@ class StepRunner:
         value = local.detach().clone()
         dist.all_reduce(value)
         return value.item() / (dist.get_world_size() // self.model.dims.pp)
+
+    def reduce_terms(self) -> dict[str, float]:
+        """Each loss term of the last run (when the family's loss has more than one), reduced as the loss.
+        Every rank calls it: pipeline ranks without the loss contribute zeros."""
+        if len(self.loss_names) < 2:
+            return {}
+        zero = torch.zeros((), device=self.model.device)
+        local = torch.stack([self.terms.get(name, zero) for name in self.loss_names])
+        if self.model.mesh is not None:
+            dist.all_reduce(local)
+            local /= dist.get_world_size() // self.model.dims.pp
+        return dict(zip(self.loss_names, local.tolist(), strict=True))
 
     def clip_grad_norm(self, max_norm: float) -> float:
         """Total gradient norm over every stage and shard (a tied copy counted once, on the first stage);

@@ -17,7 +17,7 @@ import torch
 from typer.testing import CliRunner
 
 import mtk.checkpoint as checkpoint
-from mtk.checkpoint import TRACKER, latest_iteration, load_checkpoint
+from mtk.checkpoint import latest_iteration, load_checkpoint
 from mtk.config import apply_overrides
 from mtk.models.gpt import SPEC, GPTModel
 from mtk.presets import load_preset
@@ -84,33 +84,12 @@ def test_resume_is_exact(tmp_path, counting_data):
 
 
 @pytest.mark.slow  # a training subprocess, killed
-def test_resume_after_sigkill_between_saves_is_exact(tmp_path, counting_data):
+def test_resume_after_sigkill_between_saves_is_exact(tmp_path, counting_data, kill_during_training):
     common = ["--data", counting_data, "--train-iters", "40", "--set", "hidden_dropout=0.1"]
     train(*common, "--save", str(tmp_path / "straight"))
     run = tmp_path / "killed"
-    command = [
-        sys.executable,
-        "-m",
-        "stages.main",
-        "train",
-        *BASE,
-        *common,
-        "--save",
-        str(run),
-        "--save-interval",
-        "5",
-    ]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, cwd=os.getcwd())
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        tracker = run / TRACKER
-        if tracker.is_file() and int(tracker.read_text()) >= 10:
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    stopped_at = latest_iteration(run)
-    assert stopped_at is not None and stopped_at < 40
+    stopped_at = kill_during_training([*BASE, *common, "--save-interval", "5"], run, 10)
+    assert stopped_at < 40
     train(*common, "--save", str(run), "--save-interval", "5")
     assert losses(tmp_path / "straight") == losses(run)
     logged = [json.loads(line)["iteration"] for line in (run / "metrics.jsonl").read_text().splitlines()]

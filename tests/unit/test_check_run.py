@@ -106,7 +106,8 @@ def test_fewer_micro_batches_than_stages_run_every_phase_of_the_gpt3_ramp():
         ({"train_iters": None, "train_samples": 64, "batch_size_ramp": [[0, 4]]}, "length", "ramp needs"),
         ({"min_lr": 0.1}, "schedule", "min_lr 0.1 is above lr 0.001"),
         ({"fp8": "hybrid"}, "precision", "FP8 training is not implemented yet"),
-        ({"family": "bert"}, "family", "family 'bert': mtk cannot build and train this family yet"),
+        ({"family": "retro"}, "family", "family 'retro': mtk cannot build and train this family yet"),
+        ({"family": "t5", "decoder_seq_length": 32}, "family", "set decoder_seq_length >= 37"),
         ({"max_position_embeddings": 16}, "layout", "seq_length 128 exceeds max_position_embeddings 16"),
     ],
 )
@@ -157,3 +158,15 @@ def test_saved_configs_with_the_split_in_the_train_section_still_load():
         RunConfig.from_dict({"data": {"split": "1,x"}})
     with pytest.raises(ConfigError, match="not a multiple of num_query_groups"):
         ModelConfig(num_attention_heads=6, hidden_size=96, num_query_groups=4)
+
+
+@pytest.mark.parametrize("family", ["bert", "t5"])
+def test_encoder_families_refuse_context_parallelism_and_t5_pipelines(family):
+    cfg = config(f"{family}-tiny", mock_data=True, context_parallel_size=2, pipeline_model_parallel_size=2)
+    messages = [p.message for p in run_problems(cfg, 4, family_spec(family)) if p.rule == "family"]
+    assert any(
+        "bidirectional encoder attends to the whole sequence, so run it with --cp 1" in m for m in messages
+    )
+    assert any("pipeline parallelism would cut the encoder and the decoder" in m for m in messages) == (
+        family == "t5"
+    )

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from mtk.config import ParallelConfig, apply_overrides
+from mtk.models import family_spec
 from mtk.models.gpt import SPEC
 from mtk.parallel.apply import ParallelModel
 from mtk.parallel.context import causal_mask, load_balanced_positions, shard_sequence
@@ -42,20 +43,33 @@ def test_interleaved_stage_assignment():
     assert sorted(i for rank in range(4) for i in stage_indices(rank, 4, 3)) == list(range(12))
 
 
-@pytest.mark.parametrize("preset", ["gpt-tiny", "llama-tiny"])
+def family_inputs(config, batch: int = 2) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Random model inputs of a family: tokens, and what reaches every stage."""
+    tokens = torch.randint(0, config.vocab_size, (batch, config.seq_length))
+    if config.family == "bert":
+        padding = (torch.arange(config.seq_length) < config.seq_length - 3).long().expand(batch, -1)
+        return tokens, {"token_types": torch.randint(0, 2, tokens.shape), "padding_mask": padding}
+    if config.family == "t5":
+        return tokens, {"decoder_tokens": tokens[:, :8], "encoder_mask": torch.ones_like(tokens)}
+    return tokens, {}
+
+
+@pytest.mark.parametrize("preset", ["gpt-tiny", "llama-tiny", "bert-tiny"])
 def test_pipeline_stages_compose_to_the_whole_model(preset):
     config = tiny(preset).model
+    spec = family_spec(config.family)
     torch.manual_seed(0)
-    model = SPEC.build(config).eval()
+    model = spec.build(config).eval()
     ranges = layer_ranges(config.num_layers, ParallelConfig(), 2)
-    first, last = (SPEC.pipeline_stage(model, ranges[i], i == 0, i == 1) for i in range(2))
+    first, last = (spec.pipeline_stage(model, ranges[i], i == 0, i == 1) for i in range(2))
     names = {name for part in (first, last) for name, _ in part.named_parameters()}
     assert names == {name for name, _ in model.named_parameters()}  # names stay the whole model's
-    assert "decoder.layers.1.mlp.fc1.weight" in dict(first.named_parameters())
-    assert "decoder.final_norm.weight" in dict(last.named_parameters())
-    tokens = torch.randint(0, config.vocab_size, (2, 16))
+    stack = spec.blocks(model)[0]
+    assert set(spec.blocks(first)[0]) == {"0", "1"} and set(spec.blocks(last)[0]) == {"2", "3"}
+    assert set(stack) == {"0", "1", "2", "3"}
+    tokens, extra = family_inputs(config)
     with torch.no_grad():
-        torch.testing.assert_close(last(first(tokens)), model(tokens))
+        torch.testing.assert_close(last(first(tokens, **extra), **extra), model(tokens, **extra))
 
 
 def test_load_balanced_positions_and_shards_cover_the_sequence_once():
@@ -84,20 +98,24 @@ def test_context_parallel_attention_rows_equal_one_process_attention(cp):
         torch.testing.assert_close(out, expected)
 
 
-@pytest.mark.parametrize("preset", ["gpt-tiny", "llama-tiny"])
+@pytest.mark.parametrize("preset", ["gpt-tiny", "llama-tiny", "bert-tiny", "t5-tiny"])
 def test_tp_plan_names_existing_modules_with_known_styles_and_covers_every_linear(preset):
     config = tiny(preset).model
+    spec = family_spec(config.family)
     with torch.device("meta"):
-        model = SPEC.build(config)
-    ranges = layer_ranges(config.num_layers, ParallelConfig(), 2)
-    for part in (model, *(SPEC.pipeline_stage(model, ranges[i], i == 0, i == 1) for i in range(2))):
-        plan = SPEC.tp_plan(part)
+        model = spec.build(config)
+    parts = [model]
+    if config.family != "t5":  # T5 runs without pipeline stages
+        ranges = layer_ranges(config.num_layers, ParallelConfig(), 2)
+        parts += [spec.pipeline_stage(model, ranges[i], i == 0, i == 1) for i in range(2)]
+    for part in parts:
+        plan = spec.tp_plan(part)
         modules = dict(part.named_modules())
         assert set(plan) <= set(modules) and set(plan.values()) <= set(STYLES)
         linears = {name for name, module in modules.items() if isinstance(module, torch.nn.Linear)}
-        assert linears <= set(plan)  # no projection left unsharded
-        if part.post_process and part.output is None:
-            assert plan.get("embedding") == "vocab_embedding"  # the tied output's weight is sharded too
+        assert linears <= set(plan) | {f"{path}.dense" for path in plan}  # no projection left out
+        if getattr(part, "embedding", None) is not None:
+            assert plan.get("embedding") == "vocab_embedding"  # a tied output's weight is sharded too
 
 
 def test_tied_embedding_gradients_summed_across_stages_equal_the_whole_models():

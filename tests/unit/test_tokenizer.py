@@ -501,6 +501,20 @@ def test_wordpiece_cased_ids_by_hand(tmp_path):
     assert forced.encode("The café") == [5, 9]
 
 
+def test_vocab_extra_ids_append_t5_sentinels_as_megatron_does(tmp_path):
+    """Megatron's BertWordPieceCase adds <extra_id_0> ... <extra_id_99> after the vocabulary, as
+    special tokens (a literal one in the text is that token); workers rebuild them from the manifest."""
+    import pickle
+
+    tok = load_tokenizer(write_vocab(tmp_path / "t5", WORDPIECE_VOCAB), vocab_extra_ids=3)
+    assert tok.vocab_size == 19 + 3 and tok.describe()["vocab_extra_ids"] == 3
+    assert tok.encode("the <extra_id_2> cafe") == [5, 21, 9]
+    again = pickle.loads(pickle.dumps(tok))
+    assert again.vocab_size == 22 and again.encode("<extra_id_0>run") == [19, 18]
+    with pytest.raises(TokenizerError, match="vocab_extra_ids .* are added to a WordPiece vocab.txt"):
+        load_tokenizer("null", vocab_size=10, vocab_extra_ids=3)
+
+
 def test_wordpiece_needs_unk(tmp_path):
     with pytest.raises(TokenizerError, match=r"no \[UNK\] token"):
         load_tokenizer(write_vocab(tmp_path / "v", ["a", "b"]), kind="wordpiece")
