@@ -1,4 +1,5 @@
-"""``mtk checkpoint inspect``: what a run directory's checkpoint holds."""
+"""``mtk checkpoint inspect | convert | import-hf``: what a run directory's checkpoint holds, and
+its weights out (safetensors, Hugging Face) and in (Hugging Face BERT)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import typer
 
 from .common import console, fail, reports_file_errors
 
-SUMMARY = "Inspect checkpoints (iteration, config, tensors) and convert them to safetensors."
+SUMMARY = "Inspect checkpoints, convert them to safetensors or Hugging Face, import Hugging Face BERT."
 app = typer.Typer(no_args_is_help=True, help=SUMMARY)
 
 
@@ -54,14 +55,77 @@ def inspect(
 @reports_file_errors
 def convert(
     run_dir: Path = typer.Argument(..., help="A run directory (--save of `mtk train`).", show_default=False),
-    out: Path = typer.Option(..., "--out", "-o", help="The .safetensors file to write.", show_default=False),
+    out: Path = typer.Option(
+        ...,
+        "--out",
+        "-o",
+        help="The .safetensors file to write (--to safetensors), or the folder (--to hf).",
+        show_default=False,
+    ),
+    to: str = typer.Option(
+        "safetensors",
+        "--to",
+        help="safetensors: every weight under mtk's names, in one file. hf: a Hugging Face "
+        "BertForPreTraining folder (config.json, model.safetensors, vocab.txt) that transformers loads.",
+    ),
     iteration: int | None = typer.Option(None, "--iteration", help="Which checkpoint (default: the latest)."),
 ) -> None:
-    """Write the model weights as a single .safetensors file (whatever parallel layout saved them)."""
+    """Write the model weights of a checkpoint (whatever parallel layout saved them)."""
     from mtk.checkpoint import CheckpointError, export_safetensors
+    from mtk.hf import HFError, export_hf
+
+    if to not in ("safetensors", "hf"):
+        fail(f"--to {to}: choose safetensors or hf")
+    try:
+        path = (
+            export_safetensors(run_dir, out, iteration)
+            if to == "safetensors"
+            else export_hf(run_dir, out, iteration)
+        )
+    except (CheckpointError, HFError) as err:
+        fail(str(err))
+    size = sum(p.stat().st_size for p in ([path] if path.is_file() else path.iterdir()))
+    console.print(f"wrote {path} ({size / 2**20:,.1f} MiB)")
+
+
+@app.command("import-hf")
+@reports_file_errors
+def import_hf(
+    folder: Path = typer.Argument(
+        ...,
+        help="A Hugging Face BERT folder: config.json and model.safetensors (or pytorch_model.bin, read "
+        "without running pickled code); its vocab.txt, if any, is recorded as the run's tokenizer.",
+        show_default=False,
+    ),
+    preset: str = typer.Option(
+        "bert-340m",
+        "--preset",
+        help="Preset whose training settings the run takes (the model comes from the folder).",
+    ),
+    save: Path = typer.Option(
+        ..., "--save", help="New run directory; `mtk train --load` it to continue.", show_default=False
+    ),
+) -> None:
+    """Turn a Hugging Face BERT checkpoint into an mtk run directory (post-norm BERT, iteration 0).
+
+    Example: mtk checkpoint import-hf bert-base-uncased/ --save runs/bert-base
+    """
+    from mtk.checkpoint import CheckpointError
+    from mtk.config import ConfigError
+    from mtk.hf import HFError
+    from mtk.hf import import_hf as run
 
     try:
-        path = export_safetensors(run_dir, out, iteration)
-    except CheckpointError as err:
+        result = run(folder, preset, save)
+    except (HFError, CheckpointError, ConfigError) as err:
         fail(str(err))
-    console.print(f"wrote {path} ({path.stat().st_size / 2**20:,.1f} MiB)")
+    model = result["config"].model
+    console.print(
+        f"imported {result['parameters']:,} parameters ({model.num_layers} layers, hidden {model.hidden_size}) "
+        f"into {save}"
+    )
+    if result["missing"]:
+        console.print(f"not in the checkpoint, initialised: {', '.join(result['missing'])}")
+    if result["unused"]:
+        console.print(f"in the checkpoint, not used: {', '.join(result['unused'])}")
+    console.print(f"Continue with: mtk train --load {save} --save NEW_RUN --data PREFIX")
