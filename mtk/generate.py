@@ -87,3 +87,35 @@ def generate(
             break
         logits = model(torch.tensor([[token]], device=tokens.device), kv_caches=caches)[0, -1]
     return produced
+
+
+@torch.no_grad()
+def generate_seq2seq(
+    model: nn.Module,
+    encoder_tokens: torch.Tensor,
+    encoder_mask: torch.Tensor,
+    bos: int,
+    eos: int,
+    max_new_tokens: int,
+) -> list[list[int]]:
+    """Greedy answers of an encoder-decoder (T5) for a batch: the encoder runs once, the decoder
+    token by token on a KV cache; each answer ends before its ``eos`` (or after ``max_new_tokens``)."""
+    batch = encoder_tokens.shape[0]
+    limit = min(max_new_tokens, model.config.max_position_embeddings - 1)
+    encoded = model.encode(encoder_tokens, encoder_mask)
+    caches = model.new_decoder_caches(batch, limit + 1)
+    token = torch.full((batch, 1), bos, device=encoder_tokens.device)
+    answers: list[list[int]] = [[] for _ in range(batch)]
+    done = torch.zeros(batch, dtype=torch.bool, device=encoder_tokens.device)
+    for _ in range(limit):
+        logits = model.decode(encoded, token, encoder_mask, kv_caches=caches)[
+            :, -1, : model.config.vocab_size
+        ]
+        token = logits.float().argmax(-1, keepdim=True)
+        done_now = done | (token[:, 0] == eos)
+        for row in (~done_now).nonzero()[:, 0].tolist():
+            answers[row].append(int(token[row, 0]))
+        done = done_now
+        if bool(done.all()):
+            break
+    return answers

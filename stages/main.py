@@ -7,6 +7,7 @@ import typer
 from . import (
     bench,
     checkpoint,
+    eval_squad,
     generate,
     launch,
     merge_data,
@@ -35,6 +36,7 @@ for name, module, command in [
     ("train", train, train.train),
     ("bench", bench, bench.bench),
     ("generate", generate, generate.generate),
+    ("eval-squad", eval_squad, eval_squad.eval_squad),
     ("plot", plot, plot.plot),
     ("plan", plan, plan.plan),
 ]:

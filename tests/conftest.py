@@ -80,3 +80,25 @@ def _kill_during_training(train_args: list[str], run: Path, after_iteration: int
     stopped_at = latest_iteration(run)
     assert stopped_at is not None
     return stopped_at
+
+
+BUNDLED_CORPUS = Path(__file__).resolve().parents[1] / "mtk" / "assets" / "sample.jsonl"
+
+
+@pytest.fixture(scope="session")
+def wordpiece_sentences(tmp_path_factory) -> str:
+    """The bundled corpus, one sequence per sentence, with a 2,000-token WordPiece vocabulary trained
+    on it (by the CLI, as a user does) and T5's 100 sentinels after it; its prefix."""
+    from typer.testing import CliRunner
+
+    from stages.main import app
+
+    root = tmp_path_factory.mktemp("wordpiece")
+    for command in (
+        ["tokenizer", "train", str(BUNDLED_CORPUS), "--kind", "wordpiece", "--vocab-size", "2000", "-o", str(root / "tok")],
+        ["prepare-data", str(BUNDLED_CORPUS), "-o", str(root / "sample"), "-t", str(root / "tok"),
+         "--split-sentences", "--vocab-extra-ids", "100", "--workers", "1"],
+    ):  # fmt: skip
+        result = CliRunner().invoke(app, command)
+        assert result.exit_code == 0, result.output
+    return str(root / "sample_text_sentence")

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from mtk.config import ModelConfig, RunConfig
+from mtk.layers.attention import KVCache
 from mtk.layers.heads import LMHead
 from mtk.layers.init import Embedding, initialize
 from mtk.layers.loss import loss_targets, token_cross_entropy
@@ -45,20 +46,39 @@ class T5Model(nn.Module):
             seed = int(torch.randint(2**62, ()).item())
         initialize(self, seed)
 
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+    def embed(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
+        positions = torch.arange(start, start + tokens.shape[1], device=tokens.device).expand_as(tokens)
         return self.embedding_dropout(self.embedding(tokens) + self.position_embedding(positions))
 
     def encode(self, tokens: torch.Tensor, encoder_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.encoder(self.embed(tokens), causal=False, attention_mask=_key_mask(encoder_mask))
 
     def decode(
-        self, encoded: torch.Tensor, decoder_tokens: torch.Tensor, encoder_mask: torch.Tensor | None = None
+        self,
+        encoded: torch.Tensor,
+        decoder_tokens: torch.Tensor,
+        encoder_mask: torch.Tensor | None = None,
+        kv_caches: list[KVCache] | None = None,
     ) -> torch.Tensor:
+        """Logits of ``decoder_tokens``; with ``kv_caches`` (``new_decoder_caches``) the tokens continue
+        the ones decoded before."""
+        start = 0 if kv_caches is None else kv_caches[0].length
         x = self.decoder(
-            self.embed(decoder_tokens), causal=True, context=encoded, context_mask=_key_mask(encoder_mask)
+            self.embed(decoder_tokens, start),
+            kv_caches=kv_caches,
+            causal=True,
+            context=encoded,
+            context_mask=_key_mask(encoder_mask),
         )
         return self.lm_head(x, self.embedding.weight)
+
+    def new_decoder_caches(self, batch: int, max_length: int) -> list[KVCache]:
+        """Empty self-attention caches of the decoder layers, for decoding token by token."""
+        weight = self.embedding.weight
+        return [
+            layer.attention.new_cache(batch, max_length, weight.device, weight.dtype)
+            for layer in self.decoder.layers.values()
+        ]
 
     def forward(
         self,

@@ -27,24 +27,8 @@ def invoke(*args: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def sentences(tmp_path_factory) -> str:
-    """The bundled corpus, one sequence per sentence, with a 2,000-token WordPiece vocabulary trained
-    on it and T5's 100 sentinels after it."""
-    root = tmp_path_factory.mktemp("wordpiece")
-    invoke(
-        "tokenizer",
-        "train",
-        str(CORPUS),
-        "--kind",
-        "wordpiece",
-        "--vocab-size",
-        "2000",
-        "-o",
-        str(root / "tok"),
-    )
-    invoke("prepare-data", str(CORPUS), "-o", str(root / "sample"), "-t", str(root / "tok"),
-           "--split-sentences", "--vocab-extra-ids", "100", "--workers", "1")  # fmt: skip
-    return str(root / "sample_text_sentence")
+def sentences(wordpiece_sentences) -> str:
+    return wordpiece_sentences
 
 
 def records(run: Path) -> list[dict]:
