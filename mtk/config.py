@@ -27,6 +27,9 @@ class FamilyRules(Protocol):
     def problems(self, config: RunConfig) -> list[str]:
         """What in ``config`` this family cannot run."""
 
+    def layout_problems(self, config: RunConfig) -> list[str]:
+        """The parallel layouts of ``config`` this family cannot run."""
+
 
 class ConfigError(ValueError):
     """A configuration value is unknown, of the wrong type, out of range, or inconsistent."""
@@ -603,6 +606,7 @@ def run_problems(config: RunConfig, world_size: int, family: FamilyRules) -> lis
             f"fp8 = {train.fp8!r}: FP8 training is not implemented yet; train in {train.precision} "
             "with --set fp8=null",
         )
+    problems += [Problem("layout", message) for message in family.layout_problems(config)]
     problems += [Problem("family", message) for message in family.problems(config)]
     return problems
 

@@ -16,7 +16,6 @@ import itertools
 from dataclasses import dataclass, replace
 
 from mtk.config import RunConfig, micro_batches_per_step, run_problems
-from mtk.layers.transformer import layer_parameters
 from mtk.models import family_spec
 from mtk.parallel.dims import ParallelDims
 
@@ -92,8 +91,11 @@ def estimate_memory(
     shards = dims.dp * layout.cp  # FSDP shards over data- and context-parallel ranks together
     h = model.hidden_size
     vocab = model.padded_vocab_size(t)
-    layer = layer_parameters(model) / t
-    layers_per_rank = model.num_layers / pp
+    stacks = family_spec(model.family).stacks(model)
+    # every stack's layers, each weighted by its tokens per sample against the first stack's
+    layer = sum(count * parameters for count, parameters, _ in stacks) / sum(c for c, _, _ in stacks) / t
+    layers_per_rank = sum(count for count, _, _ in stacks) / pp
+    activation_layers = sum(count * length / model.seq_length for count, _, length in stacks) / pp
     embedding = vocab * h / t + (
         model.max_position_embeddings * h / t if model.position_embedding_type == "learned_absolute" else 0
     )
@@ -119,7 +121,7 @@ def estimate_memory(
         optimizer = 8 * params / (shards if sharded else 1)
         stage_in_flight = in_flight if stage in ("first", "only") else 1.0
         boundary = 4 * h * (1 if stage == "first" else 3)  # embedding output; final norm in and out
-        activations = tokens * ((kept * layers_per_rank + boundary) * stage_in_flight + transient)
+        activations = tokens * ((kept * activation_layers + boundary) * stage_in_flight + transient)
         logits = tokens * vocab / t * logit_bytes if stage in ("last", "only") else 0.0
         estimate = MemoryEstimate(weights, gradients, optimizer, activations, logits)
         if best is None or estimate.total > best.total:

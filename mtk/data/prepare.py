@@ -8,7 +8,6 @@ renamed only when everything succeeded, so a failure or Ctrl-C never leaves a va
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import itertools
 import json
@@ -239,27 +238,32 @@ def _encode_in_worker(chunk: Chunk) -> EncodedChunk:
 def _encode_all(chunks: Iterator[Chunk], encoder_args: tuple, workers: int) -> Iterator[EncodedChunk]:
     """Encoded chunks in input order, with at most ``2 * workers`` chunks in flight.
 
-    One worker encodes in this process on two threads: the tokenizer releases the GIL, so the next
-    chunk is read and parsed while this one is encoded (the encoding itself stays on one core)."""
-    if workers <= 1:
-        encoder = _Encoder(*encoder_args)
-        pool: Any = ThreadPoolExecutor(2, thread_name_prefix="encode")
-        submit = functools.partial(pool.submit, encoder)
-    else:
-        # An executor, not multiprocessing.Pool: a worker that cannot start raises BrokenProcessPool
-        # here instead of being respawned forever.
-        pool = ProcessPoolExecutor(
-            workers,
+    This process is one of the ``workers``: it encodes every ``workers``-th chunk on threads (the
+    tokenizer releases the GIL, so reading, parsing and writing overlap the encoding), worker
+    processes the others; one worker needs no process at all."""
+    workers = max(workers, 1)
+    encoder = _Encoder(*encoder_args)
+    local = ThreadPoolExecutor(2 if workers == 1 else 1, thread_name_prefix="encode")
+    # An executor, not multiprocessing.Pool: a worker that cannot start raises BrokenProcessPool
+    # here instead of being respawned forever.
+    processes = (
+        ProcessPoolExecutor(
+            workers - 1,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_worker,
             initargs=(os.getpid(), *encoder_args),
         )
-        submit = functools.partial(pool.submit, _encode_in_worker)
+        if workers > 1
+        else None
+    )
     try:
         pending: deque = deque()
-        for chunk in chunks:
-            pending.append(submit(chunk))
-            if len(pending) >= 2 * max(workers, 1):
+        for index, chunk in enumerate(chunks):
+            if processes is None or index % workers == 0:
+                pending.append(local.submit(encoder, chunk))
+            else:
+                pending.append(processes.submit(_encode_in_worker, chunk))
+            if len(pending) >= 2 * workers:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
@@ -268,7 +272,9 @@ def _encode_all(chunks: Iterator[Chunk], encoder_args: tuple, workers: int) -> I
             "a tokenizer worker process could not start or died; run with --workers 1 to see why"
         ) from None
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        local.shutdown(wait=True, cancel_futures=True)
+        if processes is not None:
+            processes.shutdown(wait=True, cancel_futures=True)
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ class MaskedLMFamily(TrainableFamily):
     flops_convention = "6 * parameters + 12 * layers * hidden * seq per token (PaLM), no recompute"
     needs_sentinels: ClassVar[bool] = False  # T5: the data needs --vocab-extra-ids
 
-    def problems(self, config: RunConfig) -> list[str]:
+    def layout_problems(self, config: RunConfig) -> list[str]:
         found = []
         if config.parallel.context_parallel_size > 1:
             found.append(

@@ -68,6 +68,17 @@ class FamilySpec(ABC):
             ]
         return []
 
+    def layout_problems(self, config: RunConfig) -> list[str]:
+        """The parallel layouts of ``config`` this family cannot run (``mtk plan`` skips them)."""
+        return []
+
+    def stacks(self, config: ModelConfig) -> list[tuple[int, int, int]]:
+        """Its transformer stacks as (layers, parameters per layer, tokens per sample): what the
+        memory plan counts. One decoder or encoder stack unless the family says otherwise."""
+        from mtk.layers.transformer import layer_parameters
+
+        return [(config.num_layers, layer_parameters(config), config.seq_length)]
+
 
 class TrainableFamily(FamilySpec):
     """A family that ``mtk train`` builds, parallelises and trains."""

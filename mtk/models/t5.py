@@ -109,16 +109,32 @@ class T5Family(MaskedLMFamily):
         total += config.decoder_num_layers * layer_parameters(config, cross_attention=True) + norm  # decoder
         return total + config.padded_vocab_size(tensor_parallel)  # LM head bias; weights tied
 
-    def problems(self, config: RunConfig) -> list[str]:
-        found = super().problems(config)
-        model = config.model
+    def layout_problems(self, config: RunConfig) -> list[str]:
+        found = super().layout_problems(config)
         if config.parallel.pipeline_model_parallel_size > 1:
             found.append(
                 "family 't5': pipeline parallelism would cut the encoder and the decoder, whose every "
                 "layer needs the encoder's output; t5-220m fits one device: use --tp and data "
                 "parallelism (--pp 1)"
             )
-        decoder_length = model.decoder_seq_length or model.seq_length
+        return found
+
+    def stacks(self, config: ModelConfig) -> list[tuple[int, int, int]]:
+        decoder = (
+            config.decoder_num_layers,
+            layer_parameters(config, cross_attention=True),
+            self._decoder_length(config),
+        )
+        return [(config.num_layers, layer_parameters(config), config.seq_length), decoder]
+
+    @staticmethod
+    def _decoder_length(config: ModelConfig) -> int:
+        return config.decoder_seq_length or config.seq_length
+
+    def problems(self, config: RunConfig) -> list[str]:
+        found = []
+        model = config.model
+        decoder_length = self._decoder_length(model)
         worst = 1 + 2 * math.floor(config.data.mask_prob * (model.seq_length - 2))
         if decoder_length < worst:
             found.append(
@@ -189,7 +205,7 @@ class T5Family(MaskedLMFamily):
         make = functools.partial(
             T5Dataset,
             encoder_length=model.seq_length,
-            decoder_length=model.decoder_seq_length or model.seq_length,
+            decoder_length=self._decoder_length(model),
             seed=config.train.seed,
             short_probability=config.data.short_seq_prob,
             masking=self.masking(config),

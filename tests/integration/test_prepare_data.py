@@ -306,7 +306,7 @@ def test_worker_that_cannot_start_fails_cleanly_instead_of_hanging(tmp_path, bpe
     (tokenizer_copy / "merges.txt").write_text("#version: 0.2\n")  # changed after loading: workers refuse it
     src = write_jsonl(tmp_path / "in.jsonl", [{"text": "The fox."}] * 20)
     with pytest.raises(PrepareError, match="worker process could not start"):
-        prepare_data([str(src)], str(tmp_path / "out"), tok, workers=2)
+        prepare_data([str(src)], str(tmp_path / "out"), tok, workers=2, chunk_bytes=16)  # chunk 2 on a worker
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "tok"]
 
 

@@ -122,3 +122,19 @@ def test_tables_and_log_records_keep_one_line_each_when_output_is_not_a_terminal
     assert result.exit_code == 0, result.output
     records = [line for line in result.output.splitlines() if line.startswith("iter ")]
     assert len(records) == 2 and all("loss" in line and line.rstrip().endswith("GiB") for line in records)
+
+
+def test_encoder_families_plan_their_layouts_and_stacks():
+    """The plan skips the layouts a family refuses (CP for BERT and T5, PP for T5) and counts T5's
+    decoder stack, whose cross-attention layers hold more parameters than the encoder's."""
+    bert, t5 = load_preset("bert-340m").config, load_preset("t5-220m").config
+    assert not valid(bert, Layout(1, 1, 2), 2) and valid(bert, Layout(1, 2, 1), 2)
+    assert not valid(t5, Layout(1, 2, 1), 2) and valid(t5, Layout(2, 1, 1), 2)
+    for config in (bert, t5):
+        layout, _ = suggest_layout(config, 8, 80)
+        assert layout.cp == 1 and (config.model.family != "t5" or layout.pp == 1)
+    shallow = apply_overrides(load_preset("t5-220m").sections, {"decoder_num_layers": 1})
+    one = Layout(1, 1, 1)
+    deep, thin = estimate_memory(t5, one, 1), estimate_memory(shallow, one, 1)
+    assert deep.weights - thin.weights == pytest.approx(4 * 11 * 9_451_776)  # 11 decoder layers, fp32
+    assert deep.activations > thin.activations
