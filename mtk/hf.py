@@ -1,10 +1,12 @@
-"""Hugging Face checkpoints in and out of mtk run directories: BERT (``model_type`` "bert").
+"""Hugging Face checkpoints in and out of mtk run directories: BERT, post-norm as the original
+(``model_type`` "bert") or pre-norm as Megatron's ("megatron-bert").
 
 A Hugging Face folder holds ``config.json`` and ``model.safetensors`` (or ``pytorch_model.bin``,
 read with ``torch.load(weights_only=True)``, which runs no code). ``import_hf`` turns it into an mtk
-run directory whose iteration-0 checkpoint holds the weights (a post-norm BERT, as the original), so
-``mtk train --load`` continues from it and every tool reads it; ``export_hf`` writes a run's
-checkpoint back as a ``BertForPreTraining`` folder that ``transformers`` loads.
+run directory whose iteration-0 checkpoint holds the weights, so ``mtk train --load`` continues
+from it and every tool reads it; ``export_hf`` writes a run's checkpoint back as a
+``BertForPreTraining`` (post-norm) or ``MegatronBertForPreTraining`` (pre-norm) folder that
+``transformers`` loads.
 """
 
 from __future__ import annotations
@@ -25,8 +27,6 @@ BERT_NAMES = {
     "embedding.weight": "embeddings.word_embeddings.weight",
     "position_embedding.weight": "embeddings.position_embeddings.weight",
     "token_type_embedding.weight": "embeddings.token_type_embeddings.weight",
-    "embedding_norm.weight": "embeddings.LayerNorm.weight",
-    "embedding_norm.bias": "embeddings.LayerNorm.bias",
     "pooler.dense.weight": "pooler.dense.weight",
     "pooler.dense.bias": "pooler.dense.bias",
     "lm_head.dense.weight": "cls.predictions.transform.dense.weight",
@@ -42,11 +42,22 @@ BERT_LAYER_NAMES = {
     "attention.k_proj": "attention.self.key",
     "attention.v_proj": "attention.self.value",
     "attention.out_proj": "attention.output.dense",
-    "attention_norm": "attention.output.LayerNorm",
     "mlp.fc1": "intermediate.dense",
     "mlp.fc2": "output.dense",
-    "mlp_norm": "output.LayerNorm",
 }
+# where the norms sit: after each residual add and on the embeddings (post-norm), or before each
+# block and at the end of the encoder (pre-norm, Megatron's)
+NORMS = {
+    "bert": (
+        {"embedding_norm": "embeddings.LayerNorm"},
+        {"attention_norm": "attention.output.LayerNorm", "mlp_norm": "output.LayerNorm"},
+    ),
+    "megatron-bert": (
+        {"encoder.final_norm": "encoder.ln"},
+        {"attention_norm": "attention.ln", "mlp_norm": "ln"},
+    ),
+}
+ARCHITECTURES = {"bert": "BertForPreTraining", "megatron-bert": "MegatronBertForPreTraining"}
 HEADS = ("lm_head.", "binary_head.", "pooler.")  # what a bare BertModel checkpoint may lack
 VOCAB_ROWS = ("embedding.weight", "lm_head.bias")  # padded to the vocabulary mtk allocates
 
@@ -55,11 +66,19 @@ class HFError(ValueError):
     """A Hugging Face folder mtk cannot read or a checkpoint it cannot write as one."""
 
 
-def bert_names(num_layers: int) -> dict[str, str]:
+def model_type(config) -> str:
+    return "bert" if config.post_norm else "megatron-bert"
+
+
+def bert_names(config) -> dict[str, str]:
     """Every mtk BERT parameter's Hugging Face name (without the ``bert.`` prefix of the base model)."""
     names = dict(BERT_NAMES)
-    for i in range(num_layers):
-        for ours, theirs in BERT_LAYER_NAMES.items():
+    model_norms, layer_norms = NORMS[model_type(config)]
+    for ours, theirs in model_norms.items():
+        for kind in ("weight", "bias"):
+            names[f"{ours}.{kind}"] = f"{theirs}.{kind}"
+    for i in range(config.num_layers):
+        for ours, theirs in {**BERT_LAYER_NAMES, **layer_norms}.items():
             for kind in ("weight", "bias"):
                 names[f"encoder.layers.{i}.{ours}.{kind}"] = f"encoder.layer.{i}.{theirs}.{kind}"
     return names
@@ -108,8 +127,10 @@ def read_hf_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def bert_config(hf_config: dict[str, Any], preset_sections: dict[str, dict[str, Any]]) -> RunConfig:
     """A preset's config with the model section of a Hugging Face BERT ``config.json``."""
-    if hf_config.get("model_type") != "bert":
-        raise HFError(f"model_type {hf_config.get('model_type')!r}: mtk imports BERT ('bert') checkpoints")
+    if hf_config.get("model_type") not in NORMS:
+        raise HFError(
+            f"model_type {hf_config.get('model_type')!r}: mtk imports BERT ('bert', 'megatron-bert') checkpoints"
+        )
     problems = []
     if hf_config.get("hidden_act", "gelu") != "gelu":
         problems.append(f"hidden_act {hf_config['hidden_act']!r} (mtk's BERT uses the exact 'gelu')")
@@ -137,7 +158,7 @@ def bert_config(hf_config: dict[str, Any], preset_sections: dict[str, dict[str, 
         "normalization": "LayerNorm",
         "add_bias_linear": True,
         "bert_binary_head": True,
-        "post_norm": True,
+        "post_norm": hf_config["model_type"] == "bert",
     }
     sections = {name: dict(values) for name, values in preset_sections.items()}
     sections["model"] = model
@@ -147,7 +168,7 @@ def bert_config(hf_config: dict[str, Any], preset_sections: dict[str, dict[str, 
 def bert_from_hf(weights: dict[str, torch.Tensor], model: torch.nn.Module) -> list[str]:
     """Copy the Hugging Face ``weights`` into an mtk ``BertModel``; returns the heads that were not in
     them (kept at their initial values). HFError for a missing base weight or a shape mismatch."""
-    names = bert_names(model.config.num_layers)
+    names = bert_names(model.config)
     missing = []
     with torch.no_grad():
         for ours, param in model.named_parameters():
@@ -186,7 +207,7 @@ def import_hf(folder: str | os.PathLike, preset: str, save: str | os.PathLike) -
     model = BertModel(config.model)
     model.init_weights(config.train.seed)
     missing = bert_from_hf(weights, model)
-    used = set(bert_names(config.model.num_layers).values())
+    used = set(bert_names(config.model).values())
     unused = sorted(name for name in weights if name not in used and not name.endswith("position_ids"))
     unused = [name for name in unused if name != "cls.predictions.decoder.weight"]  # tied: the embedding
     options = TrainOptions(save=str(save), device="cpu")
@@ -210,21 +231,19 @@ def import_hf(folder: str | os.PathLike, preset: str, save: str | os.PathLike) -
 
 
 def export_hf(run_dir: str | os.PathLike, out: str | os.PathLike, iteration: int | None = None) -> Path:
-    """A run's BERT checkpoint as a Hugging Face ``BertForPreTraining`` folder (config.json,
-    model.safetensors, and the vocab.txt the data was prepared with, when the run records one)."""
+    """A run's BERT checkpoint as a Hugging Face ``BertForPreTraining`` (post-norm) or
+    ``MegatronBertForPreTraining`` (pre-norm) folder: config.json, model.safetensors, and the
+    vocab.txt the data was prepared with, when the run records one."""
     from safetensors.torch import save_file
 
     description = checkpoint_description(run_dir, iteration)
     config = RunConfig.from_dict(description["config"]).model
     if config.family != "bert":
         raise HFError(f"{run_dir}: a {config.family} checkpoint; --to hf writes BERT checkpoints")
-    if not config.post_norm:
-        raise HFError(
-            f"{run_dir}: Megatron's pre-norm BERT has no Hugging Face 'bert' equivalent; train with "
-            "--set post_norm=true (the original layout) to export it"
-        )
+    if not config.bert_binary_head:
+        raise HFError(f"{run_dir}: a BERT without token types and pooler; Hugging Face's BERT has both")
     state = load_checkpoint(run_dir, iteration)["model"]
-    names = bert_names(config.num_layers)
+    names = bert_names(config)
     weights = {}
     for ours, tensor in state.items():
         tensor = tensor[: config.vocab_size] if ours in VOCAB_ROWS else tensor
@@ -232,8 +251,8 @@ def export_hf(run_dir: str | os.PathLike, out: str | os.PathLike, iteration: int
         weights[theirs if theirs.startswith("cls.") else f"bert.{theirs}"] = tensor.contiguous().clone()
     weights["cls.predictions.decoder.weight"] = weights["bert.embeddings.word_embeddings.weight"].clone()
     hf_config = {
-        "architectures": ["BertForPreTraining"],
-        "model_type": "bert",
+        "architectures": [ARCHITECTURES[model_type(config)]],
+        "model_type": model_type(config),
         "vocab_size": config.vocab_size,
         "hidden_size": config.hidden_size,
         "num_hidden_layers": config.num_layers,

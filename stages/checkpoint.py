@@ -65,8 +65,9 @@ def convert(
     to: str = typer.Option(
         "safetensors",
         "--to",
-        help="safetensors: every weight under mtk's names, in one file. hf: a Hugging Face "
-        "BertForPreTraining folder (config.json, model.safetensors, vocab.txt) that transformers loads.",
+        help="safetensors: every weight under mtk's names, in one file. hf: a Hugging Face folder "
+        "(config.json, model.safetensors, vocab.txt) that transformers loads: BertForPreTraining for a "
+        "post-norm BERT, MegatronBertForPreTraining for Megatron's pre-norm one.",
     ),
     iteration: int | None = typer.Option(None, "--iteration", help="Which checkpoint (default: the latest)."),
 ) -> None:
@@ -93,7 +94,7 @@ def convert(
 def import_hf(
     folder: Path = typer.Argument(
         ...,
-        help="A Hugging Face BERT folder: config.json and model.safetensors (or pytorch_model.bin, read "
+        help="A Hugging Face BERT folder ('bert', or Megatron's pre-norm 'megatron-bert'): config.json and model.safetensors (or pytorch_model.bin, read "
         "without running pickled code); its vocab.txt, if any, is recorded as the run's tokenizer.",
         show_default=False,
     ),
@@ -106,7 +107,7 @@ def import_hf(
         ..., "--save", help="New run directory; `mtk train --load` it to continue.", show_default=False
     ),
 ) -> None:
-    """Turn a Hugging Face BERT checkpoint into an mtk run directory (post-norm BERT, iteration 0).
+    """Turn a Hugging Face BERT checkpoint into an mtk run directory (iteration 0).
 
     Example: mtk checkpoint import-hf bert-base-uncased/ --save runs/bert-base
     """

@@ -107,7 +107,7 @@ def test_import_refuses_what_it_cannot_read(tmp_path, minilm):
     result = runner.invoke(
         app, ["checkpoint", "import-hf", str(tmp_path / "gpt"), "--save", str(tmp_path / "r")]
     )
-    assert result.exit_code != 0 and "mtk imports BERT ('bert') checkpoints" in result.output
+    assert result.exit_code != 0 and "mtk imports BERT ('bert', 'megatron-bert') checkpoints" in result.output
     (tmp_path / "pickled").mkdir()
     (tmp_path / "pickled" / "config.json").write_text((minilm / "config.json").read_text())
 
@@ -121,3 +121,37 @@ def test_import_refuses_what_it_cannot_read(tmp_path, minilm):
     )
     assert result.exit_code != 0 and "not a plain weights file" in result.output
     assert "ran code" not in result.output
+
+
+def test_megatron_pre_norm_bert_exports_as_megatron_bert_and_imports_back(tmp_path):
+    """bert-tiny (pre-norm, as Megatron) trained a few steps -> MegatronBertForPreTraining gives the
+    same logits -> imported back, the same weights."""
+    from safetensors.torch import load_file
+    from transformers import MegatronBertForPreTraining
+
+    run = tmp_path / "bert"
+    result = runner.invoke(app, ["train", "--preset", "bert-tiny", "--mock-data", "--train-iters", "3", "--seq-length", "32",
+                                 "--num-workers", "0", "--save", str(run)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["checkpoint", "convert", str(run), "--to", "hf", "-o", str(tmp_path / "hf")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "megatron-bert"
+    model = MegatronBertForPreTraining.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
+    tokens = torch.randint(5, 4096, (2, 32))
+    mask = torch.ones_like(tokens)
+    mask[1, 20:] = 0
+    types = (torch.arange(32) >= 12).long().expand(2, -1)
+    with torch.no_grad():
+        theirs = model(input_ids=tokens, attention_mask=mask, token_type_ids=types)
+        logits, order = mtk_bert(run)(tokens, types, mask)
+    assert (theirs.prediction_logits - logits[..., :4096])[mask.bool()].abs().max() <= 1e-4
+    assert (theirs.seq_relationship_logits - order).abs().max() <= 1e-5
+    result = runner.invoke(app, ["checkpoint", "import-hf", str(tmp_path / "hf"), "--preset", "bert-tiny",
+                                 "--save", str(tmp_path / "back")])  # fmt: skip
+    assert result.exit_code == 0 and "not in the checkpoint" not in result.output, result.output
+    original, back = load_checkpoint(run)["model"], load_checkpoint(tmp_path / "back")["model"]
+    assert original.keys() == back.keys() and all(torch.equal(original[k], back[k]) for k in original)
+    assert load_file(tmp_path / "hf" / "model.safetensors").keys() >= {
+        "bert.encoder.ln.weight",
+        "cls.seq_relationship.bias",
+    }
