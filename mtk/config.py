@@ -110,6 +110,7 @@ class ModelConfig:
     )
     rotary_base: int = setting(10000, "RoPE base frequency.", range=POSITIVE)
     swiglu: bool = setting(False, "SwiGLU MLP instead of GELU.")
+    openai_gelu: bool = setting(False, "GELU's tanh approximation, as GPT-2 (Megatron's --openai-gelu).")
     add_bias_linear: bool = setting(True, "Biases in the linear layers.")
     untie_embeddings_and_output_weights: bool = setting(
         False, "A separate output layer instead of the embedding matrix."

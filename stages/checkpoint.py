@@ -66,8 +66,9 @@ def convert(
         "safetensors",
         "--to",
         help="safetensors: every weight under mtk's names, in one file. hf: a Hugging Face folder "
-        "(config.json, model.safetensors, vocab.txt) that transformers loads: BertForPreTraining for a "
-        "post-norm BERT, MegatronBertForPreTraining for Megatron's pre-norm one.",
+        "(config.json, model.safetensors, the run's tokenizer files) that transformers loads: "
+        "LlamaForCausalLM, GPT2LMHeadModel, BertForPreTraining (post-norm BERT) or "
+        "MegatronBertForPreTraining (Megatron's pre-norm BERT).",
     ),
     iteration: int | None = typer.Option(None, "--iteration", help="Which checkpoint (default: the latest)."),
 ) -> None:
@@ -94,22 +95,26 @@ def convert(
 def import_hf(
     folder: Path = typer.Argument(
         ...,
-        help="A Hugging Face BERT folder ('bert', or Megatron's pre-norm 'megatron-bert'): config.json and model.safetensors (or pytorch_model.bin, read "
-        "without running pickled code); its vocab.txt, if any, is recorded as the run's tokenizer.",
+        help="A Hugging Face folder of a BERT ('bert', or Megatron's pre-norm 'megatron-bert'), Llama or "
+        "GPT-2 model: config.json and *.safetensors (or pytorch_model.bin, read "
+        "without running pickled code); its tokenizer.json (BERT: vocab.txt) becomes the run's tokenizer.",
         show_default=False,
     ),
-    preset: str = typer.Option(
-        "bert-340m",
+    preset: str | None = typer.Option(
+        None,
         "--preset",
-        help="Preset whose training settings the run takes (the model comes from the folder).",
+        help="Preset whose training settings the run takes (the model comes from the folder). Default: "
+        "bert-340m for BERT, llama3-8b for Llama, gpt3-345m for GPT-2.",
+        show_default=False,
     ),
     save: Path = typer.Option(
         ..., "--save", help="New run directory; `mtk train --load` it to continue.", show_default=False
     ),
 ) -> None:
-    """Turn a Hugging Face BERT checkpoint into an mtk run directory (iteration 0).
+    """Turn a Hugging Face checkpoint into an mtk run directory (iteration 0) that `mtk train --load`
+    continues and `mtk generate` samples from.
 
-    Example: mtk checkpoint import-hf bert-base-uncased/ --save runs/bert-base
+    Example: mtk checkpoint import-hf Llama-3.2-1B/ --save runs/llama-1b
     """
     from mtk.checkpoint import CheckpointError
     from mtk.config import ConfigError

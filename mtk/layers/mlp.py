@@ -20,8 +20,9 @@ class MLP(nn.Module):
         self.fc1 = Linear(hidden, ffn, bias, std)
         self.gate = Linear(hidden, ffn, bias, std) if config.swiglu else None
         self.fc2 = Linear(ffn, hidden, bias, output_std)
+        self.approximate = "tanh" if config.openai_gelu else "none"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate is None:
-            return self.fc2(F.gelu(self.fc1(x)))
+            return self.fc2(F.gelu(self.fc1(x), approximate=self.approximate))
         return self.fc2(F.silu(self.gate(x)) * self.fc1(x))

@@ -102,12 +102,20 @@ def test_export_to_hf_round_trips_the_weights(minilm, imported, tmp_path):
 
 def test_import_refuses_what_it_cannot_read(tmp_path, minilm):
     (tmp_path / "gpt").mkdir()
-    (tmp_path / "gpt" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    (tmp_path / "gpt" / "config.json").write_text(json.dumps({"model_type": "t5"}))
     (tmp_path / "gpt" / "model.safetensors").write_bytes((minilm / "model.safetensors").read_bytes()[:0])
     result = runner.invoke(
         app, ["checkpoint", "import-hf", str(tmp_path / "gpt"), "--save", str(tmp_path / "r")]
     )
-    assert result.exit_code != 0 and "mtk imports BERT ('bert', 'megatron-bert') checkpoints" in result.output
+    assert (
+        result.exit_code != 0
+        and "model_type 't5': mtk imports 'bert', 'megatron-bert', 'llama', 'gpt2'" in result.output
+    )
+    (tmp_path / "gpt" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    result = runner.invoke(
+        app, ["checkpoint", "import-hf", str(tmp_path / "gpt"), "--save", str(tmp_path / "r")]
+    )
+    assert result.exit_code != 0 and "config.json has no 'n_layer', which a gpt2 model needs" in result.output
     (tmp_path / "pickled").mkdir()
     (tmp_path / "pickled" / "config.json").write_text((minilm / "config.json").read_text())
 

