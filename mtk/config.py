@@ -245,9 +245,45 @@ class TrainConfig:
         1.0, "Clip the global gradient norm to this (0: off).", range=NON_NEGATIVE, flag="--clip-grad"
     )
     precision: Literal["fp32", "bf16", "fp16"] = setting("fp32", "Mixed precision (--bf16, --fp16).")
-    fp8: Literal["hybrid", "e4m3"] | None = setting(None, "FP8 format (not trainable yet).")
-    fp8_amax_history_len: int = setting(1024, "FP8 amax history length.", range=POSITIVE)
-    fp8_amax_compute_algo: Literal["max", "most_recent"] = setting("max", "FP8 amax algorithm.")
+    fp8: Literal["hybrid", "e4m3"] | None = setting(
+        None,
+        "FP8 matmuls in the transformer layers: hybrid (E4M3 forward, E5M2 gradients) or e4m3 "
+        "(Megatron's --fp8-format); weights stay in --bf16/fp32.",
+        flag="--fp8",
+    )
+    fp8_recipe: Literal["delayed", "tensorwise", "rowwise", "blockwise"] = setting(
+        "delayed",
+        "FP8 scaling: delayed (amax history, Transformer Engine), tensorwise or rowwise (current "
+        "scaling), blockwise. A backend without the recipe falls back to tensorwise and says so.",
+        flag="--fp8-recipe",
+    )
+    fp8_amax_history_len: int = setting(
+        1, "Delayed scaling: amax history length.", range=POSITIVE, flag="--fp8-amax-history-len"
+    )
+    fp8_amax_compute_algo: Literal["max", "most_recent"] = setting(
+        "most_recent",
+        "Delayed scaling: scale from the history's max or its newest amax.",
+        flag="--fp8-amax-compute-algo",
+    )
+    fp8_margin: int = setting(
+        0, "Scale margin: scales are divided by 2^margin.", range=NON_NEGATIVE, flag="--fp8-margin"
+    )
+    fp8_backend: Literal["auto", "te", "torchao"] = setting(
+        "auto",
+        "FP8 implementation: Transformer Engine (CUDA), torchao (any device; emulated on CPU), or auto "
+        "(Transformer Engine when importable).",
+        flag="--fp8-backend",
+    )
+    fp8_strict: bool = setting(
+        False, "Fail instead of falling back when the backend cannot run --fp8-recipe.", flag="--fp8-strict"
+    )
+    first_last_layers_bf16: bool = setting(
+        False,
+        "Keep the first and last transformer layers out of FP8 (Megatron's --first-last-layers-bf16).",
+        flag="--first-last-layers-bf16",
+    )
+    num_layers_at_start_in_bf16: int = setting(1, "Layers at the start kept out of FP8.", range=NON_NEGATIVE)
+    num_layers_at_end_in_bf16: int = setting(1, "Layers at the end kept out of FP8.", range=NON_NEGATIVE)
     log_interval: int = setting(
         100, "Steps between log lines / metrics records.", range=POSITIVE, flag="--log-interval"
     )
@@ -601,12 +637,8 @@ def run_problems(config: RunConfig, world_size: int, family: FamilyRules) -> lis
         )
     if train.min_lr > train.lr:
         problem("schedule", f"min_lr {train.min_lr} is above lr {train.lr}")
-    if train.fp8 is not None:
-        problem(
-            "precision",
-            f"fp8 = {train.fp8!r}: FP8 training is not implemented yet; train in {train.precision} "
-            "with --set fp8=null",
-        )
+    if train.fp8 is not None and train.precision == "fp16":
+        problem("precision", "FP8 runs with bf16 or fp32 weights, not fp16: use --bf16 with --fp8")
     problems += [Problem("layout", message) for message in family.layout_problems(config)]
     problems += [Problem("family", message) for message in family.problems(config)]
     return problems

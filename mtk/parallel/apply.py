@@ -1,7 +1,8 @@
 """Turn a plain single-device model into this rank's part of a parallel one, from outside the model code.
 
-The order follows torchtitan: pipeline split, tensor (+ sequence) parallel, context parallel,
-activation recomputation, then data parallelism through FSDP2 (which must see the final modules).
+The order follows torchtitan: FP8 conversion of the layers' linears, pipeline split, tensor (+
+sequence) parallel, context parallel, activation recomputation, then data parallelism through FSDP2
+(which must see the final modules).
 What to split where comes from the family spec (``mtk.models.spec``); ``ParallelModel`` holds the
 result: this rank's model parts, the layout and the mesh. Running steps on it is ``mtk.train.step``.
 """
@@ -100,9 +101,14 @@ def parallelize(
     allocated and initialised from ``config.train.seed`` (the same weights as a single-process
     model), so no rank ever holds the whole model.
     """
+    from mtk.parallel.fp8 import convert_to_fp8, plan_fp8
+
     parallel, seed = config.parallel, config.train.seed
     on_meta = next(model.parameters()).device.type == "meta"
     inits = initial_values(model)  # declared by the plain modules, before anything wraps them
+    fp8 = plan_fp8(config, device)
+    if fp8 is not None:  # torchao's Float8Linear in place of the layers' linears, before TP and FSDP
+        convert_to_fp8(model, family.blocks(model), config, fp8)
 
     def materialise(part: nn.Module) -> None:
         if on_meta:
@@ -112,7 +118,7 @@ def parallelize(
     if mesh is None:
         apply_recompute(family.blocks(model), parallel.recompute_granularity)
         materialise(model)
-        return ParallelModel([model.to(device)], device=device)
+        return ParallelModel([model.to(device)], device=device, fp8=fp8)
     from mtk.parallel.context import apply_context_parallel
     from mtk.parallel.pipeline import split_model
     from mtk.parallel.tensor import apply_tensor_parallel
@@ -133,7 +139,7 @@ def parallelize(
         if data_mesh is not None:
             apply_data_parallel(part, family.blocks(part), data_mesh, parallel)
         materialise(part)
-    return ParallelModel(parts, dims, mesh, device, indices)
+    return ParallelModel(parts, dims, mesh, device, indices, fp8)
 
 
 @dataclass
@@ -145,6 +151,7 @@ class ParallelModel:
     mesh: Any = None
     device: str = "cpu"
     stage_indices: list[int] = field(default_factory=lambda: [0])
+    fp8: Any = None  # mtk.parallel.fp8.FP8Plan when FP8 is on
 
     @property
     def cp_group(self):

@@ -132,6 +132,11 @@ class Trainer:
         self._consecutive_skips = 0
         self.phase = "start-up"  # what the ranks are doing together: named when a collective times out
         self.iters = total_iterations(config)
+        self.amax = None  # the largest FP8 amax per log interval, and where
+        if model.fp8 is not None:
+            from mtk.parallel.fp8 import AmaxMonitor
+
+            self.amax = AmaxMonitor(model.parts, model.fp8.linears)
         self.flops_per_token = self.family.flops_per_token(config.model)
         self.checkpointer = Checkpointer(
             RunDir(options.save),
@@ -214,9 +219,13 @@ class Trainer:
         if not finite and not self.scaler.is_enabled():
             what = "loss" if not math.isfinite(loss_value) else "gradient norm"
             if not self.options.skip_nan:
+                where = ""
+                if self.amax is not None:  # an FP8 overflow: which linear saw the largest values
+                    largest = self.amax.take()
+                    where = f" (the largest FP8 amax: {largest['fp8_amax']:.3g} at {largest['fp8_amax_at']})"
                 raise TrainingError(
-                    f"iteration {self.state.iteration + 1}: {what} is {loss_value if what == 'loss' else grad_value}; "
-                    "lower the learning rate, check the data, or pass --skip-nan to skip such steps"
+                    f"iteration {self.state.iteration + 1}: {what} is {loss_value if what == 'loss' else grad_value}"
+                    f"{where}; lower the learning rate, check the data, or pass --skip-nan to skip such steps"
                 )
             for optimizer in self.optimizers:
                 optimizer.zero_grad(set_to_none=True)
@@ -309,6 +318,7 @@ class Trainer:
                         "consumed_tokens": state.consumed_tokens,
                         "loss": sum(finite) / len(finite) if finite else float("nan"),
                         **mean_terms(interval_terms),
+                        **(self.amax.take() if self.amax is not None else {}),
                         "lr": step["lr"],
                         "grad_norm": step["grad_norm"],
                         "loss_scale": step["loss_scale"],

@@ -99,7 +99,7 @@ class MetricsLogger:
         self.show(
             f"iter {record['iteration']:>7} | samples {record['consumed_samples']:>9,} | tokens {record['consumed_tokens']:>12,}"
             f" | lr {record['lr']:.3e} | loss {record['loss']:.4f}{_terms(record)} | grad {record['grad_norm']:.3f}"
-            f" | scale {record['loss_scale']:g} | {record['tokens_per_s']:,.0f} tok/s | {record['tflops']:.2f} TFLOP/s{mfu}"
+            f" | scale {record['loss_scale']:g}{_amax(record)} | {record['tokens_per_s']:,.0f} tok/s | {record['tflops']:.2f} TFLOP/s{mfu}"
             f" | mem {record['memory_gib']:.2f} GiB"
         )
 
@@ -178,3 +178,10 @@ def _terms(record: dict[str, Any]) -> str:
     return "".join(
         f" | {key.replace('_', ' ')} {value:.4f}" for key, value in record.items() if key.endswith("_loss")
     )
+
+
+def _amax(record: dict[str, Any]) -> str:
+    """The FP8 linears' largest amax of the interval, and where, for a log line."""
+    if "fp8_amax" not in record:
+        return ""
+    return f" | fp8 amax {record['fp8_amax']:.3g} ({record['fp8_amax_at']})"

@@ -115,7 +115,8 @@ def _train(config, options, env, family, facts, run_dir: RunDir, show) -> TrainS
     options.dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
     trainer = Trainer(config, model, datasets, options, tokenizer=facts.tokenizer if facts else None)
     if env.is_main:
-        write_run_description(config, run_dir, facts, family.num_parameters(config.model))
+        fp8 = model.fp8.describe() if model.fp8 is not None else None
+        write_run_description(config, run_dir, facts, family.num_parameters(config.model), fp8=fp8)
     barrier()
     peak = device_peak_tflops(config.train.precision, options.device)
     logger = MetricsLogger(run_dir, options.tensorboard_dir, peak, options.device, show, enabled=env.is_main)
@@ -124,6 +125,8 @@ def _train(config, options, env, family, facts, run_dir: RunDir, show) -> TrainS
         f"{family.num_parameters(config.model):,} parameters, {trainer.iters} iterations on "
         f"{env.world_size} x {options.device}, {'mock data' if data.mock_data else data.data_path}"
     )
+    if model.fp8 is not None:
+        logger.message(model.fp8.summary())
     try:
         resumed = trainer.resume()
         for warning in trainer.checkpointer.warnings:
@@ -150,7 +153,7 @@ def _train(config, options, env, family, facts, run_dir: RunDir, show) -> TrainS
 
 
 def write_run_description(
-    config: RunConfig, run_dir: RunDir, facts: DataFacts | None, parameters: int
+    config: RunConfig, run_dir: RunDir, facts: DataFacts | None, parameters: int, **extra: Any
 ) -> None:
     """The effective config and the stage manifest of the run directory."""
     run_dir.root.mkdir(parents=True, exist_ok=True)
@@ -166,6 +169,7 @@ def write_run_description(
         ],
         tokenizer=facts.tokenizer if facts else None,
         parameters=parameters,
+        **extra,
     )
 
 

@@ -177,3 +177,22 @@ def test_a_ramp_phase_with_fewer_micro_batches_than_stages_matches_one_process(t
     records = [json.loads(line) for line in (tmp_path / "pp" / "metrics.jsonl").read_text().splitlines()]
     assert [r["global_batch_size"] for r in records if "split" not in r] == [2, 2, 8, 8]
     assert losses(tmp_path / "pp") == pytest.approx(losses(tmp_path / "one"), rel=TOLERANCE)
+
+
+def test_fp8_tp2_and_dp2_match_one_process_with_fp8(tmp_path):
+    """torchao's FP8 linears (emulated) under DTensor TP and FSDP2: per-tensor amaxes are taken over
+    the whole tensors, so the losses are one process's, up to reduction order in FP8 rounding."""
+    fp8 = ["--fp8", "hybrid", "--fp8-recipe", "tensorwise"]
+    train("llama-tiny", tmp_path / "one", *fp8)
+    train("llama-tiny", tmp_path / "tp", *fp8, "--tp", "2", ranks=2)
+    train(
+        "llama-tiny",
+        tmp_path / "dp",
+        *fp8,
+        "--data-parallel-sharding-strategy",
+        "optim_grads_params",
+        ranks=2,
+    )
+    one = losses(tmp_path / "one")
+    assert losses(tmp_path / "tp") == pytest.approx(one, rel=1e-4)
+    assert losses(tmp_path / "dp") == pytest.approx(one, rel=1e-4)
