@@ -14,6 +14,7 @@ from mtk.config import RunConfig, micro_batches_per_step
 from mtk.data.loader import build_loader
 from mtk.models import family_spec
 from mtk.parallel.apply import apply_recompute
+from mtk.parallel.fp8 import convert_to_fp8, plan_fp8
 from mtk.train.loop import Trainer, TrainOptions
 from mtk.train.metrics import device_peak_tflops, memory_gib
 
@@ -38,6 +39,7 @@ class BenchResult:
     peak_memory_gib: float
     recompute: str | None = None
     data_parallel_sharding: str | None = None  # wrapped as one data-parallel rank (wrapper cost)
+    fp8: str | None = None  # the FP8 in effect (mtk.parallel.fp8.FP8Plan.summary), None without
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -82,6 +84,9 @@ def benchmark(
     data, _, _ = family.datasets(config, (samples, 0, 0), None)
     with torch.device(device):
         model = family.build(config.model)
+    fp8 = plan_fp8(config, device)
+    if fp8 is not None:
+        convert_to_fp8(model, family.blocks(model), config, fp8)
     blocks = family.blocks(model)
     apply_recompute(blocks, config.parallel.recompute_granularity)
     with tempfile.TemporaryDirectory() as scratch, _data_parallel_wrapping(model, blocks, config, device):
@@ -100,7 +105,7 @@ def benchmark(
         seconds = (time.perf_counter() - start) / iters
     tokens = train.global_batch_size * config.model.seq_length
     tflops = tokens * family.flops_per_token(config.model) / seconds / 1e12
-    peak = peak_tflops or device_peak_tflops(train.precision, device)
+    peak = peak_tflops or device_peak_tflops("fp8" if fp8 and not fp8.emulated else train.precision, device)
     return BenchResult(
         preset=preset,
         device=torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
@@ -120,4 +125,55 @@ def benchmark(
         peak_memory_gib=memory_gib(device),
         recompute=config.parallel.recompute_granularity,
         data_parallel_sharding=config.parallel.data_parallel_sharding_strategy,
+        fp8=fp8.summary() if fp8 else None,
+    )
+
+
+@dataclass
+class FP8Comparison:
+    """The same model stepped without and with FP8, and the seed's published FP8 rows."""
+
+    baseline: BenchResult
+    fp8: BenchResult
+    emulated: bool
+    speedup: float | None  # FP8 tokens/s over the baseline's; None when emulated (no claim)
+    published: dict[str, dict]  # preset -> its published row (tokens/s/GPU, TFLOP/s/GPU ...)
+    ratio_to_published: float | None  # measured FP8 tokens/s (one GPU) / the preset's published per GPU
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def published_fp8_rows() -> dict[str, dict]:
+    """The seed recipes' published FP8 throughput, by preset."""
+    from mtk.presets import load_preset, preset_names
+
+    rows = {}
+    for name in preset_names():
+        published = load_preset(name).published
+        if "FP8" in str(published.get("device", "")):
+            rows[name] = published
+    return rows
+
+
+def benchmark_fp8(
+    config: RunConfig, preset: str, iters: int, warmup: int, device: str, peak_tflops: float | None
+) -> FP8Comparison:
+    """``benchmark`` of ``config`` without FP8 and with it (its format, else hybrid), in this process."""
+    from dataclasses import replace
+
+    base = replace(config, train=replace(config.train, fp8=None))
+    with_fp8 = replace(config, train=replace(config.train, fp8=config.train.fp8 or "hybrid"))
+    baseline = benchmark(base, preset, iters, warmup, device, peak_tflops)
+    low = benchmark(with_fp8, preset, iters, warmup, device, peak_tflops)
+    emulated = plan_fp8(with_fp8, device).emulated
+    published = published_fp8_rows()
+    row = published.get(preset)
+    return FP8Comparison(
+        baseline=baseline,
+        fp8=low,
+        emulated=emulated,
+        speedup=None if emulated else low.tokens_per_s / baseline.tokens_per_s,
+        published=published,
+        ratio_to_published=low.tokens_per_s / row["tokens_per_s_per_gpu"] if row and not emulated else None,
     )

@@ -76,3 +76,17 @@ def test_fp8_resume_after_sigkill_is_exact(tmp_path, counting_data, kill_during_
         return {r["iteration"]: r["loss"] for r in records(run)}
 
     assert losses(tmp_path / "straight") == losses(tmp_path / "killed")
+
+
+def test_bench_fp8_compares_with_the_published_table_and_claims_no_emulated_speedup(tmp_path):
+    out = tmp_path / "bench.json"
+    result = runner.invoke(app, ["bench", "--fp8", "--preset", "llama-tiny", "--iters", "2", "--warmup", "1",
+                                 "--seq-length", "32", "--json", str(out)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "FP8 (emulated)" in result.output and "no speed-up is claimed" in result.output
+    assert "13,812" in result.output  # llama3-8b's published tokens/s per GPU, beside the figures
+    report = json.loads(out.read_text())
+    assert report["emulated"] is True and report["speedup"] is None and report["ratio_to_published"] is None
+    assert report["baseline"]["fp8"] is None and report["fp8"]["fp8"].startswith("FP8 hybrid")
+    assert report["published"]["llama3-8b"]["tokens_per_s_per_gpu"] == 13812
+    assert report["fp8"]["tokens_per_s"] > 0 and report["baseline"]["tokens_per_s"] > 0
