@@ -69,7 +69,7 @@ def test_fine_tuning_raises_exact_match_and_resumes(wordpiece_sentences, tmp_pat
     assert before["questions"] == 40 and before["exact_match"] < 5 and before["finetune_iterations"] == 0
 
     finetune = ["eval-squad", "--load", str(t5), "--train-file", str(tmp_path / "train.json"),
-                "--dev-file", str(tmp_path / "dev.json"), "--finetune-iters", "300", "--lr", "3e-3",
+                "--dev-file", str(tmp_path / "dev.json"), "--finetune-iters", "600", "--lr", "3e-3",
                 "--micro-batch-size", "16", "--global-batch-size", "16"]  # fmt: skip
     output = invoke(*finetune)
     out = tmp_path / "t5-squad"
@@ -81,7 +81,7 @@ def test_fine_tuning_raises_exact_match_and_resumes(wordpiece_sentences, tmp_pat
     manifest = json.loads((out / "squad" / "mtk.json").read_text())
     assert manifest["stage"] == "eval-squad" and manifest["metrics"]["exact_match"] == after["exact_match"]
     assert manifest["tokenizer"]["vocab_extra_ids"] == 100
-    assert (out / "latest_checkpointed_iteration.txt").read_text().strip() == "300"
+    assert (out / "latest_checkpointed_iteration.txt").read_text().strip() == "600"
     again = invoke(*finetune)  # the fine-tuning run resumes like any run: complete, same answers
     assert "the run is complete" in again
     assert json.loads((out / "squad" / "predictions.json").read_text()) == predictions
