@@ -34,6 +34,7 @@ class FP8Plan:
     backend: str
     emulated: bool
     linears: list[str] = field(default_factory=list)  # module names converted
+    fsdp_all_gather: bool = False  # FSDP2 all-gathers the weights in FP8
     note: str | None = None  # a fallback or an ignored setting, said out loud
 
     def describe(self) -> dict[str, Any]:
@@ -117,6 +118,7 @@ def plan_fp8(config: RunConfig, device: str) -> FP8Plan | None:
             raise ConfigError(
                 f"FP8 matmuls need every linear's width to be a multiple of 16: {', '.join(odd)}"
             )
+    parallel = config.parallel
     return FP8Plan(
         format=train.fp8,
         recipe=recipe,
@@ -124,6 +126,7 @@ def plan_fp8(config: RunConfig, device: str) -> FP8Plan | None:
         backend="torchao",
         emulated=emulated,
         note="; ".join(notes) or None,
+        fsdp_all_gather=recipe == "tensorwise" and parallel.sharding_strategy() == "optim_grads_params",
     )
 
 
@@ -154,6 +157,8 @@ def _torchao_config(plan: FP8Plan):
         cast_config_grad_output=gradient,
         round_scales_to_power_of_2=plan.recipe == "rowwise",
         emulate=plan.emulated,
+        # FSDP2 gathers the weights already cast to FP8 (half the bytes of bf16): tensorwise only
+        enable_fsdp_float8_all_gather=plan.fsdp_all_gather,
     )
 
 
@@ -186,10 +191,13 @@ class AmaxMonitor:
         @torch.no_grad()
         def hook(module: nn.Module, args: tuple) -> None:
             for what, tensor in (("input", args[0]), ("weight", module.weight)):
-                amax = tensor.detach().abs().max()
-                if hasattr(amax, "full_tensor"):
-                    amax = amax.full_tensor()
-                value = float(amax)
+                # this rank's part (``take`` gathers the maximum over ranks); a weight FSDP2 gathered
+                # in FP8 arrives cast (read back at its precision) or wrapped for the cast
+                tensor = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+                if hasattr(tensor, "to_original_precision"):
+                    tensor = tensor.to_original_precision()
+                tensor = getattr(tensor, "_tensor", tensor)
+                value = float(tensor.detach().abs().max()) if tensor.numel() else 0.0
                 if not value <= self.largest[0]:  # also NaN
                     self.largest = (value, f"{name} {what}")
 
