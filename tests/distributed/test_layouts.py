@@ -179,20 +179,21 @@ def test_a_ramp_phase_with_fewer_micro_batches_than_stages_matches_one_process(t
     assert losses(tmp_path / "pp") == pytest.approx(losses(tmp_path / "one"), rel=TOLERANCE)
 
 
-def test_fp8_tp2_and_dp2_match_one_process_with_fp8(tmp_path):
-    """torchao's FP8 linears (emulated) under DTensor TP and FSDP2: per-tensor amaxes are taken over
-    the whole tensors, so the losses are one process's, up to reduction order in FP8 rounding."""
+def test_fp8_layouts_match_one_process_with_fp8(tmp_path):
+    """torchao's FP8 linears (emulated) under DTensor TP, FSDP2 gathering the weights in FP8, PP and
+    CP: per-tensor amaxes are taken over the whole tensors, so the losses are one process's, up to
+    reduction order in FP8 rounding."""
     fp8 = ["--fp8", "hybrid", "--fp8-recipe", "tensorwise"]
     train("llama-tiny", tmp_path / "one", *fp8)
-    train("llama-tiny", tmp_path / "tp", *fp8, "--tp", "2", ranks=2)
-    train(
-        "llama-tiny",
-        tmp_path / "dp",
-        *fp8,
-        "--data-parallel-sharding-strategy",
-        "optim_grads_params",
-        ranks=2,
-    )
     one = losses(tmp_path / "one")
-    assert losses(tmp_path / "tp") == pytest.approx(one, rel=1e-4)
-    assert losses(tmp_path / "dp") == pytest.approx(one, rel=1e-4)
+    layouts = {
+        "tp": ["--tp", "2"],
+        "fsdp": ["--data-parallel-sharding-strategy", "optim_grads_params"],
+        "pp": ["--pp", "2"],
+        "cp": ["--cp", "2"],
+    }
+    for name, args in layouts.items():
+        train("llama-tiny", tmp_path / name, *fp8, *args, ranks=2)
+        assert losses(tmp_path / name) == pytest.approx(one, rel=1e-4), name
+    manifest = json.loads((tmp_path / "fsdp" / "mtk.json").read_text())
+    assert manifest["fp8"]["fsdp_all_gather"] is True
