@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import shutil
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -54,7 +55,7 @@ def _shape(config: ModelConfig) -> dict[str, Any]:
     }
 
 
-class Architecture:
+class Architecture(ABC):
     """One Hugging Face model type: its config, its parameter names, what it ties."""
 
     model_type: ClassVar[str]
@@ -65,16 +66,17 @@ class Architecture:
     vocab_rows: ClassVar[tuple[str, ...]] = ("embedding.weight",)  # padded to mtk's vocabulary
     tokenizer_files: ClassVar[tuple[tuple[str, str], ...]] = (("tokenizer.json", "hf"),)  # the first found
 
+    @abstractmethod
     def model_config(self, hf: dict[str, Any]) -> dict[str, Any]:
         """mtk's [model] values for ``config.json``; HFError for what mtk's model does not do."""
-        raise NotImplementedError
 
+    @abstractmethod
     def hf_config(self, config: ModelConfig) -> dict[str, Any]:
-        raise NotImplementedError
+        """``config.json`` values for an mtk model config; HFError for what the type cannot hold."""
 
+    @abstractmethod
     def names(self, config: ModelConfig) -> dict[str, str]:
         """mtk parameter -> Hugging Face name (base-model names without ``base_prefix``)."""
-        raise NotImplementedError
 
     def to_mtk(self, weights: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
         names = self.names(config)
@@ -196,6 +198,7 @@ def _rope_theta(hf: dict[str, Any]) -> float:
 
 class Llama(Architecture):
     model_type, hf_class, base_prefix, default_preset = "llama", "LlamaForCausalLM", "model.", "llama3-8b"
+    vocab_rows = ("embedding.weight", "output.weight")  # the output layer when untied
 
     def model_config(self, hf: dict[str, Any]) -> dict[str, Any]:
         if hf.get("hidden_act", "silu") != "silu" or hf.get("mlp_bias") or hf.get("attention_bias"):
@@ -263,10 +266,6 @@ class Llama(Architecture):
         if config.untie_embeddings_and_output_weights:
             names["output.weight"] = "lm_head.weight"
         return names
-
-    @property
-    def vocab_rows(self) -> tuple[str, ...]:  # type: ignore[override]
-        return ("embedding.weight", "output.weight")
 
     def tied_outputs(self, config: ModelConfig) -> dict[str, str]:
         return {} if config.untie_embeddings_and_output_weights else {"lm_head.weight": "embedding.weight"}

@@ -112,3 +112,18 @@ def initialize(
     for module in model.modules():
         if hasattr(module, "reset_buffers"):
             module.reset_buffers()
+
+
+class SeededModule(nn.Module):
+    """A model that initialises itself from a seed (``init_weights``), and on construction unless it
+    is built on the meta device (then it is initialised once materialised, shard by shard)."""
+
+    def init_weights(self, seed: int | None = None) -> None:
+        """Initial weights from ``seed`` (default: drawn from torch's global generator)."""
+        if seed is None:
+            seed = int(torch.randint(2**62, ()).item())
+        initialize(self, seed)
+
+    def init_unless_meta(self) -> None:
+        if next(self.parameters()).device.type != "meta":
+            self.init_weights()

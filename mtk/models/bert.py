@@ -15,17 +15,17 @@ from torch import nn
 
 from mtk.config import ModelConfig, RunConfig
 from mtk.layers.heads import LMHead, Pooler
-from mtk.layers.init import Embedding, Linear, initialize
+from mtk.layers.init import Embedding, Linear, SeededModule
 from mtk.layers.loss import loss_targets, token_cross_entropy
 from mtk.layers.norms import build_norm
 from mtk.layers.transformer import TransformerBlock, embedding_parameters, layer_parameters, norm_parameters
 from mtk.models.masked import MaskedLMFamily
-from mtk.models.spec import LossTerms, ModelBatch
+from mtk.models.spec import LossTerms, ModelBatch, PipelinedFamily
 
 TOKEN_TYPES = 2  # segment A and B
 
 
-class BertModel(nn.Module):
+class BertModel(SeededModule):
     """tokens (batch, seq) -> MLM logits (batch, seq, padded vocab), and the sentence-order logits
     (batch, 2) with the binary head.
 
@@ -48,13 +48,7 @@ class BertModel(nn.Module):
         self.lm_head = LMHead(config, transform=True)
         self.pooler = Pooler(config) if config.bert_binary_head else None
         self.binary_head = Linear(hidden, 2, True, std) if config.bert_binary_head else None
-        if self.embedding.weight.device.type != "meta":
-            self.init_weights()
-
-    def init_weights(self, seed: int | None = None) -> None:
-        if seed is None:
-            seed = int(torch.randint(2**62, ()).item())
-        initialize(self, seed)
+        self.init_unless_meta()
 
     def embed(self, tokens: torch.Tensor, token_types: torch.Tensor | None) -> torch.Tensor:
         positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
@@ -102,7 +96,7 @@ class BertModel(nn.Module):
         return stage
 
 
-class BertFamily(MaskedLMFamily):
+class BertFamily(MaskedLMFamily, PipelinedFamily):
     name = "bert"
 
     def num_parameters(self, config: ModelConfig, tensor_parallel: int = 1) -> int:

@@ -14,13 +14,13 @@ from torch import nn
 
 from mtk.config import ModelConfig, RunConfig
 from mtk.layers.attention import KVCache
-from mtk.layers.init import Embedding, Linear, initialize
-from mtk.layers.loss import loss_targets, token_cross_entropy
+from mtk.layers.init import Embedding, Linear, SeededModule
+from mtk.layers.loss import loss_targets
 from mtk.layers.transformer import TransformerBlock, embedding_parameters, layer_parameters, norm_parameters
-from mtk.models.spec import LossTerms, ModelBatch, TrainableFamily
+from mtk.models.spec import ModelBatch, PipelinedFamily
 
 
-class GPTModel(nn.Module):
+class GPTModel(SeededModule):
     """tokens (batch, seq) -> logits (batch, seq, padded vocab).
 
     A pipeline stage of it (``pipeline_stage``) embeds tokens only when ``pre_process`` (Megatron's
@@ -47,14 +47,7 @@ class GPTModel(nn.Module):
             if config.untie_embeddings_and_output_weights
             else None
         )
-        if self.embedding.weight.device.type != "meta":  # on meta: initialised once materialised
-            self.init_weights()
-
-    def init_weights(self, seed: int | None = None) -> None:
-        """Initial weights from ``seed`` (default: drawn from torch's global generator)."""
-        if seed is None:
-            seed = int(torch.randint(2**62, ()).item())
-        initialize(self, seed)
+        self.init_unless_meta()
 
     def forward(
         self,
@@ -102,7 +95,7 @@ class GPTModel(nn.Module):
         ]
 
 
-class GPTFamily(TrainableFamily):
+class GPTFamily(PipelinedFamily):
     name = "gpt"
     flops_convention = "6 * parameters + 12 * layers * hidden * seq per token (PaLM), no recompute"
 
@@ -153,9 +146,6 @@ class GPTFamily(TrainableFamily):
             {"position_ids": batch["position_ids"]},
             loss_targets(batch["labels"], batch["loss_mask"]),
         )
-
-    def loss_terms(self, outputs: torch.Tensor, targets: torch.Tensor) -> LossTerms:
-        return {"lm loss": token_cross_entropy(outputs, targets)}
 
     def datasets(
         self, config: RunConfig, num_samples: tuple[int, int, int], facts: Any

@@ -17,7 +17,7 @@ class MaskedLMFamily(TrainableFamily):
     needs_sentinels: ClassVar[bool] = False  # T5: the data needs --vocab-extra-ids
 
     def layout_problems(self, config: RunConfig) -> list[str]:
-        found = []
+        found = super().layout_problems(config)
         if config.parallel.context_parallel_size > 1:
             found.append(
                 f"family '{self.name}': context parallelism shards causal attention by position; a "

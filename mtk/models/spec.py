@@ -6,8 +6,9 @@ planning, generation and the presets go through the spec only:
 
 - ``FamilySpec``: what any family can say from its config alone (parameter count, its own rules).
 - ``TrainableFamily``: everything ``mtk train`` needs: build the model, its transformer blocks (the
-  units of recomputation and FSDP), its tensor-parallel plan as plain data, how to cut it into
-  pipeline stages, batch -> model inputs and targets, its loss terms, its datasets, FLOPs per token.
+  units of recomputation and FSDP), its tensor-parallel plan as plain data, batch -> model inputs
+  and targets, its loss terms, its datasets, FLOPs per token.
+- ``PipelinedFamily``: a trainable family that can also be cut into pipeline stages.
 """
 
 from __future__ import annotations
@@ -81,10 +82,17 @@ class FamilySpec(ABC):
 
 
 class TrainableFamily(FamilySpec):
-    """A family that ``mtk train`` builds, parallelises and trains."""
+    """A family that ``mtk train`` builds, parallelises and trains (without pipeline stages unless it
+    is a ``PipelinedFamily``)."""
 
     trainable: ClassVar[bool] = True
     flops_convention: ClassVar[str]  # how ``flops_per_token`` counts, for reports
+    pipeline_refusal: ClassVar[str] = "it cannot be cut into pipeline stages"  # why, for --pp > 1
+
+    def layout_problems(self, config: RunConfig) -> list[str]:
+        if config.parallel.pipeline_model_parallel_size > 1 and not isinstance(self, PipelinedFamily):
+            return [f"family '{self.name}': {self.pipeline_refusal}"]
+        return []
 
     @abstractmethod
     def build(self, config: ModelConfig) -> nn.Module:
@@ -99,15 +107,6 @@ class TrainableFamily(FamilySpec):
         """Module path -> tensor-parallel style name (``mtk.parallel.tensor.STYLES``) for ``model`` or a
         pipeline stage of it."""
 
-    @abstractmethod
-    def pipeline_layers(self, config: ModelConfig) -> int:
-        """How many layers the pipeline split distributes over stages."""
-
-    @abstractmethod
-    def pipeline_stage(self, model: nn.Module, layers: range, first: bool, last: bool) -> nn.Module:
-        """A copy of ``model`` with only what one stage runs: ``layers``, the input embedding when
-        ``first``, the output and loss inputs when ``last``. Parameter names stay the whole model's."""
-
     def tied_parameters(self, config: ModelConfig) -> list[str]:
         """Parameters held by both the first and the last pipeline stage (tied embeddings): their
         gradients are summed across the two, and a gradient norm counts them once."""
@@ -117,9 +116,12 @@ class TrainableFamily(FamilySpec):
     def model_batch(self, batch: dict[str, torch.Tensor]) -> ModelBatch:
         """A collated micro-batch of this family's dataset as the model and loss take it."""
 
-    @abstractmethod
     def loss_terms(self, outputs: Any, targets: torch.Tensor) -> LossTerms:
-        """The loss of one micro-batch as named ``(sum, count)`` terms; its value is sum(sum / count)."""
+        """The loss of one micro-batch as named ``(sum, count)`` terms; its value is sum(sum / count).
+        By default the language-model loss of ``outputs`` (logits) against ``targets``."""
+        from mtk.layers.loss import token_cross_entropy
+
+        return {"lm loss": token_cross_entropy(outputs, targets)}
 
     def loss_names(self, config: ModelConfig) -> tuple[str, ...]:
         """The names ``loss_terms`` returns for ``config`` (metrics report each when there are several)."""
@@ -135,3 +137,16 @@ class TrainableFamily(FamilySpec):
     @abstractmethod
     def flops_per_token(self, config: ModelConfig) -> float:
         """Training FLOPs per token, the model-FLOPs convention of MFU (no recomputation)."""
+
+
+class PipelinedFamily(TrainableFamily):
+    """A trainable family that pipeline parallelism can cut into stages by layer ranges."""
+
+    @abstractmethod
+    def pipeline_layers(self, config: ModelConfig) -> int:
+        """How many layers the pipeline split distributes over stages."""
+
+    @abstractmethod
+    def pipeline_stage(self, model: nn.Module, layers: range, first: bool, last: bool) -> nn.Module:
+        """A copy of ``model`` with only what one stage runs: ``layers``, the input embedding when
+        ``first``, the output and loss inputs when ``last``. Parameter names stay the whole model's."""

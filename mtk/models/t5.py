@@ -16,14 +16,14 @@ from torch import nn
 from mtk.config import ModelConfig, RunConfig
 from mtk.layers.attention import KVCache
 from mtk.layers.heads import LMHead
-from mtk.layers.init import Embedding, initialize
-from mtk.layers.loss import loss_targets, token_cross_entropy
+from mtk.layers.init import Embedding, SeededModule
+from mtk.layers.loss import loss_targets
 from mtk.layers.transformer import TransformerBlock, embedding_parameters, layer_parameters, norm_parameters
 from mtk.models.masked import MaskedLMFamily
-from mtk.models.spec import LossTerms, ModelBatch
+from mtk.models.spec import ModelBatch
 
 
-class T5Model(nn.Module):
+class T5Model(SeededModule):
     """(encoder tokens (batch, seq), decoder tokens (batch, decoder seq)) -> logits (batch, decoder
     seq, padded vocab). ``encoder_mask`` (1 = a token, 0 = padding) keeps encoder padding out of the
     encoder's attention and the decoder's cross-attention; the decoder attends causally."""
@@ -38,13 +38,7 @@ class T5Model(nn.Module):
         self.encoder = TransformerBlock(config, config.num_layers)
         self.decoder = TransformerBlock(config, config.decoder_num_layers, cross_attention=True)
         self.lm_head = LMHead(config, transform=False)
-        if self.embedding.weight.device.type != "meta":
-            self.init_weights()
-
-    def init_weights(self, seed: int | None = None) -> None:
-        if seed is None:
-            seed = int(torch.randint(2**62, ()).item())
-        initialize(self, seed)
+        self.init_unless_meta()
 
     def embed(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
         positions = torch.arange(start, start + tokens.shape[1], device=tokens.device).expand_as(tokens)
@@ -97,6 +91,10 @@ def _key_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
 class T5Family(MaskedLMFamily):
     name = "t5"
     needs_sentinels = True
+    pipeline_refusal = (
+        "pipeline parallelism would cut the encoder and the decoder, whose every layer needs the "
+        "encoder's output; t5-220m fits one device: use --tp and data parallelism (--pp 1)"
+    )
     flops_convention = (
         "6 * parameters per token of each stack (encoder: seq_length, decoder and LM head: "
         "decoder_seq_length) + attention, per encoder token, no recompute"
@@ -108,16 +106,6 @@ class T5Family(MaskedLMFamily):
         total += config.num_layers * layer_parameters(config) + norm  # encoder
         total += config.decoder_num_layers * layer_parameters(config, cross_attention=True) + norm  # decoder
         return total + config.padded_vocab_size(tensor_parallel)  # LM head bias; weights tied
-
-    def layout_problems(self, config: RunConfig) -> list[str]:
-        found = super().layout_problems(config)
-        if config.parallel.pipeline_model_parallel_size > 1:
-            found.append(
-                "family 't5': pipeline parallelism would cut the encoder and the decoder, whose every "
-                "layer needs the encoder's output; t5-220m fits one device: use --tp and data "
-                "parallelism (--pp 1)"
-            )
-        return found
 
     def stacks(self, config: ModelConfig) -> list[tuple[int, int, int]]:
         decoder = (
@@ -177,12 +165,6 @@ class T5Family(MaskedLMFamily):
         plan["lm_head"] = "vocab_bias"
         return plan
 
-    def pipeline_layers(self, config: ModelConfig) -> int:
-        raise NotImplementedError("T5 runs without pipeline parallelism (see problems())")
-
-    def pipeline_stage(self, model: T5Model, layers: range, first: bool, last: bool) -> T5Model:
-        raise NotImplementedError("T5 runs without pipeline parallelism (see problems())")
-
     def tied_parameters(self, config: ModelConfig) -> list[str]:
         return []  # one stage holds the embedding and the head
 
@@ -192,9 +174,6 @@ class T5Family(MaskedLMFamily):
             {"decoder_tokens": batch["text_dec"], "encoder_mask": batch["enc_mask"]},
             loss_targets(batch["labels"], batch["loss_mask"]),
         )
-
-    def loss_terms(self, outputs: torch.Tensor, targets: torch.Tensor) -> LossTerms:
-        return {"lm loss": token_cross_entropy(outputs, targets)}
 
     def datasets(
         self, config: RunConfig, num_samples: tuple[int, int, int], facts: Any

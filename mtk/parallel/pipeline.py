@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mtk.config import ParallelConfig, RunConfig
-from mtk.models.spec import TrainableFamily
+from mtk.models.spec import PipelinedFamily
 
 
 def layer_ranges(num_layers: int, parallel: ParallelConfig, stages: int) -> list[range]:
@@ -36,7 +36,7 @@ def stage_indices(pp_rank: int, pp: int, vp: int) -> list[int]:
 
 
 def split_model(
-    model: nn.Module, family: TrainableFamily, config: RunConfig, pp_rank: int, pp: int, vp: int
+    model: nn.Module, family: PipelinedFamily, config: RunConfig, pp_rank: int, pp: int, vp: int
 ) -> tuple[list[nn.Module], list[int]]:
     """This pipeline rank's stages of ``model`` and their global stage indices."""
     stages = pp * vp
