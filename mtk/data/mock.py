@@ -93,3 +93,18 @@ def mock_sentences(ids, vocab_size: int, seed: int, documents: int = 512):
     (folder / "mock.bin").write_bytes(tokens.astype(dtype).tobytes())
     (folder / "mock.idx").write_bytes(writer.to_bytes())
     return IndexedDataset(folder / "mock"), folder
+
+
+class MockRetroDataset(MockGPTDataset):
+    """Mock GPT samples with uniform random neighbour tokens (batch, chunks, k, 2 x chunk length)."""
+
+    def __init__(self, num_samples: int, config, seed: int) -> None:
+        super().__init__(num_samples, config.seq_length, config.vocab_size, seed)
+        from mtk.data.retro import neighbour_shape
+
+        self.shape = neighbour_shape(config.seq_length, config.retro_chunk_length, config.retro_num_neighbors)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, index, 1])
+        neighbours = torch.from_numpy(rng.integers(0, self.vocab_size, self.shape, dtype=np.int64))
+        return super().__getitem__(index) | {"neighbours": neighbours}

@@ -161,9 +161,9 @@ class _Encoder:
             lengths.extend(map(len, doc_ids))
             pieces.extend(doc_ids)
         total = sum(lengths)
-        tokens = np.fromiter(itertools.chain.from_iterable(pieces), dtype=np.int64, count=total)
+        tokens = np.fromiter(itertools.chain.from_iterable(pieces), dtype=self.dtype, count=total)
         return EncodedKey(
-            tokens=tokens.astype(self.dtype),
+            tokens=tokens,
             sequence_lengths=np.asarray(lengths, dtype=np.int32),
             sequences_per_document=np.asarray(per_document, dtype=np.int64),
         )

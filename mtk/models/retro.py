@@ -1,10 +1,42 @@
-"""RETRO (retrieval-enhanced decoder): presets and parameter count so far; training comes next."""
+"""RETRO: the GPT decoder with chunked cross-attention to retrieved neighbours, as Megatron built it.
+
+The sequence is cut into chunks of ``retro_chunk_length`` (m) tokens; every chunk has k neighbours
+from the retrieval database, each a database chunk and the chunk after it (r = 2m tokens). Decoder
+layers 6, 9, 12, ... (9, 12, ... beyond 15 layers) add chunked cross-attention (CCA) after
+self-attention. The first of them owns the retrieval encoder: a 2-layer bidirectional transformer over
+the neighbour tokens (embedded by the decoder's own embedding) whose first layer cross-attends to the
+decoder chunk the neighbours were retrieved for; its output is the context of every CCA layer.
+Causality: a token attends to the neighbours of the last complete chunk before or at it, so the first
+m - 1 tokens see none.
+
+Where Megatron's code reshapes the encoder output (r, k * chunks, d) to (r * k, chunks, d) without a
+permutation, which hands a chunk other chunks' (and other samples') neighbours, mtk gives each chunk
+its own k neighbours, as the paper means. The encoder's cross-attention residual is the usual pre-norm
+one. Missing neighbours (fewer than k survived filtering) are end-of-document tokens.
+"""
 
 from __future__ import annotations
 
-from mtk.config import ModelConfig
-from mtk.layers.transformer import embedding_parameters, layer_parameters, norm_parameters
-from mtk.models.spec import FamilySpec
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtk.config import ModelConfig, RunConfig
+from mtk.layers.attention import Attention
+from mtk.layers.init import Embedding, Linear, SeededModule
+from mtk.layers.loss import loss_targets
+from mtk.layers.norms import build_norm
+from mtk.layers.rotary import RotaryEmbedding
+from mtk.layers.transformer import (
+    PROJECTIONS,
+    TransformerBlock,
+    TransformerLayer,
+    embedding_parameters,
+    layer_parameters,
+    norm_parameters,
+    scaled_output_std,
+)
+from mtk.models.spec import ModelBatch, TrainableFamily
 
 
 def retro_layer_numbers(config: ModelConfig) -> list[int]:
@@ -13,20 +45,269 @@ def retro_layer_numbers(config: ModelConfig) -> list[int]:
     return list(range(start, config.num_layers + 1, 3))
 
 
-class RetroFamily(FamilySpec):
+def num_chunks(tokens: int, chunk_length: int) -> int:
+    """Chunks of a sequence of ``tokens`` (the last one may be partial, as in generation)."""
+    return -(-tokens // chunk_length)
+
+
+class RetrievalEncoder(nn.Module):
+    """Neighbour states (chunks * k, r, d) and their decoder chunks (chunks, m, d) -> encoded
+    neighbours (chunks * k, r, d). Bidirectional; no final norm (Megatron's encoder has none)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_neighbors = config.retro_num_neighbors
+        std = scaled_output_std(config, config.num_layers)
+        self.layers = nn.ModuleDict(
+            {
+                str(i): TransformerLayer(config, std, cross_attention=i == 0)
+                for i in range(config.retro_encoder_num_layers)
+            }
+        )
+
+    def forward(self, neighbours: torch.Tensor, chunks: torch.Tensor) -> torch.Tensor:
+        context = chunks.repeat_interleave(self.num_neighbors, dim=0)  # each neighbour reads its chunk
+        x = neighbours
+        for i, layer in enumerate(self.layers.values()):
+            x = layer(x, causal=False, context=context if i == 0 else None)
+        return x
+
+
+class ChunkedCrossAttention(nn.Module):
+    """Normed decoder states (batch, n, d) attend, chunk by chunk, to their encoded neighbours.
+
+    ``context``: the neighbour embeddings (batch * chunks * k, r, d) when this layer owns the encoder,
+    else the encoded neighbours (batch * chunks, k * r, d) the owner returned. Returns the update to
+    the residual stream and the encoded neighbours.
+    """
+
+    def __init__(self, config: ModelConfig, output_std: float, encoder: RetrievalEncoder | None) -> None:
+        super().__init__()
+        self.chunk_length = config.retro_chunk_length
+        self.attention = Attention(config, output_std)
+        self.encoder = encoder
+
+    def forward(self, h: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, n, d = h.shape
+        m = self.chunk_length
+        chunks = num_chunks(n, m)
+        whole = F.pad(h, (0, 0, 0, chunks * m - n))  # a partial last chunk (generation) padded with zeros
+        if self.encoder is not None:
+            encoded = self.encoder(context, whole.reshape(batch * chunks, m, d))
+            context = encoded.reshape(batch * chunks, -1, d)
+        # Causal alignment: the queries of chunk c are tokens c*m + m-1 ... c*m + 2m-2, so a chunk's
+        # neighbours are seen from its last token on, once all of the chunk is known.
+        queries = F.pad(whole[:, m - 1 :], (0, 0, 0, m - 1)).reshape(batch * chunks, m, d)
+        out = self.attention(queries, context=context).reshape(batch, chunks * m, d)
+        return F.pad(out, (0, 0, m - 1, 0))[:, :n], context
+
+
+class RetroDecoderLayer(TransformerLayer):
+    """A decoder layer with chunked cross-attention between self-attention and the MLP."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        output_std: float,
+        rotary: RotaryEmbedding | None,
+        encoder: RetrievalEncoder | None,
+    ) -> None:
+        super().__init__(config, output_std, rotary)
+        self.cross_norm = build_norm(config)
+        self.cross_attention = ChunkedCrossAttention(config, output_std, encoder)
+
+    def forward(  # type: ignore[override]
+        self, x: torch.Tensor, context: torch.Tensor, position_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self._residual(x, self.attention_norm, lambda h: self.attention(h, position_ids=position_ids))
+        update, context = self.cross_attention(self.cross_norm(x), context)
+        x = x + self.dropout(update)
+        return self._residual(x, self.mlp_norm, self.mlp), context
+
+    def tp_plan(self) -> dict[str, str]:
+        """As a decoder layer's, and: the CCA gathers the sequence whole (chunks need all of it), its
+        output projection all-reduces, and the update is cut back to this rank's slice. The encoder
+        runs its layers on slices of the neighbour tokens and hands the CCA whole ones."""
+        plan = super().tp_plan()
+        plan["cross_norm"] = "sequence"
+        plan["cross_attention"] = "chunked_cross_attention"
+        for name in PROJECTIONS:
+            plan[f"cross_attention.attention.{name}"] = "colwise"
+        plan["cross_attention.attention.out_proj"] = "rowwise_whole"
+        encoder = self.cross_attention.encoder
+        if encoder is not None:
+            plan["cross_attention.encoder"] = "gather_output_local"
+            for name, layer in encoder.layers.items():
+                plan.update(
+                    {f"cross_attention.encoder.layers.{name}.{k}": v for k, v in layer.tp_plan().items()}
+                )
+            plan["cross_attention.encoder.layers.0.cross_attention"] = (
+                "gather_sequence"  # its context is whole
+            )
+        return plan
+
+
+class RetroDecoder(TransformerBlock):
+    """The decoder stack: GPT layers, and RETRO layers that pass the encoded neighbours on."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config, config.num_layers)
+        self.retro_layers = [number - 1 for number in retro_layer_numbers(config)]
+        output_std = scaled_output_std(config, config.num_layers)
+        for index in self.retro_layers:
+            encoder = RetrievalEncoder(config) if index == self.retro_layers[0] else None
+            self.layers[str(index)] = RetroDecoderLayer(config, output_std, self.rotary, encoder)
+
+    def forward(  # type: ignore[override]
+        self, x: torch.Tensor, context: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor:
+        retro = set(self.retro_layers)
+        for index, layer in enumerate(self.layers.values()):
+            if index in retro:
+                x, context = layer(x, context, position_ids=position_ids)
+            else:
+                x = layer(x, position_ids=position_ids)
+        return self.final_norm(x)
+
+
+class RetroModel(SeededModule):
+    """tokens (batch, n) and neighbour tokens (batch, chunks, k, r) -> logits (batch, n, padded vocab)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        vocab, std = config.padded_vocab_size(), config.init_method_std
+        self.embedding = Embedding(vocab, config.hidden_size, std)
+        self.position_embedding = (
+            Embedding(config.max_position_embeddings, config.hidden_size, std)
+            if config.position_embedding_type == "learned_absolute"
+            else None
+        )
+        self.embedding_dropout = nn.Dropout(config.hidden_dropout)
+        self.decoder = RetroDecoder(config)
+        self.output = (
+            Linear(config.hidden_size, vocab, bias=False, std=std)
+            if config.untie_embeddings_and_output_weights
+            else None
+        )
+        self.init_unless_meta()
+
+    def embed(self, tokens: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embedding(tokens)
+        if self.position_embedding is not None:
+            x = x + self.position_embedding(position_ids)
+        return self.embedding_dropout(x)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        neighbours: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if neighbours is None:
+            raise ValueError("a RETRO model needs the neighbour tokens of every chunk (batch, chunks, k, r)")
+        batch, n = tokens.shape
+        if position_ids is None:
+            position_ids = torch.arange(n, device=tokens.device).expand(batch, n)
+        x = self.embed(tokens, position_ids)
+        r = neighbours.shape[-1]
+        flat = neighbours.reshape(-1, r)  # row (sample * chunks + chunk) * k + neighbour
+        context = self.embed(flat, torch.arange(r, device=flat.device).expand(flat.shape[0], r))
+        x = self.decoder(x, context, position_ids)
+        return self.output(x) if self.output is not None else F.linear(x, self.embedding.weight)
+
+
+class RetroFamily(TrainableFamily):
     name = "retro"
+    flops_convention = (
+        "6 * parameters + 12 * layers * hidden * seq per token (PaLM), the encoder counted for the "
+        "2k neighbour tokens it encodes per decoder token, no recompute"
+    )
+    pipeline_refusal = (
+        "Megatron trains RETRO without pipeline stages (the first retrieval layer's encoder output feeds "
+        "every later one); use --tp and data parallelism"
+    )
+
+    def problems(self, config: RunConfig) -> list[str]:
+        model, found = config.model, []
+        first = 6 if model.num_layers <= 15 else 9
+        if model.num_layers < first:
+            found.append(
+                f"retro: num_layers {model.num_layers} has no chunked cross-attention layer (the first is "
+                f"layer {first}); use at least {first} layers"
+            )
+        if model.seq_length % model.retro_chunk_length:
+            found.append(
+                f"retro: seq_length {model.seq_length} is not a multiple of retro_chunk_length "
+                f"{model.retro_chunk_length}; make it one"
+            )
+        return found
+
+    def layout_problems(self, config: RunConfig) -> list[str]:
+        found = super().layout_problems(config)
+        if config.parallel.context_parallel_size > 1:
+            found.append(
+                "family 'retro': chunked cross-attention needs whole chunks of the sequence on one rank; "
+                "run it with --cp 1"
+            )
+        return found
+
+    def encoder_parameters(self, config: ModelConfig) -> int:
+        layer, cross_layer = layer_parameters(config), layer_parameters(config, cross_attention=True)
+        return (config.retro_encoder_num_layers - 1) * layer + cross_layer
 
     def num_parameters(self, config: ModelConfig, tensor_parallel: int = 1) -> int:
-        hidden, vocab = config.hidden_size, config.padded_vocab_size(tensor_parallel)
-        norm = norm_parameters(config)
         layer, cross_layer = layer_parameters(config), layer_parameters(config, cross_attention=True)
-        attention_block = cross_layer - layer - norm
-        total = embedding_parameters(config, tensor_parallel)
+        total = embedding_parameters(config, tensor_parallel) + norm_parameters(config)
         retro_layers = len(retro_layer_numbers(config))
-        total += (config.num_layers - retro_layers) * layer + retro_layers * cross_layer + norm
-        # neighbour encoder: its first layer cross-attends to the decoder chunk
-        total += config.retro_encoder_num_layers * layer + (norm + attention_block) + norm
-        return total + (vocab * hidden if config.untie_embeddings_and_output_weights else 0)
+        total += (config.num_layers - retro_layers) * layer + retro_layers * cross_layer
+        total += self.encoder_parameters(config) if retro_layers else 0
+        return total + (
+            config.padded_vocab_size(tensor_parallel) * config.hidden_size
+            if config.untie_embeddings_and_output_weights
+            else 0
+        )
+
+    def flops_per_token(self, config: ModelConfig) -> float:
+        encoder = 6.0 * self.encoder_parameters(config) * (2 * config.retro_num_neighbors - 1)
+        attention = 12.0 * config.num_layers * config.hidden_size * config.seq_length
+        return 6.0 * self.num_parameters(config) + encoder + attention
+
+    def build(self, config: ModelConfig) -> RetroModel:
+        return RetroModel(config)
+
+    def blocks(self, model: RetroModel) -> list[nn.ModuleDict]:
+        return [model.decoder.layers]
+
+    def tp_plan(self, model: RetroModel) -> dict[str, str]:
+        plan = {"embedding": "vocab_embedding"}
+        if model.position_embedding is not None:
+            plan["position_embedding"] = "vocab_embedding"
+        plan.update(model.decoder.tp_plan("decoder"))
+        plan["decoder"] = "gather_output"
+        if model.output is not None:
+            plan["output"] = "vocab_output"
+        return plan
+
+    def model_batch(self, batch: dict[str, torch.Tensor]) -> ModelBatch:
+        return ModelBatch(
+            batch["tokens"],
+            {"position_ids": batch["position_ids"], "neighbours": batch["neighbours"]},
+            loss_targets(batch["labels"], batch["loss_mask"]),
+        )
+
+    def datasets(self, config: RunConfig, num_samples: tuple[int, int, int], facts) -> tuple:
+        model = config.model
+        if config.data.mock_data:
+            from mtk.data.mock import MockRetroDataset
+
+            return tuple(
+                MockRetroDataset(count, model, config.train.seed + i) if count else None
+                for i, count in enumerate(num_samples)
+            )
+        from mtk.data.retro import retro_datasets
+
+        return retro_datasets(config, num_samples, facts)
 
 
 SPEC = RetroFamily()

@@ -23,6 +23,10 @@ STYLES = {
     "gather_output": "the module's output (sequence slices) is gathered whole, kept a DTensor",
     "vocab_output": "logits split over the vocabulary, kept a DTensor for loss_parallel",
     "gather_sequence_and_context": "gather_sequence for the input and the `context` (cross-attention)",
+    "chunked_cross_attention": "RETRO's CCA: the input (sequence slices) gathered whole as a plain "
+    "tensor, the neighbour context passed as is, the update cut back to this rank's slice",
+    "rowwise_whole": "input features split; the output all-reduced whole (inside RETRO's CCA)",
+    "gather_output_local": "the module's output (sequence slices) gathered whole as a plain tensor",
     "replicate": "parameters whole on every rank (small heads), output kept a DTensor",
     "replicate_local_output": "parameters whole on every rank, output a plain tensor (a head the loss "
     "reads whole)",
@@ -68,6 +72,7 @@ def _style(name: str):
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
         PrepareModuleInput,
+        PrepareModuleInputOutput,
         PrepareModuleOutput,
         RowwiseParallel,
         SequenceParallel,
@@ -94,6 +99,18 @@ def _style(name: str):
             desired_input_layouts=(Replicate(),),
             input_kwarg_layouts={"context": Shard(1)},
             desired_input_kwarg_layouts={"context": Replicate()},
+        ),
+        "chunked_cross_attention": lambda: PrepareModuleInputOutput(
+            input_layouts=(Shard(1), None),
+            desired_input_layouts=(Replicate(), None),
+            use_local_input=True,
+            output_layouts=(Replicate(), None),
+            desired_output_layouts=(Shard(1), None),
+            use_local_output=True,
+        ),
+        "rowwise_whole": lambda: RowwiseParallel(output_layouts=Replicate()),
+        "gather_output_local": lambda: PrepareModuleOutput(
+            output_layouts=Shard(1), desired_output_layouts=Replicate(), use_local_output=True
         ),
         "replicate": lambda: _parameters_style(),
         "replicate_local_output": lambda: _parameters_style(local_output=True),

@@ -34,7 +34,10 @@ def losses(run: Path) -> list[float]:
     return [r["loss"] for r in records if "split" not in r]
 
 
-PRESET_ARGS = {"t5-tiny": ["--set", "decoder_seq_length=16"]}  # holds the spans of 32-token samples
+PRESET_ARGS = {
+    "t5-tiny": ["--set", "decoder_seq_length=16"],  # holds the spans of 32-token samples
+    "retro-tiny": ["--set", "num_layers=6", "--set", "retro_chunk_length=8"],  # one CCA layer, 4 chunks
+}
 
 
 def train(preset: str, save: Path, *args: str, ranks: int = 1) -> None:
@@ -56,9 +59,10 @@ def train(preset: str, save: Path, *args: str, ranks: int = 1) -> None:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> dict[str, list[float]]:
     """Single-process losses of gpt-tiny (tied, biases, learned positions), llama-tiny (untied, RoPE,
-    GQA), bert-tiny (padding mask, token types, MLM + SOP heads) and t5-tiny (cross-attention)."""
+    GQA), bert-tiny (padding mask, token types, MLM + SOP heads), t5-tiny (cross-attention) and retro-tiny
+    (chunked cross-attention, the retrieval encoder)."""
     runs = {}
-    for preset in ("gpt-tiny", "llama-tiny", "bert-tiny", "t5-tiny"):
+    for preset in ("gpt-tiny", "llama-tiny", "bert-tiny", "t5-tiny", "retro-tiny"):
         run = tmp_path_factory.mktemp(preset)
         train(preset, run)
         runs[preset] = losses(run)
@@ -86,6 +90,7 @@ CASES = [(layout, "gpt-tiny") for layout in LAYOUTS] + [
 # the encoder families: every layout they run (no CP; T5 has no pipeline)
 CASES += [(layout, "bert-tiny") for layout in ("TP2", "PP2 1F1B", "DP2 FSDP")]
 CASES += [(layout, "t5-tiny") for layout in ("TP2", "DP2 distributed optimizer")]
+CASES += [(layout, "retro-tiny") for layout in ("TP2", "DP2 FSDP")]
 
 
 @pytest.mark.parametrize(("layout", "preset"), CASES)
