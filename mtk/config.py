@@ -181,6 +181,12 @@ class DataConfig:
         "Where sample indices are cached (default: .mtk-cache beside the data).",
         flag="--data-cache-path",
     )
+    retro_project: str | None = setting(
+        None,
+        "RETRO project folder (mtk retro build-db / index / query-neighbours): the data, split, seed, "
+        "sequence length, batch size, sample counts and chunk length come from it.",
+        flag="--retro-project",
+    )
     mask_prob: float = setting(
         0.15,
         "BERT/T5: share of tokens masked (Megatron's --mask-prob).",

@@ -16,6 +16,7 @@ from . import (
     prepare_data,
     presets,
     quickstart,
+    retro,
     tokenizer,
     train,
 )
@@ -45,6 +46,12 @@ app.add_typer(launch.app, name="launch", help=launch.SUMMARY)
 app.add_typer(checkpoint.app, name="checkpoint", help=checkpoint.SUMMARY)
 app.add_typer(presets.app, name="presets", help=presets.SUMMARY)
 app.add_typer(tokenizer.app, name="tokenizer", help=tokenizer.SUMMARY)
+app.add_typer(retro.app, name="retro", help=retro.SUMMARY)
+# the design card's stage names, as top-level commands
+app.command("build-retro-db", help="Same as `mtk retro build-db`.")(reports_file_errors(retro.build_db))
+app.command("query-neighbours", help="Same as `mtk retro query-neighbours`.")(
+    reports_file_errors(retro.query_neighbours)
+)
 
 
 def main() -> None:

@@ -112,6 +112,26 @@ def with_config_options(*keys: str) -> Callable[[Callable], Callable]:
     return decorate
 
 
+def _inherit_retro_project(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with what the RETRO project fixes; a value given with another one is an error."""
+    from mtk.retro.project import RetroProject, RetroProjectError
+    from mtk.retro.query import training_values
+
+    project = values["retro_project"]
+    try:
+        inherited = training_values(RetroProject(project).stage("build-db"))
+    except RetroProjectError as err:
+        fail(str(err))
+    for key, value in inherited.items():
+        given = values.get(key.rpartition(".")[2])
+        if given is not None and given != value:
+            what = "the run length is its train_samples" if key == "train_iters" else f"it holds {value!r}"
+            fail(
+                f"{key}: {given!r} given, but the RETRO project {project} fixes it ({what}); drop the option"
+            )
+    return values | inherited
+
+
 def build_config(
     preset: str, overrides: list[str], config_values: dict[str, Any], bf16: bool = False, fp16: bool = False
 ) -> cfg.RunConfig:
@@ -126,6 +146,8 @@ def build_config(
         values.update(config_values)
         if bf16 or fp16:
             values["precision"] = "bf16" if bf16 else "fp16"
+        if values.get("retro_project"):
+            values = _inherit_retro_project(values)
         return cfg.apply_overrides(load_preset(preset).sections, values)
     except cfg.ConfigError as err:
         fail(str(err))

@@ -148,5 +148,11 @@ class GPTDataset:
             parts.append(self.indexed.get(int(self.document_index[position]), offset, length))
         return np.concatenate(parts, dtype=np.int64)
 
+    def sample_documents(self, index: int) -> np.ndarray:
+        """Ids of the documents that sample ``index`` takes tokens from (its extra last token included)."""
+        row = int(self.shuffle_index[index])
+        first, last = int(self.sample_index[row][0]), int(self.sample_index[row + 1][0])
+        return np.asarray(self.document_index[first : last + 1], dtype=np.int64)
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return gpt_sample(self.sample_tokens(index), self.mask_token)

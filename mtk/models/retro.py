@@ -17,6 +17,7 @@ one. Missing neighbours (fewer than k survived filtering) are end-of-document to
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -305,9 +306,50 @@ class RetroFamily(TrainableFamily):
                 MockRetroDataset(count, model, config.train.seed + i) if count else None
                 for i, count in enumerate(num_samples)
             )
-        from mtk.data.retro import retro_datasets
+        from mtk.data.blended import parse_blend
+        from mtk.data.indexed import IndexedDataset
+        from mtk.data.retro import RetroDataset
+        from mtk.models.gpt import SPEC as GPT
+        from mtk.retro.project import RetroProject, RetroProjectError
 
-        return retro_datasets(config, num_samples, facts)
+        if config.data.retro_project is None:
+            raise RetroProjectError("retro: give --retro-project DIR (built by `mtk retro`) or --mock-data")
+        project = RetroProject(config.data.retro_project)
+        query = project.stage("query-neighbours")
+        if not query.get("complete"):
+            raise RetroProjectError(f"{project.root}: query-neighbours did not finish; run it again")
+        if query["num_neighbours"] < model.retro_num_neighbors:
+            raise RetroProjectError(
+                f"retro_num_neighbors {model.retro_num_neighbors} exceeds the {query['num_neighbours']} "
+                f"neighbours saved in {project.root}; lower it or re-run query-neighbours"
+            )
+        chunks = np.asarray(project.chunks())
+        indexed = [IndexedDataset(prefix) for _, prefix in parse_blend(config.data.data_path)]
+        wrapped = []
+        for split, samples in zip(
+            ("train", "valid", "test"), GPT.datasets(config, num_samples, facts), strict=True
+        ):
+            if samples is None:
+                wrapped.append(None)
+                continue
+            neighbours = np.load(project.neighbours_path(split), mmap_mode="r")
+            if len(neighbours) != len(samples):
+                raise RetroProjectError(
+                    f"{project.neighbours_path(split)} holds neighbours of {len(neighbours)} {split} samples, "
+                    f"training builds {len(samples)}: re-run `mtk retro query-neighbours`"
+                )
+            wrapped.append(
+                RetroDataset(
+                    samples,
+                    neighbours,
+                    chunks,
+                    indexed,
+                    model.retro_num_neighbors,
+                    model.retro_chunk_length,
+                    facts.eod,
+                )  # fmt: skip
+            )
+        return tuple(wrapped)
 
 
 SPEC = RetroFamily()

@@ -1,0 +1,75 @@
+"""Chunk embeddings with a BERT (mtk's BERT family holding Hugging Face weights).
+
+A chunk's text is encoded as [CLS] wordpieces [SEP] (at most 256 tokens, as Megatron); its embedding is
+the mean of the final hidden states over the wordpieces (not [CLS], [SEP] or padding), L2-normalised,
+float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mtk.data.tokenizer import Tokenizer
+from mtk.manifest import sha256_file
+
+MAX_LENGTH = 256  # Megatron's retro_bert_max_chunk_length
+BATCH = 64
+
+
+class BertEmbedder:
+    def __init__(self, folder: str | Path, tokenizer: Tokenizer, device: str = "cpu") -> None:
+        from mtk.hf import architecture, hf_run_config, load_into, read_hf_config, read_hf_weights
+        from mtk.models.bert import BertModel
+
+        self.folder = Path(folder)
+        hf = read_hf_config(self.folder)
+        arch = architecture(hf.get("model_type"))
+        config = hf_run_config(hf, {"model": {"seq_length": MAX_LENGTH}})
+        self.model = BertModel(config.model)
+        load_into(self.model, arch, read_hf_weights(self.folder, arch.base_prefix))
+        self.model.eval().to(device)
+        self.device = device
+        self.tokenizer = tokenizer
+        self.cls, self.sep = tokenizer.special_ids["cls"], tokenizer.special_ids["sep"]
+        self.pad = tokenizer.special_ids["pad"]
+        self.dim = config.model.hidden_size
+
+    def describe(self) -> dict[str, Any]:
+        files = sorted(p for p in self.folder.iterdir() if p.suffix in (".safetensors", ".bin", ".json"))
+        return {"folder": str(self.folder.resolve()), "dim": self.dim,
+                "files": {p.name: sha256_file(p) for p in files}}  # fmt: skip
+
+    @torch.no_grad()
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        """(len(texts), dim) float32, L2-normalised."""
+        ids = [row[: MAX_LENGTH - 2] for row in self.tokenizer.encode_batch(list(texts))]
+        out = np.zeros((len(ids), self.dim), dtype=np.float32)
+        order = np.argsort([len(row) for row in ids], kind="stable")  # similar lengths pad less
+        for first in range(0, len(order), BATCH):
+            rows = order[first : first + BATCH]
+            longest = max(len(ids[i]) for i in rows) + 2
+            tokens = torch.full((len(rows), longest), self.pad, dtype=torch.long)
+            present = torch.zeros((len(rows), longest), dtype=torch.long)
+            words = torch.zeros((len(rows), longest), dtype=torch.bool)
+            for j, i in enumerate(rows):
+                piece = ids[i] or [self.pad]
+                tokens[j, : len(piece) + 2] = torch.tensor([self.cls, *piece, self.sep])
+                present[j, : len(piece) + 2] = 1
+                words[j, 1 : len(piece) + 1] = True
+            device = self.device
+            states = (
+                self.model.hidden_states(
+                    tokens.to(device), torch.zeros_like(tokens).to(device), present.to(device)
+                )
+                .float()
+                .cpu()
+            )
+            mask = words[..., None].float()
+            mean = (states * mask).sum(1) / mask.sum(1).clamp(min=1)
+            out[rows] = torch.nn.functional.normalize(mean, dim=-1).numpy()
+        return out

@@ -1,0 +1,156 @@
+"""``index``: embed every database chunk (in blocks on disk, so a killed run resumes), train a faiss
+index on the first chunks of the seeded sample, and add all chunks.
+
+The default index is Megatron's reference ``OPQ32_64,IVF65536_HNSW8,PQ32`` scaled to the database:
+about 4 sqrt(n) lists (at least 39 training chunks each, as faiss's k-means asks), product
+quantisation once there are enough chunks to train it, an exact ``Flat`` index below 4,096 chunks.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from mtk.data.blended import parse_blend
+from mtk.data.indexed import IndexedDataset
+from mtk.retro.db import check_inputs, gpt_tokenizer
+from mtk.retro.project import Blocks, RetroProject, RetroProjectError
+
+PQ_MIN_CHUNKS = 256 * 39 * 4  # enough to train OPQ and 256 PQ centroids per sub-quantiser
+
+
+def default_index(chunks: int) -> str:
+    if chunks < 4096:
+        return "Flat"
+    lists = min(65536, 2 ** round(math.log2(4 * math.sqrt(chunks))), 2 ** int(math.log2(chunks // 39)))
+    if chunks >= PQ_MIN_CHUNKS:
+        return f"OPQ32_64,IVF{lists}_HNSW8,PQ32"
+    return f"IVF{lists},Flat"
+
+
+def default_nprobe(index_type: str) -> int:
+    lists = _lists(index_type)
+    return max(1, lists // 16) if lists else 1
+
+
+def _lists(index_type: str) -> int:
+    for part in index_type.split(","):
+        if part.startswith("IVF"):
+            return int(part[3:].split("_")[0])
+    return 0
+
+
+def chunk_texts(project: RetroProject, rows: np.ndarray) -> list[str]:
+    """The text of database chunks ``rows`` (GPT tokens decoded)."""
+    record = project.stage("build-db")
+    gpt = gpt_tokenizer(record["data"])
+    datasets = [IndexedDataset(prefix) for _, prefix in parse_blend(record["data"])]
+    table = project.chunks()
+    texts = []
+    for row in rows:
+        dataset, doc, start, end, _ = (int(v) for v in table[row])
+        texts.append(gpt.decode(datasets[dataset].get(doc, start, end - start).tolist()))
+    return texts
+
+
+def embedding_blocks(project: RetroProject, block_size: int) -> Blocks:
+    return Blocks(project.root / "embeddings", len(project.chunks()), block_size)
+
+
+def embed_database(
+    project: RetroProject, embedder, block_size: int, progress: Callable[[int, int], None] | None = None
+) -> Blocks:
+    """Embeddings of every chunk, computing only the blocks not yet on disk."""
+    blocks = embedding_blocks(project, block_size)
+    done = blocks.total - sum(end - start for start, end in blocks.missing())
+    for start, end in blocks.missing():
+        blocks.save(start, end, embedder(chunk_texts(project, np.arange(start, end))))
+        done += end - start
+        if progress is not None:
+            progress(done, blocks.total)
+    return blocks
+
+
+def build_index(
+    project: RetroProject,
+    embedder,
+    index_type: str | None = None,
+    train_chunks: int | None = None,
+    nprobe: int | None = None,
+    ef_search: int = 32,
+    block_size: int = 100_000,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict[str, Any]:
+    import faiss
+
+    db = check_inputs(project)
+    total = len(project.chunks())
+    index_type = index_type or default_index(total)
+    described = embedder.describe()
+    previous = project.config().get("index", {})
+    if previous.get("embedder") != described or previous.get("block_size", block_size) != block_size:
+        for stale in embedding_blocks(project, block_size).folder.glob("*.npy"):
+            stale.unlink()  # embeddings of another model or blocking
+    project.record("index", {"embedder": described, "block_size": block_size, "complete": False,
+                             "db_sha256": db["db_sha256"]})  # fmt: skip
+    blocks = embed_database(project, embedder, block_size, lambda d, t: progress and progress("embed", d, t))
+    embeddings = blocks.concatenated().astype(np.float32)
+    faiss.omp_set_num_threads(os.cpu_count() or 1)
+    try:
+        index = faiss.index_factory(embeddings.shape[1], index_type)
+    except RuntimeError as err:
+        raise RetroProjectError(f"--index-type {index_type!r}: faiss cannot build it ({err})") from None
+    train_chunks = min(train_chunks or total, total)
+    sample = np.sort(np.load(project.sampled_path)[:train_chunks])
+    try:
+        index.train(embeddings[sample])
+        if progress:
+            progress("train", 1, 1)
+    except RuntimeError as err:
+        raise RetroProjectError(
+            f"faiss could not train {index_type!r} on {train_chunks} chunks ({err}); give more --train-chunks "
+            "or a smaller index"
+        ) from None
+    add = 100_000
+    for start in range(0, total, add):
+        index.add(embeddings[start : start + add])
+        if progress:
+            progress("add", min(start + add, total), total)
+    project.index_path.parent.mkdir(parents=True, exist_ok=True)
+    from mtk.manifest import atomic_output
+
+    with atomic_output(project.index_path) as tmp:
+        faiss.write_index(index, str(tmp))
+    record = {
+        "embedder": described,
+        "block_size": block_size,
+        "complete": True,
+        "index_type": index_type,
+        "index_type_default": index_type == default_index(total),
+        "train_chunks": int(train_chunks),
+        "nprobe": nprobe or default_nprobe(index_type),
+        "ef_search": ef_search,
+        "chunks": total,
+        "faiss": faiss.__version__,
+        "db_sha256": db["db_sha256"],
+        "index_sha256": project.index_hash(),
+    }
+    project.record("index", record)
+    return record
+
+
+def load_index(project: RetroProject, record: dict[str, Any]):
+    """The project's index with its search settings (nprobe, efSearch) applied."""
+    import faiss
+
+    index = faiss.read_index(str(project.index_path))
+    space = faiss.ParameterSpace()
+    if _lists(record["index_type"]):
+        space.set_index_parameter(index, "nprobe", record["nprobe"])
+        if "HNSW" in record["index_type"]:
+            space.set_index_parameter(index, "quantizer_efSearch", record["ef_search"])
+    return index

@@ -1,0 +1,123 @@
+"""``query-neighbours``: for every chunk of every GPT sample that training will see, the nearest
+database chunks that do not come from any document of the sample itself.
+
+The samples are built exactly as ``mtk train --retro-project`` builds them (same data, split, seed,
+sequence length and sample counts, hence the same cached indices). Each chunk's text is embedded
+like the database's, the index returns ``query_k`` candidates, those from the sample's own
+documents are dropped, and the first ``num_neighbours`` are kept (-1 where fewer survive). Samples
+are done in blocks saved as they finish, so a killed run resumes; then each split is one file.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from mtk.config import RunConfig, apply_overrides
+from mtk.data.retro import sample_documents
+from mtk.retro.db import check_inputs, gpt_tokenizer
+from mtk.retro.index import embedding_blocks, load_index
+from mtk.retro.project import INHERITED, Blocks, RetroProject, RetroProjectError, save_array
+
+SPLITS = ("train", "valid", "test")
+RECALL_QUERIES = 1000
+
+
+def training_values(db: dict[str, Any]) -> dict[str, Any]:
+    """The config values ``mtk train --retro-project`` inherits from the build-db record."""
+    return {key: db[setting] for key, setting in INHERITED.items()} | {"train_iters": None}
+
+
+def gpt_samples(db: dict[str, Any]) -> tuple:
+    """Train, valid and test GPT datasets exactly as training builds them for this project."""
+    from mtk.data.prepared import data_facts
+    from mtk.models.gpt import SPEC as GPT
+    from mtk.train.schedule import split_sample_counts
+
+    config: RunConfig = apply_overrides({}, training_values(db) | {"family": "gpt"})
+    return GPT.datasets(config, split_sample_counts(config), data_facts(db["data"]))
+
+
+def _key(dataset: np.ndarray | int, doc: np.ndarray | int):
+    return np.asarray(dataset, dtype=np.int64) * (1 << 32) + np.asarray(doc, dtype=np.int64)
+
+
+def query_neighbours(
+    project: RetroProject,
+    embedder,
+    num_neighbours: int = 20,
+    query_k: int = 200,
+    block_samples: int = 1000,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict[str, Any]:
+    if query_k < num_neighbours:
+        raise RetroProjectError(f"--query-k {query_k} is below --num-neighbours {num_neighbours}; raise it")
+    db = check_inputs(project)
+    record = project.require("index", "db_sha256", db["db_sha256"])
+    if not record.get("complete") or record.get("index_sha256") != project.index_hash():
+        raise RetroProjectError(
+            f"{project.root}: the index is missing or unfinished; run `mtk retro index` first"
+        )
+    if record["embedder"] != embedder.describe():
+        raise RetroProjectError(
+            f"the embedder {embedder.folder} is not the one that built the index ({record['embedder']['folder']}); "
+            "query with the same --embedder"
+        )
+    settings = {"num_neighbours": num_neighbours, "query_k": query_k, "index_sha256": record["index_sha256"]}
+    previous = project.config().get("query-neighbours", {})
+    folder = project.root / "query"
+    if {k: previous.get(k) for k in settings} != settings:
+        shutil.rmtree(folder, ignore_errors=True)  # blocks of other settings or another index
+    project.record("query-neighbours", settings | {"complete": False, "db_sha256": db["db_sha256"]})
+    index = load_index(project, record)
+    gpt = gpt_tokenizer(db["data"])
+    keys = _key(project.chunks()[:, 0], project.chunks()[:, 1])
+    m = db["chunk_length"]
+    per_sample = db["seq_length"] // m
+    counts = {}
+    for split, samples in zip(SPLITS, gpt_samples(db), strict=True):
+        if samples is None:
+            continue
+        blocks = Blocks(folder / split, len(samples), block_samples)
+        for start, end in blocks.missing():
+            texts, own = [], []
+            for i in range(start, end):
+                tokens = samples[i]["tokens"].numpy()
+                texts += [gpt.decode(tokens[j * m : (j + 1) * m].tolist()) for j in range(per_sample)]
+                own.append(_key(*np.asarray(sample_documents(samples, i)).T))
+            _, found = index.search(embedder(texts), query_k)
+            kept = np.full((len(texts), num_neighbours), -1, dtype=np.int64)
+            for row, candidates in enumerate(found):
+                candidates = candidates[candidates >= 0]
+                candidates = candidates[~np.isin(keys[candidates], own[row // per_sample])]
+                kept[row, : min(num_neighbours, len(candidates))] = candidates[:num_neighbours]
+            blocks.save(start, end, kept.reshape(end - start, per_sample, num_neighbours))
+            if progress is not None:
+                progress(split, end, len(samples))
+        save_array(project.neighbours_path(split), blocks.concatenated())
+        shutil.rmtree(blocks.folder)
+        counts[split] = len(samples)
+    recall = measure_recall(project, index, record, num_neighbours)
+    result = settings | {"complete": True, "db_sha256": db["db_sha256"], "samples": counts, "chunks_per_sample": per_sample,
+                         f"recall_at_{num_neighbours}": recall}  # fmt: skip
+    project.record("query-neighbours", result)
+    return result
+
+
+def measure_recall(project: RetroProject, index, record: dict[str, Any], k: int) -> float:
+    """Recall@k of the index against exact search over the same embeddings, for up to 1,000 database
+    chunks as queries (the seeded sample's first ones)."""
+    import faiss
+
+    embeddings = embedding_blocks(project, record["block_size"]).concatenated().astype(np.float32)
+    k = min(k, len(embeddings))
+    queries = embeddings[np.sort(np.load(project.sampled_path)[:RECALL_QUERIES])]
+    exact = faiss.IndexFlatL2(embeddings.shape[1])
+    exact.add(embeddings)
+    _, truth = exact.search(queries, k)
+    _, found = index.search(queries, k)
+    hits = sum(len(np.intersect1d(a, b)) for a, b in zip(truth, found, strict=True))
+    return round(hits / (k * len(queries)), 4)

@@ -1,0 +1,263 @@
+"""``mtk retro``: build a RETRO retrieval project (chunk database, index, neighbours) and look into it."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .common import console, fail, reports_file_errors
+
+SUMMARY = "RETRO retrieval: chunk database, faiss index, neighbours of every training sample."
+app = typer.Typer(no_args_is_help=True, help=SUMMARY)
+
+Project = Annotated[
+    Path, typer.Option("--project", help="The project folder (one per retrieval corpus).", show_default=False)
+]
+Embedder = Annotated[
+    Path | None,
+    typer.Option(
+        "--embedder",
+        help="Hugging Face BERT folder (config.json, weights) that embeds chunks (default: the "
+        "--bert-tokenizer folder of build-db, when it holds weights).",
+    ),
+]
+BlockSize = Annotated[
+    int, typer.Option("--block-size", min=1, help="Chunks per embedding block saved on disk (resume unit).")
+]
+
+
+@contextlib.contextmanager
+def _progress() -> Iterator:
+    """A Rich progress bar per phase, with rate and ETA; yields ``update(phase, done, total)``."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+    from rich.text import Text
+
+    class Rate(ProgressColumn):
+        def render(self, task) -> Text:
+            return Text(f"{task.speed or 0:,.0f}/s")
+
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), Rate(),
+                   TimeRemainingColumn(), console=console)  # fmt: skip
+    tasks: dict[str, int] = {}
+
+    def update(phase: str, done: int, total: int) -> None:
+        if phase not in tasks:
+            tasks[phase] = bar.add_task(phase, total=total)
+        bar.update(tasks[phase], completed=done, total=total)
+
+    with bar:
+        yield update
+
+
+def _errors():
+    from mtk.config import ConfigError
+    from mtk.data.tokenizer import TokenizerError
+    from mtk.hf import HFError
+    from mtk.manifest import ManifestError
+    from mtk.retro.project import RetroProjectError
+
+    return (RetroProjectError, ManifestError, TokenizerError, HFError, ConfigError, ValueError)
+
+
+def build_db(
+    project: Project,
+    data: Annotated[
+        str, typer.Option("--data", help="Prepared GPT data: PREFIX or a blend.", show_default=False)
+    ],
+    bert_tokenizer: Annotated[
+        Path,
+        typer.Option(
+            "--bert-tokenizer", help="BERT WordPiece folder (vocab.txt) or file.", show_default=False
+        ),
+    ],
+    chunk_length: Annotated[int, typer.Option("--chunk-length", min=1, help="GPT tokens per chunk.")] = 64,
+    seq_length: Annotated[
+        int, typer.Option("--seq-length", min=1, help="GPT tokens per training sample.")
+    ] = 2048,
+    split: Annotated[
+        str, typer.Option("--split", help="Train/valid/test split; the database holds train.")
+    ] = "98,2,0",
+    seed: Annotated[
+        int, typer.Option("--seed", help="Seed of the samples and the index-training order.")
+    ] = 1234,
+    train_samples: Annotated[
+        int, typer.Option("--train-samples", min=1, help="Training samples of the run.")
+    ] = 200000,
+    global_batch_size: Annotated[
+        int, typer.Option("--global-batch-size", min=1, help="Samples per step.")
+    ] = 256,
+    eval_interval: Annotated[
+        int, typer.Option("--eval-interval", min=0, help="Steps between evaluations.")
+    ] = 2000,
+    eval_iters: Annotated[int, typer.Option("--eval-iters", min=0, help="Batches per evaluation.")] = 50,
+    data_cache_path: Annotated[
+        Path | None, typer.Option("--data-cache-path", help="Where sample indices are cached.")
+    ] = None,
+) -> None:
+    """Cut the train split into chunks that never cross documents, keep those BERT sees as text."""
+    from mtk.data.splits import parse_split
+    from mtk.retro.db import build_db as build
+    from mtk.retro.project import RetroProject
+
+    if seq_length % chunk_length:
+        fail(f"--seq-length {seq_length} is not a multiple of --chunk-length {chunk_length}")
+    settings = dict(data=data, chunk_length=chunk_length, seq_length=seq_length, split=split, seed=seed,
+                    train_samples=train_samples, global_batch_size=global_batch_size, eval_interval=eval_interval,
+                    eval_iters=eval_iters, data_cache_path=str(data_cache_path) if data_cache_path else None)  # fmt: skip
+    try:
+        parse_split(split)
+        with _progress() as update:
+            record = build(
+                RetroProject(project), settings, bert_tokenizer, lambda d, t: update("documents", d, t)
+            )
+    except _errors() as err:
+        fail(str(err))
+    counts = record["counts"]
+    console.print(f"{counts['chunks']:,} chunks from {counts['documents']:,} documents "
+                  f"({counts['chunks_empty_for_bert']:,} empty for BERT dropped) -> {project}")  # fmt: skip
+    console.print(f"Next: mtk retro index --project {project}")
+
+
+def _embedder(project: Path, embedder: Path | None):
+    from mtk.retro.db import bert_tokenizer
+    from mtk.retro.embed import BertEmbedder
+    from mtk.retro.project import RetroProject
+
+    db = RetroProject(project).stage("build-db")
+    folder = embedder or Path(db["bert"])
+    if not (folder / "config.json").is_file():
+        fail(f"{folder}: not a Hugging Face BERT folder (config.json and weights); give --embedder DIR")
+    return BertEmbedder(folder, bert_tokenizer(db["bert"]))
+
+
+def index(
+    project: Project,
+    index_type: Annotated[
+        str | None,
+        typer.Option(
+            "--index-type", help="faiss factory string (default: the reference scaled to the database)."
+        ),
+    ] = None,
+    embedder: Embedder = None,
+    train_chunks: Annotated[
+        int | None, typer.Option("--train-chunks", min=1, help="Chunks that train the index (default: all).")
+    ] = None,
+    nprobe: Annotated[
+        int | None, typer.Option("--nprobe", min=1, help="IVF lists searched per query.")
+    ] = None,
+    ef_search: Annotated[int, typer.Option("--ef-search", min=1, help="HNSW quantiser efSearch.")] = 32,
+    block_size: BlockSize = 100_000,
+) -> None:
+    """Embed every chunk (resumable blocks), train the faiss index and add all chunks."""
+    from mtk.retro.index import build_index
+    from mtk.retro.project import RetroProject
+
+    try:
+        model = _embedder(project, embedder)
+        with _progress() as update:
+            record = build_index(RetroProject(project), model, index_type, train_chunks, nprobe, ef_search,
+                                 block_size, update)  # fmt: skip
+    except _errors() as err:
+        fail(str(err))
+    console.print(
+        f"index {record['index_type']} (nprobe {record['nprobe']}) over {record['chunks']:,} chunks"
+    )
+    console.print(f"Next: mtk retro query-neighbours --project {project}")
+
+
+def query_neighbours(
+    project: Project,
+    num_neighbours: Annotated[
+        int, typer.Option("--num-neighbours", min=1, help="Neighbours kept per chunk.")
+    ] = 20,
+    query_k: Annotated[int, typer.Option("--query-k", min=1, help="Candidates asked of the index.")] = 200,
+    embedder: Embedder = None,
+    block_samples: Annotated[
+        int, typer.Option("--block-samples", min=1, help="Samples per saved block.")
+    ] = 1000,
+) -> None:
+    """Neighbours of every chunk of every training sample, none from the sample's own documents."""
+    from mtk.retro.project import RetroProject
+    from mtk.retro.query import query_neighbours as query
+
+    try:
+        model = _embedder(project, embedder)
+        with _progress() as update:
+            record = query(RetroProject(project), model, num_neighbours, query_k, block_samples, update)
+    except _errors() as err:
+        fail(str(err))
+    recall = record[f"recall_at_{num_neighbours}"]
+    console.print(
+        f"neighbours of {record['samples']} samples; recall@{num_neighbours} against exact search {recall}"
+    )
+    console.print(f"Train: mtk train --preset retro-tiny --retro-project {project} --save RUN")
+
+
+def inspect(project: Annotated[Path, typer.Argument(help="The project folder.")]) -> None:
+    """What each stage did (settings, counts, recall) and which are missing."""
+    import json
+
+    from mtk.retro.project import STAGES, RetroProject
+
+    config = RetroProject(project).config()
+    if not config:
+        fail(f"{project}: not a RETRO project (no config.json); start with `mtk retro build-db`")
+    for stage in STAGES:
+        record = config.get(stage)
+        if record is None:
+            console.print(
+                f"[bold]{stage}[/]: [yellow]missing[/] (run `mtk retro {stage} --project {project}`)"
+            )
+            continue
+        shown = {k: v for k, v in record.items() if k not in ("gpt_tokenizer", "bert_tokenizer", "embedder")}
+        state = "" if record.get("complete", True) else " [yellow](unfinished: run it again)[/]"
+        console.print(f"[bold]{stage}[/]{state}: {json.dumps(shown)}", soft_wrap=True)
+
+
+def neighbours(
+    project: Annotated[Path, typer.Argument(help="The project folder.")],
+    sample: Annotated[int, typer.Option("--sample", min=0, help="Training sample to show.")] = 0,
+    split: Annotated[str, typer.Option("--split", help="train, valid or test.")] = "train",
+    count: Annotated[int, typer.Option("--count", min=1, help="Neighbours shown per chunk.")] = 2,
+) -> None:
+    """A sample's chunks as text next to the text of their retrieved neighbours."""
+    import numpy as np
+
+    from mtk.retro.db import gpt_tokenizer
+    from mtk.retro.index import chunk_texts
+    from mtk.retro.project import RetroProject
+    from mtk.retro.query import gpt_samples
+
+    retro = RetroProject(project)
+    try:
+        db = retro.stage("build-db")
+        retro.stage("query-neighbours")
+        found = np.load(retro.neighbours_path(split), mmap_mode="r")
+        samples = gpt_samples(db)[("train", "valid", "test").index(split)]
+    except (*_errors(), FileNotFoundError) as err:
+        fail(str(err))
+    if sample >= len(found):
+        fail(f"--sample {sample}: the {split} split has {len(found)} samples")
+    gpt, m = gpt_tokenizer(db["data"]), db["chunk_length"]
+    tokens = samples[sample]["tokens"].numpy()
+    for j, rows in enumerate(found[sample]):
+        console.rule(f"chunk {j}")
+        console.print(repr(gpt.decode(tokens[j * m : (j + 1) * m].tolist())), soft_wrap=True)
+        for rank, text in enumerate(chunk_texts(retro, [r for r in rows[:count] if r >= 0])):
+            console.print(f"  [green]neighbour {rank}[/]: {text!r}", soft_wrap=True)
+
+
+for _name, _command in [("build-db", build_db), ("index", index), ("query-neighbours", query_neighbours),
+                        ("inspect", inspect), ("neighbours", neighbours)]:  # fmt: skip
+    app.command(_name)(reports_file_errors(_command))
