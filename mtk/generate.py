@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[nn.Module, Any]:
     config = RunConfig.from_dict(description["config"], where=f"{run_dir} (checkpoint config)")
     family = family_spec(config.model.family)
     model = family.build(config.model) if family.trainable else None
-    if not hasattr(model, "new_kv_caches"):
+    if not hasattr(model, "new_kv_caches") and config.model.family != "retro":
         raise ConfigError(f"{run_dir}: a {config.model.family} model does not generate text token by token")
     model.load_state_dict(load_checkpoint(run_dir)["model"])
     entry = description.get("tokenizer")
@@ -54,8 +55,12 @@ def generate(
     top_p: float = 1.0,
     eod: int | None = None,
     seed: int | None = None,
+    retrieve: Callable[[list[int]], torch.Tensor] | None = None,
 ) -> list[int]:
-    """Continue ``prompt``; ``temperature=0`` is greedy. Stops at ``eod`` or the model's context length."""
+    """Continue ``prompt``; ``temperature=0`` is greedy. Stops at ``eod`` or the model's context length.
+
+    ``retrieve`` (RETRO): the neighbour tokens of a sequence; the model then runs on the whole
+    sequence at each step (no KV cache), with the neighbours of its complete chunks."""
     if not prompt:
         raise ValueError("the prompt is empty")
     vocab = model.config.vocab_size
@@ -71,9 +76,20 @@ def generate(
     if seed is not None:
         generator.manual_seed(seed)
     total = min(len(prompt) + max_new_tokens, limit)
-    caches = model.new_kv_caches(1, total)
-    tokens = torch.tensor([prompt], device=model.embedding.weight.device)
-    logits = model(tokens, kv_caches=caches)[0, -1]
+    device = model.embedding.weight.device
+    sequence = list(prompt)
+    if retrieve is None:
+        caches = model.new_kv_caches(1, total)
+
+        def step(new: list[int]) -> torch.Tensor:
+            return model(torch.tensor([new], device=device), kv_caches=caches)[0, -1]
+    else:
+
+        def step(new: list[int]) -> torch.Tensor:
+            neighbours = retrieve(sequence).to(device)
+            return model(torch.tensor([sequence], device=device), neighbours=neighbours)[0, -1]
+
+    logits = step(prompt)
     produced: list[int] = []
     for _ in range(total - len(prompt)):
         logits = logits[: model.config.vocab_size].float()  # never sample vocabulary padding
@@ -83,9 +99,10 @@ def generate(
             probabilities = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
             token = int(torch.multinomial(probabilities, 1, generator=generator))
         produced.append(token)
+        sequence.append(token)
         if token == eod or len(prompt) + len(produced) == total:
             break
-        logits = model(torch.tensor([[token]], device=tokens.device), kv_caches=caches)[0, -1]
+        logits = step([token])
     return produced
 
 

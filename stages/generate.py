@@ -34,6 +34,12 @@ def generate(
     ),
     seed: int | None = typer.Option(None, "--seed", help="Seed for reproducible samples."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    retro_project: Path | None = typer.Option(
+        None,
+        "--retro-project",
+        help="RETRO runs: the retrieval project whose index finds the neighbours of the text's chunks "
+        "(embedded by the project's BERT).",
+    ),
 ) -> None:
     """Print the prompt's continuation; generation stops at the end-of-document token."""
     from mtk.checkpoint import CheckpointError
@@ -44,11 +50,13 @@ def generate(
         model, tokenizer = load_run(load, device)
     except (CheckpointError, FileNotFoundError, ValueError) as err:
         fail(str(err))
+    retrieve = _retriever(model, retro_project)
     try:
         ids = tokenizer.encode(prompt) if tokenizer else [int(t) for t in prompt.split()]
         produced = run(
-            model, ids, max_new_tokens, temperature, top_k, top_p, tokenizer.eod if tokenizer else None, seed
-        )
+            model, ids, max_new_tokens, temperature, top_k, top_p, tokenizer.eod if tokenizer else None, seed,
+            retrieve,
+        )  # fmt: skip
     except ValueError as err:
         fail(f"--prompt: {err}")
     eod = tokenizer.eod if tokenizer else None
@@ -60,3 +68,25 @@ def generate(
         highlight=False,
         markup=False,
     )
+
+
+def _retriever(model, retro_project: Path | None):
+    """The neighbour lookup a RETRO model needs (None for other families)."""
+    if model.config.family != "retro":
+        if retro_project is not None:
+            fail(f"--retro-project is for RETRO runs; this run is a {model.config.family} model")
+        return None
+    if retro_project is None:
+        fail("a RETRO model retrieves neighbours while it generates: give --retro-project DIR")
+    from mtk.retro.db import bert_tokenizer
+    from mtk.retro.embed import BertEmbedder
+    from mtk.retro.project import RetroProject, RetroProjectError
+    from mtk.retro.query import Retriever
+
+    project = RetroProject(retro_project)
+    try:
+        db, record = project.stage("build-db"), project.stage("index")
+        embedder = BertEmbedder(record["embedder"]["folder"], bert_tokenizer(db["bert"]))
+        return Retriever(project, embedder, model.config.retro_num_neighbors)
+    except (RetroProjectError, ValueError, FileNotFoundError) as err:
+        fail(str(err))

@@ -45,29 +45,30 @@ class RetroDataset:
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _chunk(self, row: int) -> np.ndarray:
-        out = np.full(self.m, self.eod, dtype=np.int64)
-        if 0 <= row < len(self.chunks):
-            dataset, doc, start, end, _ = (int(v) for v in self.chunks[row])
-            out[: end - start] = self.datasets[dataset].get(doc, start, end - start)
-        return out
-
-    def _continuation(self, row: int) -> int:
-        following = row + 1
-        if row < 0 or following >= len(self.chunks):
-            return -1
-        same = (self.chunks[following, :2] == self.chunks[row, :2]).all()
-        return following if same else -1
-
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         sample = self.samples[index]
-        rows = self.neighbours[index, :, : self.k]
-        tokens = np.stack(
-            [
-                np.stack(
-                    [np.concatenate([self._chunk(r), self._chunk(self._continuation(r))]) for r in chunk]
-                )
-                for chunk in rows.tolist()
-            ]
-        )
+        rows = np.asarray(self.neighbours[index, :, : self.k])
+        tokens = neighbour_tokens(rows, self.chunks, self.datasets, self.m, self.eod)
         return sample | {"neighbours": torch.from_numpy(tokens)}
+
+
+def neighbour_tokens(
+    rows: np.ndarray, chunks: np.ndarray, datasets: list, chunk_length: int, eod: int
+) -> np.ndarray:
+    """Tokens (..., 2 x chunk length) of database chunks ``rows`` (-1: none), each followed by the next
+    chunk of its document; end-of-document tokens fill what a short chunk, a document's end or a
+    missing neighbour leave."""
+
+    def chunk(row: int) -> np.ndarray:
+        out = np.full(chunk_length, eod, dtype=np.int64)
+        if 0 <= row < len(chunks):
+            dataset, doc, start, end, _ = (int(v) for v in chunks[row])
+            out[: end - start] = datasets[dataset].get(doc, start, end - start)
+        return out
+
+    def following(row: int) -> int:
+        same = 0 <= row < len(chunks) - 1 and (chunks[row + 1, :2] == chunks[row, :2]).all()
+        return row + 1 if same else -1
+
+    flat = [np.concatenate([chunk(r), chunk(following(r))]) for r in rows.reshape(-1).tolist()]
+    return np.stack(flat).reshape(*rows.shape, 2 * chunk_length)

@@ -125,4 +125,3 @@ def check_inputs(project: RetroProject) -> dict[str, Any]:
             f"{project.root}: the data {record['data']} changed since build-db; re-run `mtk retro build-db`"
         )
     return project.require("build-db", "db_sha256", project.db_hash())
-

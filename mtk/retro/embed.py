@@ -47,7 +47,8 @@ class BertEmbedder:
     @torch.no_grad()
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
         """(len(texts), dim) float32, L2-normalised."""
-        ids = [row[: MAX_LENGTH - 2] for row in self.tokenizer.encode_batch(list(texts))]
+        # an empty chunk (whitespace only) still gets a vector: [CLS] [PAD] [SEP], as Megatron
+        ids = [row[: MAX_LENGTH - 2] or [self.pad] for row in self.tokenizer.encode_batch(list(texts))]
         out = np.zeros((len(ids), self.dim), dtype=np.float32)
         order = np.argsort([len(row) for row in ids], kind="stable")  # similar lengths pad less
         for first in range(0, len(order), BATCH):
@@ -57,7 +58,7 @@ class BertEmbedder:
             present = torch.zeros((len(rows), longest), dtype=torch.long)
             words = torch.zeros((len(rows), longest), dtype=torch.bool)
             for j, i in enumerate(rows):
-                piece = ids[i] or [self.pad]
+                piece = ids[i]
                 tokens[j, : len(piece) + 2] = torch.tensor([self.cls, *piece, self.sep])
                 present[j, : len(piece) + 2] = 1
                 words[j, 1 : len(piece) + 1] = True

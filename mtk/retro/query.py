@@ -121,3 +121,40 @@ def measure_recall(project: RetroProject, index, record: dict[str, Any], k: int)
     _, found = index.search(queries, k)
     hits = sum(len(np.intersect1d(a, b)) for a, b in zip(truth, found, strict=True))
     return round(hits / (k * len(queries)), 4)
+
+
+class Retriever:
+    """Neighbour tokens (1, chunks, k, 2m) for a growing sequence of GPT tokens (generation): each
+    chunk is embedded and searched once it is complete; an incomplete last chunk has none (no token
+    attends to a chunk's neighbours before the chunk's last token)."""
+
+    def __init__(self, project: RetroProject, embedder, num_neighbors: int) -> None:
+        from mtk.data.blended import parse_blend
+        from mtk.data.indexed import IndexedDataset
+
+        db = check_inputs(project)
+        record = project.require("index", "db_sha256", db["db_sha256"])
+        if record.get("embedder") != embedder.describe():
+            raise RetroProjectError(f"the embedder {embedder.folder} is not the one that built the index")
+        self.index, self.embedder, self.k = load_index(project, record), embedder, num_neighbors
+        self.gpt, self.m = gpt_tokenizer(db["data"]), db["chunk_length"]
+        self.chunks = np.asarray(project.chunks())
+        self.datasets = [IndexedDataset(prefix) for _, prefix in parse_blend(db["data"])]
+        self.found: list[np.ndarray] = []
+
+    def __call__(self, tokens: list[int]):
+        import torch
+
+        from mtk.data.retro import neighbour_tokens
+
+        complete = len(tokens) // self.m
+        while len(self.found) < complete:
+            c = len(self.found)
+            text = self.gpt.decode(tokens[c * self.m : (c + 1) * self.m])
+            self.found.append(self.index.search(self.embedder([text]), self.k)[1][0])
+        rows = np.full((-(-len(tokens) // self.m), self.k), -1, dtype=np.int64)
+        if complete:
+            rows[:complete] = np.stack(self.found[:complete])
+        return torch.from_numpy(neighbour_tokens(rows, self.chunks, self.datasets, self.m, self.gpt.eod))[
+            None
+        ]

@@ -93,7 +93,13 @@ def test_ivf_project_trains_retro_tiny_and_the_loss_falls(ivf, tmp_path):
     assert np.mean(losses[-3:]) < losses[0] - 0.5
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["model"]["seq_length"] == 64 and config["model"]["retro_chunk_length"] == 32
-    assert any("ppl" in r or r.get("split") == "valid" for r in records)
+    assert any(r.get("split") == "valid" for r in records)
+    prompt = "The interpreter reads the source code and runs it line by line, and the standard library"
+    output = invoke("generate", "--load", str(tmp_path / "run"), "--retro-project", str(ivf), "--prompt", prompt,
+                    "--max-new-tokens", "40", "--temperature", "0")  # fmt: skip
+    assert output.startswith(prompt) and len(output) > len(prompt)
+    refused = CliRunner().invoke(app, ["generate", "--load", str(tmp_path / "run"), "--prompt", prompt])
+    assert refused.exit_code != 0 and "--retro-project" in refused.output
 
 
 def test_neighbours_never_come_from_the_samples_own_documents(ivf):
