@@ -6,7 +6,11 @@ torchtitan does. Which linears: those of the transformer layers (``family.blocks
 first/last layers with ``first_last_layers_bf16``; embeddings, the output layer and heads stay in
 high precision. Formats: hybrid = E4M3 forward, E5M2 gradients; e4m3 everywhere. A recipe torchao
 cannot run (delayed or blockwise scaling: Transformer Engine's) falls back to tensorwise, said in
-``FP8Plan.note`` (console and run manifest), or is an error with ``fp8_strict``. Off CUDA (or below
+``FP8Plan.note`` (console and run manifest), or is an error with ``fp8_strict``. With Transformer
+Engine installed (CUDA only), its ``Linear`` replaces the same linears and the forward runs under
+``fp8_autocast`` with Megatron's recipe mapping (delayed -> DelayedScaling, tensorwise ->
+Float8CurrentScaling, blockwise -> Float8BlockScaling); the CUDA-only lines are ``_plan_te``,
+``te_recipe``, ``_swap_te_linears`` and ``FP8Plan.autocast``. Off CUDA (or below
 compute capability 8.9) the FP8 casts are emulated: the numerics are FP8's, the speed is not.
 """
 
@@ -22,6 +26,12 @@ from torch import nn
 from mtk.config import ConfigError, RunConfig
 
 TORCHAO_RECIPES = ("tensorwise", "rowwise")
+# Megatron's mapping of --fp8-recipe to Transformer Engine's recipe classes (it has no rowwise)
+TE_RECIPES = {
+    "delayed": "DelayedScaling",
+    "tensorwise": "Float8CurrentScaling",
+    "blockwise": "Float8BlockScaling",
+}
 
 
 @dataclass
@@ -36,11 +46,23 @@ class FP8Plan:
     linears: list[str] = field(default_factory=list)  # module names converted
     fsdp_all_gather: bool = False  # FSDP2 all-gathers the weights in FP8
     note: str | None = None  # a fallback or an ignored setting, said out loud
+    te_recipe: Any = None  # Transformer Engine's recipe object (backend "te")
 
     def describe(self) -> dict[str, Any]:
-        return {key: value for key, value in asdict(self).items() if key != "linears"} | {
+        return {key: value for key, value in asdict(self).items() if key not in ("linears", "te_recipe")} | {
             "linears": len(self.linears)
         }
+
+    def autocast(self):
+        """The context the forward runs in: Transformer Engine's ``fp8_autocast`` with the recipe (its
+        linears are FP8 only inside it); nothing for torchao, whose linears cast by themselves."""
+        if self.backend != "te":
+            import contextlib
+
+            return contextlib.nullcontext()
+        import transformer_engine.pytorch as te
+
+        return te.fp8_autocast(enabled=True, fp8_recipe=self.te_recipe)
 
     def summary(self) -> str:
         emulated = ", emulated (no FP8 hardware)" if self.emulated else ""
@@ -83,11 +105,7 @@ def plan_fp8(config: RunConfig, device: str) -> FP8Plan | None:
     if train.fp8 is None:
         return None
     if train.fp8_backend == "te" or (train.fp8_backend == "auto" and _te_available()):
-        if train.fp8_backend == "te":
-            raise ConfigError(
-                "--fp8-backend te: mtk does not drive Transformer Engine yet; use --fp8-backend torchao "
-                "(tensorwise or rowwise current scaling)"
-            )
+        return _plan_te(config, device)
     if importlib.util.find_spec("torchao") is None:
         raise ConfigError("FP8 needs torchao: pip install torchao (or mtk's 'fp8' extra)")
     notes = []
@@ -100,8 +118,6 @@ def plan_fp8(config: RunConfig, device: str) -> FP8Plan | None:
             )
         notes.append(message)
         recipe = "tensorwise"
-    if _te_available():
-        notes.append("Transformer Engine is installed but mtk does not drive it yet: torchao runs FP8")
     if recipe != "delayed" and (train.fp8_margin or train.fp8_amax_history_len != 1):
         notes.append("--fp8-margin and the amax history apply to delayed scaling only: not used")
     emulated = _emulated(device)
@@ -128,6 +144,53 @@ def plan_fp8(config: RunConfig, device: str) -> FP8Plan | None:
         note="; ".join(notes) or None,
         fsdp_all_gather=recipe == "tensorwise" and parallel.sharding_strategy() == "optim_grads_params",
     )
+
+
+def _plan_te(config: RunConfig, device: str) -> FP8Plan:
+    """Transformer Engine: Megatron's recipe mapping, under ``fp8_autocast``; CUDA only."""
+    train = config.train
+    if importlib.util.find_spec("transformer_engine") is None:
+        raise ConfigError(
+            "--fp8-backend te: Transformer Engine is not installed (pip install 'mtk[te]' on a CUDA machine); "
+            "or use --fp8-backend torchao"
+        )
+    if not device.startswith("cuda"):
+        raise ConfigError(
+            f"--fp8-backend te runs on CUDA devices only, not {device}; use --fp8-backend torchao"
+        )
+    if config.parallel.tensor_model_parallel_size > 1:
+        raise ConfigError(
+            "--fp8-backend te with --tp > 1: Transformer Engine's linears do their own tensor parallelism, "
+            "which mtk's DTensor plans do not drive; use --fp8-backend torchao for TP"
+        )
+    notes, recipe = [], train.fp8_recipe
+    if recipe not in TE_RECIPES:
+        if train.fp8_strict:
+            raise ConfigError(
+                f"--fp8-recipe {recipe} with --fp8-strict: Transformer Engine has no {recipe} scaling"
+            )
+        notes.append(f"Transformer Engine has no {recipe} scaling: tensorwise (Float8CurrentScaling) instead")
+        recipe = "tensorwise"
+    plan = FP8Plan(format=train.fp8, recipe=recipe, requested_recipe=train.fp8_recipe, backend="te",
+                   emulated=_emulated(device), note="; ".join(notes) or None)  # fmt: skip
+    plan.te_recipe = te_recipe(config, recipe)
+    return plan
+
+
+def te_recipe(config: RunConfig, recipe: str) -> Any:
+    """Transformer Engine's recipe object for ``recipe``, as Megatron builds it from the same flags."""
+    from transformer_engine.common import recipe as te
+
+    train = config.train
+    fp8_format = te.Format.HYBRID if train.fp8 == "hybrid" else te.Format.E4M3
+    if recipe == "delayed":
+        return te.DelayedScaling(
+            margin=train.fp8_margin,
+            fp8_format=fp8_format,
+            amax_history_len=train.fp8_amax_history_len,
+            amax_compute_algo=train.fp8_amax_compute_algo,
+        )
+    return getattr(te, TE_RECIPES[recipe])(fp8_format=fp8_format)
 
 
 def _te_available() -> bool:
@@ -164,6 +227,10 @@ def _torchao_config(plan: FP8Plan):
 
 def convert_to_fp8(model: nn.Module, blocks: list[nn.ModuleDict], config: RunConfig, plan: FP8Plan) -> None:
     """Swap the FP8 linears of ``model`` (a plain model, before any parallelism) in place."""
+    if plan.backend == "te":
+        plan.linears = fp8_linears(model, blocks, config)
+        _swap_te_linears(model, plan.linears)
+        return
     _quiet_torchao()
     from torchao.float8 import convert_to_float8_training
 
@@ -172,6 +239,25 @@ def convert_to_fp8(model: nn.Module, blocks: list[nn.ModuleDict], config: RunCon
     convert_to_float8_training(
         model, config=_torchao_config(plan), module_filter_fn=lambda module, name: name in chosen
     )
+
+
+def _swap_te_linears(model: nn.Module, names: list[str]) -> None:
+    """Replace each named ``nn.Linear`` by Transformer Engine's ``Linear`` holding the same weights (same
+    parameter names, so checkpoints do not change)."""
+    import transformer_engine.pytorch as te
+
+    for name in names:
+        parent_name, _, attribute = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        linear = getattr(parent, attribute)
+        weight = linear.weight
+        swapped = te.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                            params_dtype=weight.dtype, device=weight.device)  # fmt: skip
+        with torch.no_grad():
+            swapped.weight.copy_(weight)
+            if linear.bias is not None:
+                swapped.bias.copy_(linear.bias)
+        setattr(parent, attribute, swapped)
 
 
 class AmaxMonitor:

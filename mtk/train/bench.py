@@ -13,7 +13,7 @@ import torch
 from mtk.config import RunConfig, micro_batches_per_step
 from mtk.data.loader import build_loader
 from mtk.models import family_spec
-from mtk.parallel.apply import apply_recompute
+from mtk.parallel.apply import ParallelModel, apply_recompute
 from mtk.parallel.fp8 import convert_to_fp8, plan_fp8
 from mtk.train.loop import Trainer, TrainOptions
 from mtk.train.metrics import device_peak_tflops, memory_gib
@@ -90,7 +90,8 @@ def benchmark(
     blocks = family.blocks(model)
     apply_recompute(blocks, config.parallel.recompute_granularity)
     with tempfile.TemporaryDirectory() as scratch, _data_parallel_wrapping(model, blocks, config, device):
-        trainer = Trainer(config, model, (data, None, None), TrainOptions(save=Path(scratch), device=device))
+        wrapped = ParallelModel([model.to(device)], device=device, fp8=fp8)  # fp8: TE's autocast in the step
+        trainer = Trainer(config, wrapped, (data, None, None), TrainOptions(save=Path(scratch), device=device))
         batches = iter(build_loader(data, train.micro_batch_size, num_workers=0))
         micro_batches = micro_batches_per_step(train.global_batch_size, train.micro_batch_size, 1)
         for _ in range(warmup):

@@ -188,9 +188,12 @@ class Trainer:
 
     # ---- one step ---------------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.options.device.split(":")[0], dtype=self.autocast_dtype)
+        stack = contextlib.ExitStack()
+        if self.autocast_dtype is not None:
+            stack.enter_context(torch.autocast(self.options.device.split(":")[0], dtype=self.autocast_dtype))
+        if self.model.fp8 is not None:
+            stack.enter_context(self.model.fp8.autocast())  # Transformer Engine's fp8_autocast
+        return stack
 
     def train_step(self, batches: Iterator[dict[str, torch.Tensor]], micro_batches: int) -> dict[str, float]:
         train = self.config.train

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.machinery
+
 import pytest
 import torch
 
@@ -51,7 +53,7 @@ def test_a_recipe_torchao_lacks_falls_back_out_loud_or_fails_when_strict():
         ConfigError, match="--fp8-recipe blockwise with --fp8-strict: torchao has no blockwise"
     ):
         plan_fp8(config(fp8_recipe="blockwise", fp8_strict=True), "cpu")
-    with pytest.raises(ConfigError, match="--fp8-backend te: mtk does not drive Transformer Engine yet"):
+    with pytest.raises(ConfigError, match="--fp8-backend te: Transformer Engine is not installed"):
         plan_fp8(config(fp8_backend="te"), "cpu")
     assert plan_fp8(config(fp8=None), "cpu") is None
 
@@ -108,3 +110,105 @@ def test_fp8_hardware_needs_widths_in_multiples_of_16(monkeypatch):
     assert plan_fp8(config(), "cuda").emulated is False
     with pytest.raises(ConfigError, match="multiple of 16: ffn_hidden_size / TP = 88"):
         plan_fp8(config(tensor_model_parallel_size=2), "cuda")
+
+
+@pytest.fixture
+def fake_te(monkeypatch):
+    """A CPU stand-in for Transformer Engine (which needs CUDA): its recipe classes, a ``Linear`` that
+    is an ``nn.Linear``, and an ``fp8_autocast`` that records the recipes it was entered with."""
+    import contextlib
+    import sys
+    import types
+    from dataclasses import dataclass
+    from enum import Enum
+
+    recipe = types.ModuleType("transformer_engine.common.recipe")
+    recipe.Format = Enum("Format", "E4M3 HYBRID")
+
+    @dataclass
+    class DelayedScaling:
+        margin: int = 0
+        fp8_format: object = None
+        amax_history_len: int = 1
+        amax_compute_algo: str = "most_recent"
+
+    @dataclass
+    class Float8CurrentScaling:
+        fp8_format: object = None
+
+    @dataclass
+    class Float8BlockScaling:
+        fp8_format: object = None
+
+    recipe.DelayedScaling, recipe.Float8CurrentScaling, recipe.Float8BlockScaling = (
+        DelayedScaling, Float8CurrentScaling, Float8BlockScaling,
+    )  # fmt: skip
+    pytorch = types.ModuleType("transformer_engine.pytorch")
+    pytorch.entered = []
+
+    class Linear(torch.nn.Linear):
+        def __init__(self, in_features, out_features, bias=True, params_dtype=None, device=None):
+            super().__init__(in_features, out_features, bias=bias, dtype=params_dtype, device=device)
+
+    @contextlib.contextmanager
+    def fp8_autocast(enabled, fp8_recipe):
+        pytorch.entered.append(fp8_recipe)
+        yield
+
+    pytorch.Linear, pytorch.fp8_autocast = Linear, fp8_autocast
+    root, common = types.ModuleType("transformer_engine"), types.ModuleType("transformer_engine.common")
+    root.__spec__ = importlib.machinery.ModuleSpec("transformer_engine", None)
+    root.common, root.pytorch, common.recipe = common, pytorch, recipe
+    for name, module in [("transformer_engine", root), ("transformer_engine.common", common),
+                         ("transformer_engine.common.recipe", recipe), ("transformer_engine.pytorch", pytorch)]:  # fmt: skip
+        monkeypatch.setitem(sys.modules, name, module)
+    return pytorch
+
+
+def test_transformer_engine_gets_megatrons_recipe_mapping(fake_te):
+    from mtk.parallel.fp8 import te_recipe
+
+    delayed = plan_fp8(config(fp8_backend="te", fp8_amax_history_len=1024, fp8_amax_compute_algo="max",
+                              fp8_margin=1), "cuda")  # fmt: skip
+    assert delayed.backend == "te" and delayed.recipe == "delayed" and delayed.note is None
+    recipe = delayed.te_recipe
+    assert (type(recipe).__name__, recipe.fp8_format.name, recipe.amax_history_len, recipe.amax_compute_algo,
+            recipe.margin) == ("DelayedScaling", "HYBRID", 1024, "max", 1)  # fmt: skip
+    assert type(te_recipe(config(fp8="e4m3"), "tensorwise")).__name__ == "Float8CurrentScaling"
+    assert te_recipe(config(fp8="e4m3"), "tensorwise").fp8_format.name == "E4M3"
+    assert type(te_recipe(config(), "blockwise")).__name__ == "Float8BlockScaling"
+    rowwise = plan_fp8(config(fp8_backend="te", fp8_recipe="rowwise"), "cuda")
+    assert rowwise.recipe == "tensorwise" and "Transformer Engine has no rowwise scaling" in rowwise.note
+    for overrides, message in [
+        ({"fp8_recipe": "rowwise", "fp8_strict": True}, "Transformer Engine has no rowwise"),
+        ({"tensor_model_parallel_size": 2}, "Transformer Engine's linears do their own tensor parallelism"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            plan_fp8(config(fp8_backend="te", **overrides), "cuda")
+    with pytest.raises(ConfigError, match="runs on CUDA devices only"):
+        plan_fp8(config(fp8_backend="te"), "cpu")
+
+
+def test_transformer_engine_linears_replace_the_layers_and_the_step_runs_in_its_autocast(fake_te, tmp_path):
+    from mtk.parallel.apply import ParallelModel
+    from mtk.parallel.fp8 import convert_to_fp8
+    from mtk.train.loop import Trainer, TrainOptions
+
+    cfg = config(fp8_backend="te", fp8_recipe="tensorwise", global_batch_size=4, micro_batch_size=2)
+    torch.manual_seed(0)
+    model = SPEC.build(cfg.model)
+    model.init_weights(0)
+    tokens = torch.randint(0, 100, (2, 16))
+    before = model(tokens)
+    plan = plan_fp8(cfg, "cuda")
+    convert_to_fp8(model, SPEC.blocks(model), cfg, plan)
+    swapped = {name for name, m in model.named_modules() if isinstance(m, fake_te.Linear)}
+    assert swapped == set(plan.linears) and len(swapped) == 2 * 7 and "output" not in swapped
+    assert torch.equal(model(tokens), before)  # the same weights, under the same names
+    data = SPEC.datasets(cfg, (8, 0, 0), None)[0]
+    trainer = Trainer(cfg, ParallelModel([model], device="cpu", fp8=plan), (data, None, None),
+                      TrainOptions(save=tmp_path, device="cpu"))  # fmt: skip
+    from mtk.data.loader import build_loader
+
+    trainer.train_step(iter(build_loader(data, 2, num_workers=0)), 2)
+    assert fake_te.entered == [plan.te_recipe] * 2  # one fp8_autocast per micro-batch forward
