@@ -41,7 +41,7 @@ class GPTModel(SeededModule):
             else None
         )
         self.embedding_dropout = nn.Dropout(config.hidden_dropout)
-        self.decoder = TransformerBlock(config, config.num_layers)
+        self.decoder = self.build_decoder(config)
         self.output = (
             Linear(config.hidden_size, vocab, bias=False, std=std)
             if config.untie_embeddings_and_output_weights
@@ -59,17 +59,21 @@ class GPTModel(SeededModule):
             start = 0 if kv_caches is None else kv_caches[0].length
             batch, length = tokens.shape[:2]  # token ids, or hidden states on a later pipeline stage
             position_ids = torch.arange(start, start + length, device=tokens.device).expand(batch, length)
-        if self.pre_process:
-            x = self.embedding(tokens)
-            if self.position_embedding is not None:
-                x = x + self.position_embedding(position_ids)
-            x = self.embedding_dropout(x)
-        else:
-            x = tokens
+        x = self.embed(tokens, position_ids) if self.pre_process else tokens
         x = self.decoder(x, kv_caches=kv_caches, position_ids=position_ids)
         if not self.post_process:
             return x
         return self.output(x) if self.output is not None else nn.functional.linear(x, self.embedding.weight)
+
+    def build_decoder(self, config: ModelConfig) -> nn.Module:
+        return TransformerBlock(config, config.num_layers)
+
+    def embed(self, tokens: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Token (and learned position) embeddings, then dropout."""
+        x = self.embedding(tokens)
+        if self.position_embedding is not None:
+            x = x + self.position_embedding(position_ids)
+        return self.embedding_dropout(x)
 
     def pipeline_stage(self, layers: range, first: bool, last: bool) -> GPTModel:
         """A copy keeping only what one pipeline stage runs; parameter names stay the whole model's."""

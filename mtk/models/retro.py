@@ -24,7 +24,6 @@ from torch import nn
 
 from mtk.config import ModelConfig, RunConfig
 from mtk.layers.attention import Attention
-from mtk.layers.init import Embedding, Linear, SeededModule
 from mtk.layers.loss import loss_targets
 from mtk.layers.norms import build_norm
 from mtk.layers.rotary import RotaryEmbedding
@@ -37,6 +36,7 @@ from mtk.layers.transformer import (
     norm_parameters,
     scaled_output_std,
 )
+from mtk.models.gpt import GPTModel
 from mtk.models.spec import ModelBatch, TrainableFamily
 
 
@@ -171,33 +171,12 @@ class RetroDecoder(TransformerBlock):
         return self.final_norm(x)
 
 
-class RetroModel(SeededModule):
-    """tokens (batch, n) and neighbour tokens (batch, chunks, k, r) -> logits (batch, n, padded vocab)."""
+class RetroModel(GPTModel):
+    """tokens (batch, n) and neighbour tokens (batch, chunks, k, r) -> logits (batch, n, padded vocab):
+    the GPT model with the RETRO decoder; the neighbours are embedded by its embedding."""
 
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.config = config
-        vocab, std = config.padded_vocab_size(), config.init_method_std
-        self.embedding = Embedding(vocab, config.hidden_size, std)
-        self.position_embedding = (
-            Embedding(config.max_position_embeddings, config.hidden_size, std)
-            if config.position_embedding_type == "learned_absolute"
-            else None
-        )
-        self.embedding_dropout = nn.Dropout(config.hidden_dropout)
-        self.decoder = RetroDecoder(config)
-        self.output = (
-            Linear(config.hidden_size, vocab, bias=False, std=std)
-            if config.untie_embeddings_and_output_weights
-            else None
-        )
-        self.init_unless_meta()
-
-    def embed(self, tokens: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        x = self.embedding(tokens)
-        if self.position_embedding is not None:
-            x = x + self.position_embedding(position_ids)
-        return self.embedding_dropout(x)
+    def build_decoder(self, config: ModelConfig) -> nn.Module:
+        return RetroDecoder(config)
 
     def forward(
         self,

@@ -91,7 +91,9 @@ def benchmark(
     apply_recompute(blocks, config.parallel.recompute_granularity)
     with tempfile.TemporaryDirectory() as scratch, _data_parallel_wrapping(model, blocks, config, device):
         wrapped = ParallelModel([model.to(device)], device=device, fp8=fp8)  # fp8: TE's autocast in the step
-        trainer = Trainer(config, wrapped, (data, None, None), TrainOptions(save=Path(scratch), device=device))
+        trainer = Trainer(
+            config, wrapped, (data, None, None), TrainOptions(save=Path(scratch), device=device)
+        )
         batches = iter(build_loader(data, train.micro_batch_size, num_workers=0))
         micro_batches = micro_batches_per_step(train.global_batch_size, train.micro_batch_size, 1)
         for _ in range(warmup):

@@ -55,7 +55,7 @@ def corpus(tmp_path_factory) -> str:
     return str(root / "corpus_text_document")
 
 
-def build_project(folder: Path, corpus: str, minilm: Path, *index_args: str) -> Path:
+def build_db(folder: Path, corpus: str, minilm: Path) -> None:
     invoke(
         "retro",
         "build-db",
@@ -67,6 +67,10 @@ def build_project(folder: Path, corpus: str, minilm: Path, *index_args: str) -> 
         str(minilm),
         *BUILD,
     )
+
+
+def build_project(folder: Path, corpus: str, minilm: Path, *index_args: str) -> Path:
+    build_db(folder, corpus, minilm)
     invoke("retro", "index", "--project", str(folder), *BLOCK, *index_args)
     invoke("query-neighbours", "--project", str(folder), "--block-samples", "40")  # the top-level name
     return folder
@@ -135,17 +139,7 @@ def _kill_when(command: list[str], ready, timeout: float = 300) -> None:
 
 def test_flat_index_is_exact_and_killed_stages_resume_to_identical_results(ivf, corpus, minilm, tmp_path):
     folder = tmp_path / "flat"
-    invoke(
-        "retro",
-        "build-db",
-        "--project",
-        str(folder),
-        "--data",
-        corpus,
-        "--bert-tokenizer",
-        str(minilm),
-        *BUILD,
-    )
+    build_db(folder, corpus, minilm)
     embeddings = folder / "embeddings"
     _kill_when(["retro", "index", "--project", str(folder), *BLOCK, "--index-type", "Flat"],
                lambda: len(list(embeddings.glob("*.npy"))) >= 1)  # fmt: skip
