@@ -157,6 +157,9 @@ def index(
         int | None, typer.Option("--nprobe", min=1, help="IVF lists searched per query.")
     ] = None,
     ef_search: Annotated[int, typer.Option("--ef-search", min=1, help="HNSW quantiser efSearch.")] = 32,
+    k_factor: Annotated[
+        int, typer.Option("--k-factor", min=1, help="Re-ranked candidates per neighbour (indexes with RFlat).")
+    ] = 8,
     block_size: BlockSize = 100_000,
 ) -> None:
     """Embed every chunk (resumable blocks), train the faiss index and add all chunks."""
@@ -167,7 +170,7 @@ def index(
         model = _embedder(project, embedder)
         with _progress() as update:
             record = build_index(RetroProject(project), model, index_type, train_chunks, nprobe, ef_search,
-                                 block_size, update)  # fmt: skip
+                                 block_size, k_factor, update)  # fmt: skip
     except _errors() as err:
         fail(str(err))
     console.print(

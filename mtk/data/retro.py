@@ -43,7 +43,7 @@ class RetroDataset:
         self.k, self.m, self.eod = num_neighbors, chunk_length, eod
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.neighbours)  # the samples queried: those a run reads
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         sample = self.samples[index]

@@ -312,10 +312,11 @@ class RetroFamily(TrainableFamily):
                 wrapped.append(None)
                 continue
             neighbours = np.load(project.neighbours_path(split), mmap_mode="r")
-            if len(neighbours) != len(samples):
+            needed = num_samples[("train", "valid", "test").index(split)]
+            if len(neighbours) < needed:
                 raise RetroProjectError(
                     f"{project.neighbours_path(split)} holds neighbours of {len(neighbours)} {split} samples, "
-                    f"training builds {len(samples)}: re-run `mtk retro query-neighbours`"
+                    f"this run reads {needed}: re-run `mtk retro query-neighbours`"
                 )
             wrapped.append(
                 RetroDataset(

@@ -35,10 +35,20 @@ def gpt_samples(db: dict[str, Any]) -> tuple:
     """Train, valid and test GPT datasets exactly as training builds them for this project."""
     from mtk.data.prepared import data_facts
     from mtk.models.gpt import SPEC as GPT
+
+    return GPT.datasets(project_config(db), sample_counts(db), data_facts(db["data"]))
+
+
+def project_config(db: dict[str, Any]) -> RunConfig:
+    return apply_overrides({}, training_values(db) | {"family": "gpt"})
+
+
+def sample_counts(db: dict[str, Any]) -> tuple[int, int, int]:
+    """Samples of each split a run on this project reads: the ones that need neighbours (a dataset
+    may hold more, up to a whole epoch)."""
     from mtk.train.schedule import split_sample_counts
 
-    config: RunConfig = apply_overrides({}, training_values(db) | {"family": "gpt"})
-    return GPT.datasets(config, split_sample_counts(config), data_facts(db["data"]))
+    return split_sample_counts(project_config(db))
 
 
 def _key(dataset: np.ndarray | int, doc: np.ndarray | int):
@@ -78,10 +88,10 @@ def query_neighbours(
     m = db["chunk_length"]
     per_sample = db["seq_length"] // m
     counts = {}
-    for split, samples in zip(SPLITS, gpt_samples(db), strict=True):
+    for split, samples, needed in zip(SPLITS, gpt_samples(db), sample_counts(db), strict=True):
         if samples is None:
             continue
-        blocks = Blocks(folder / split, len(samples), block_samples)
+        blocks = Blocks(folder / split, min(needed, len(samples)), block_samples)
         for start, end in blocks.missing():
             texts, own = [], []
             for i in range(start, end):
@@ -96,10 +106,10 @@ def query_neighbours(
                 kept[row, : min(num_neighbours, len(candidates))] = candidates[:num_neighbours]
             blocks.save(start, end, kept.reshape(end - start, per_sample, num_neighbours))
             if progress is not None:
-                progress(split, end, len(samples))
+                progress(split, end, blocks.total)
         save_array(project.neighbours_path(split), blocks.concatenated())
         shutil.rmtree(blocks.folder)
-        counts[split] = len(samples)
+        counts[split] = blocks.total
     recall = measure_recall(project, index, record, num_neighbours)
     result = settings | {"complete": True, "db_sha256": db["db_sha256"], "samples": counts, "chunks_per_sample": per_sample,
                          f"recall_at_{num_neighbours}": recall}  # fmt: skip

@@ -112,9 +112,10 @@ def test_neighbours_never_come_from_the_samples_own_documents(ivf):
     train, valid, _ = gpt_samples(project.stage("build-db"))
     for split, samples in (("train", train), ("valid", valid)):
         found = np.load(project.neighbours_path(split))
-        assert found.shape == (len(samples), 2, 20)
+        # the samples a run reads: 160 to train, 3 evaluations of 1 batch of 8
+        assert found.shape == ({"train": 160, "valid": 24}[split], 2, 20) and len(samples) >= len(found)
         assert (found[:, :, 0] >= 0).all()  # every chunk has neighbours
-        for i in range(len(samples)):
+        for i in range(len(found)):
             own = set(sample_documents(samples, i))
             rows = found[i][found[i] >= 0]
             assert not own & {(int(d), int(doc)) for d, doc in table[rows, :2]}
