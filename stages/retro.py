@@ -25,6 +25,7 @@ Embedder = Annotated[
         "--bert-tokenizer folder of build-db, when it holds weights).",
     ),
 ]
+EmbedDevice = Annotated[str, typer.Option("--device", help="Where the BERT embeds: cpu or cuda.")]
 BlockSize = Annotated[
     int, typer.Option("--block-size", min=1, help="Chunks per embedding block saved on disk (resume unit).")
 ]
@@ -129,7 +130,7 @@ def build_db(
     console.print(f"Next: mtk retro index --project {project}")
 
 
-def _embedder(project: Path, embedder: Path | None):
+def _embedder(project: Path, embedder: Path | None, device: str = "cpu"):
     from mtk.retro.db import bert_tokenizer
     from mtk.retro.embed import BertEmbedder
     from mtk.retro.project import RetroProject
@@ -138,7 +139,7 @@ def _embedder(project: Path, embedder: Path | None):
     folder = embedder or Path(db["bert"])
     if not (folder / "config.json").is_file():
         fail(f"{folder}: not a Hugging Face BERT folder (config.json and weights); give --embedder DIR")
-    return BertEmbedder(folder, bert_tokenizer(db["bert"]))
+    return BertEmbedder(folder, bert_tokenizer(db["bert"]), device)
 
 
 def index(
@@ -146,7 +147,8 @@ def index(
     index_type: Annotated[
         str | None,
         typer.Option(
-            "--index-type", help="faiss factory string (default: the reference scaled to the database)."
+            "--index-type",
+            help="faiss factory string (default: chosen by the database's size, recorded in the config).",
         ),
     ] = None,
     embedder: Embedder = None,
@@ -158,16 +160,18 @@ def index(
     ] = None,
     ef_search: Annotated[int, typer.Option("--ef-search", min=1, help="HNSW quantiser efSearch.")] = 32,
     k_factor: Annotated[
-        int, typer.Option("--k-factor", min=1, help="Re-ranked candidates per neighbour (indexes with RFlat).")
+        int,
+        typer.Option("--k-factor", min=1, help="Re-ranked candidates per neighbour (indexes with RFlat)."),
     ] = 8,
     block_size: BlockSize = 100_000,
+    device: EmbedDevice = "cpu",
 ) -> None:
     """Embed every chunk (resumable blocks), train the faiss index and add all chunks."""
     from mtk.retro.index import build_index
     from mtk.retro.project import RetroProject
 
     try:
-        model = _embedder(project, embedder)
+        model = _embedder(project, embedder, device)
         with _progress() as update:
             record = build_index(RetroProject(project), model, index_type, train_chunks, nprobe, ef_search,
                                  block_size, k_factor, update)  # fmt: skip
@@ -189,13 +193,14 @@ def query_neighbours(
     block_samples: Annotated[
         int, typer.Option("--block-samples", min=1, help="Samples per saved block.")
     ] = 1000,
+    device: EmbedDevice = "cpu",
 ) -> None:
     """Neighbours of every chunk of every training sample, none from the sample's own documents."""
     from mtk.retro.project import RetroProject
     from mtk.retro.query import query_neighbours as query
 
     try:
-        model = _embedder(project, embedder)
+        model = _embedder(project, embedder, device)
         with _progress() as update:
             record = query(RetroProject(project), model, num_neighbours, query_k, block_samples, update)
     except _errors() as err:

@@ -102,7 +102,10 @@ def test_the_default_index_follows_the_database_size():
     from mtk.retro.index import default_index, default_nprobe
 
     assert default_index(4095, 384) == "Flat"
-    assert default_index(290_000, 384) == "IVF512,PQ96x4fs,RFlat" and default_nprobe("IVF512,PQ96x4fs,RFlat") == 128
+    assert (
+        default_index(290_000, 384) == "IVF512,PQ96x4fs,RFlat"
+        and default_nprobe("IVF512,PQ96x4fs,RFlat") == 128
+    )
     assert default_index(20_000_000, 1024) == "OPQ32_64,IVF16384_HNSW8,PQ32"
     assert default_index(30_000_000_000, 1024) == "OPQ32_64,IVF65536_HNSW8,PQ32"  # the reference itself
     assert default_nprobe("OPQ32_64,IVF65536_HNSW8,PQ32") == 4096 and default_nprobe("Flat") == 1
