@@ -55,11 +55,11 @@ def main() -> None:
     from prepare_data import real_corpus
 
     from mtk.data.prepare import prepare_data
+    from mtk.data.retro_project import RetroProject
     from mtk.data.tokenizer import load_tokenizer
     from mtk.retro.db import bert_tokenizer, build_db
     from mtk.retro.embed import BertEmbedder
     from mtk.retro.index import build_index, default_index, embedding_blocks
-    from mtk.retro.project import RetroProject
     from mtk.retro.query import query_neighbours
 
     if args.embedder is None:

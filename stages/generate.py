@@ -78,9 +78,9 @@ def _retriever(model, retro_project: Path | None):
         return None
     if retro_project is None:
         fail("a RETRO model retrieves neighbours while it generates: give --retro-project DIR")
+    from mtk.data.retro_project import RetroProject, RetroProjectError
     from mtk.retro.db import bert_tokenizer
     from mtk.retro.embed import BertEmbedder
-    from mtk.retro.project import RetroProject, RetroProjectError
     from mtk.retro.query import Retriever
 
     project = RetroProject(retro_project)

@@ -114,7 +114,7 @@ def with_config_options(*keys: str) -> Callable[[Callable], Callable]:
 
 def _inherit_retro_project(values: dict[str, Any]) -> dict[str, Any]:
     """``values`` with what the RETRO project fixes; a value given with another one is an error."""
-    from mtk.retro.project import RetroProject, RetroProjectError
+    from mtk.data.retro_project import RetroProject, RetroProjectError
     from mtk.retro.query import training_values
 
     project = values["retro_project"]

@@ -63,10 +63,10 @@ def _progress() -> Iterator:
 
 def _errors():
     from mtk.config import ConfigError
+    from mtk.data.retro_project import RetroProjectError
     from mtk.data.tokenizer import TokenizerError
     from mtk.hf import HFError
     from mtk.manifest import ManifestError
-    from mtk.retro.project import RetroProjectError
 
     return (RetroProjectError, ManifestError, TokenizerError, HFError, ConfigError, ValueError)
 
@@ -107,9 +107,9 @@ def build_db(
     ] = None,
 ) -> None:
     """Cut the train split into chunks that never cross documents, keep those BERT sees as text."""
+    from mtk.data.retro_project import RetroProject
     from mtk.data.splits import parse_split
     from mtk.retro.db import build_db as build
-    from mtk.retro.project import RetroProject
 
     if seq_length % chunk_length:
         fail(f"--seq-length {seq_length} is not a multiple of --chunk-length {chunk_length}")
@@ -131,9 +131,9 @@ def build_db(
 
 
 def _embedder(project: Path, embedder: Path | None, device: str = "cpu"):
+    from mtk.data.retro_project import RetroProject
     from mtk.retro.db import bert_tokenizer
     from mtk.retro.embed import BertEmbedder
-    from mtk.retro.project import RetroProject
 
     db = RetroProject(project).stage("build-db")
     folder = embedder or Path(db["bert"])
@@ -167,8 +167,8 @@ def index(
     device: EmbedDevice = "cpu",
 ) -> None:
     """Embed every chunk (resumable blocks), train the faiss index and add all chunks."""
+    from mtk.data.retro_project import RetroProject
     from mtk.retro.index import build_index
-    from mtk.retro.project import RetroProject
 
     try:
         model = _embedder(project, embedder, device)
@@ -196,7 +196,7 @@ def query_neighbours(
     device: EmbedDevice = "cpu",
 ) -> None:
     """Neighbours of every chunk of every training sample, none from the sample's own documents."""
-    from mtk.retro.project import RetroProject
+    from mtk.data.retro_project import RetroProject
     from mtk.retro.query import query_neighbours as query
 
     try:
@@ -216,7 +216,7 @@ def inspect(project: Annotated[Path, typer.Argument(help="The project folder.")]
     """What each stage did (settings, counts, recall) and which are missing."""
     import json
 
-    from mtk.retro.project import STAGES, RetroProject
+    from mtk.data.retro_project import STAGES, RetroProject
 
     config = RetroProject(project).config()
     if not config:
@@ -242,9 +242,9 @@ def neighbours(
     """A sample's chunks as text next to the text of their retrieved neighbours."""
     import numpy as np
 
+    from mtk.data.retro_project import RetroProject
     from mtk.retro.db import gpt_tokenizer
     from mtk.retro.index import chunk_texts
-    from mtk.retro.project import RetroProject
     from mtk.retro.query import gpt_samples
 
     retro = RetroProject(project)

@@ -288,8 +288,8 @@ class RetroFamily(TrainableFamily):
         from mtk.data.blended import parse_blend
         from mtk.data.indexed import IndexedDataset
         from mtk.data.retro import RetroDataset
+        from mtk.data.retro_project import RetroProject, RetroProjectError
         from mtk.models.gpt import SPEC as GPT
-        from mtk.retro.project import RetroProject, RetroProjectError
 
         if config.data.retro_project is None:
             raise RetroProjectError("retro: give --retro-project DIR (built by `mtk retro`) or --mock-data")

@@ -19,10 +19,10 @@ import numpy as np
 from mtk.data.blended import parse_blend
 from mtk.data.indexed import IndexedDataset, idx_path
 from mtk.data.prepared import data_facts
+from mtk.data.retro_project import RetroProject, RetroProjectError, save_array
 from mtk.data.splits import split_indices
 from mtk.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_manifest
 from mtk.manifest import sha256_file
-from mtk.retro.project import RetroProject, RetroProjectError, save_array
 
 BATCH_DOCUMENTS = 64
 

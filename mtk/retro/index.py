@@ -19,8 +19,8 @@ import numpy as np
 
 from mtk.data.blended import parse_blend
 from mtk.data.indexed import IndexedDataset
+from mtk.data.retro_project import Blocks, RetroProject, RetroProjectError
 from mtk.retro.db import check_inputs, gpt_tokenizer
-from mtk.retro.project import Blocks, RetroProject, RetroProjectError
 
 REFERENCE_MIN_CHUNKS = 10_000_000  # from here the exact re-ranking copy (4 bytes x dim a chunk) weighs
 

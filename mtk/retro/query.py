@@ -18,9 +18,9 @@ import numpy as np
 
 from mtk.config import RunConfig, apply_overrides
 from mtk.data.retro import sample_documents
+from mtk.data.retro_project import INHERITED, Blocks, RetroProject, RetroProjectError, save_array
 from mtk.retro.db import check_inputs, gpt_tokenizer
 from mtk.retro.index import embedding_blocks, load_index
-from mtk.retro.project import INHERITED, Blocks, RetroProject, RetroProjectError, save_array
 
 SPLITS = ("train", "valid", "test")
 RECALL_QUERIES = 1000

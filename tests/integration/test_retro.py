@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from mtk.checkpoint import latest_iteration
 from mtk.data.retro import sample_documents
-from mtk.retro.project import RetroProject
+from mtk.data.retro_project import RetroProject
 from mtk.retro.query import gpt_samples
 from stages.main import app
 
@@ -83,26 +83,40 @@ def ivf(tmp_path_factory, corpus, minilm) -> Path:
     )
 
 
-def test_ivf_project_trains_retro_tiny_and_the_loss_falls(ivf, tmp_path):
+TRAIN = ["--preset", "retro-tiny", "--num-workers", "0", "--log-interval", "1", "--save-interval", "4",
+         "--set", "hidden_dropout=0.1"]  # fmt: skip
+
+
+def losses(run: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["iteration"]: r["loss"] for r in records if "split" not in r}
+
+
+@pytest.fixture(scope="module")
+def trained(ivf, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("retro-run") / "run"
+    invoke("train", *TRAIN, "--retro-project", str(ivf), "--save", str(run))
+    return run
+
+
+def test_ivf_project_trains_retro_tiny_and_the_loss_falls(ivf, trained):
     project = RetroProject(ivf)
     db, index, query = (project.stage(name) for name in ("build-db", "index", "query-neighbours"))
     assert db["counts"]["chunks"] == len(project.chunks()) > 700
     assert index["index_type"] == "IVF16,Flat" and index["complete"] and query["complete"]
     assert 0.5 < query["recall_at_20"] <= 1.0
-    invoke("train", "--preset", "retro-tiny", "--retro-project", str(ivf), "--save", str(tmp_path / "run"),
-           "--num-workers", "0", "--log-interval", "1")  # fmt: skip
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in records if "split" not in r]
-    assert len(losses) == 20  # 160 samples of the project / batch 8
-    assert np.mean(losses[-3:]) < losses[0] - 0.5
-    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    curve = list(losses(trained).values())
+    assert len(curve) == 20  # 160 samples of the project / batch 8
+    assert np.mean(curve[-3:]) < curve[0] - 0.5
+    config = json.loads((trained / "config.json").read_text())
     assert config["model"]["seq_length"] == 64 and config["model"]["retro_chunk_length"] == 32
+    records = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("split") == "valid" for r in records)
     prompt = "The interpreter reads the source code and runs it line by line, and the standard library"
-    output = invoke("generate", "--load", str(tmp_path / "run"), "--retro-project", str(ivf), "--prompt", prompt,
+    output = invoke("generate", "--load", str(trained), "--retro-project", str(ivf), "--prompt", prompt,
                     "--max-new-tokens", "40", "--temperature", "0")  # fmt: skip
     assert output.startswith(prompt) and len(output) > len(prompt)
-    refused = CliRunner().invoke(app, ["generate", "--load", str(tmp_path / "run"), "--prompt", prompt])
+    refused = CliRunner().invoke(app, ["generate", "--load", str(trained), "--prompt", prompt])
     assert refused.exit_code != 0 and "--retro-project" in refused.output
 
 
@@ -192,4 +206,13 @@ def test_a_stage_refuses_a_project_built_from_other_data(ivf, corpus, tmp_path):
     np.save(folder / "db" / "chunks.npy", chunks[:-1])  # not what build-db recorded
     result = CliRunner().invoke(app, ["retro", "index", "--project", str(folder)])
     assert result.exit_code != 0 and "re-run `mtk retro build-db" in result.output
-    assert latest_iteration(tmp_path) is None
+    assert not (folder / "index").exists() and not (folder / "embeddings").exists()  # nothing half-built
+
+
+def test_training_resumes_exactly_after_sigkill(ivf, trained, tmp_path, kill_during_training):
+    args = [*TRAIN, "--retro-project", str(ivf)]
+    run = tmp_path / "killed"
+    assert kill_during_training(args, run, 8) < 20
+    invoke("train", *args, "--save", str(run))
+    assert latest_iteration(run) == 20
+    assert losses(trained) == losses(run)
