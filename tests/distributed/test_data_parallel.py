@@ -97,7 +97,13 @@ def test_a_hung_rank_aborts_the_job_with_the_rank_and_the_collective(tmp_path):
             time.sleep(0.1)
         assert stopped is not None, "the job did not start"
         os.kill(stopped, signal.SIGSTOP)  # rank 1 hangs: it never joins the next collective
-        output = proc.communicate(timeout=180)[0]
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "did not complete within" in line:  # rank 0 gave up: end the stopped rank (torchrun
+                os.kill(stopped, signal.SIGKILL)  # would wait 30 s for it to take its SIGTERM)
+        output = "".join(lines)
+        proc.wait(timeout=180)
     finally:
         if stopped is not None:
             with contextlib.suppress(ProcessLookupError):
