@@ -113,9 +113,19 @@ def build_db(
 
     if seq_length % chunk_length:
         fail(f"--seq-length {seq_length} is not a multiple of --chunk-length {chunk_length}")
+    try:  # absolute prefixes: later stages and training may run from elsewhere
+        from mtk.data.blended import parse_blend
+
+        blend = parse_blend(data)
+    except (ValueError, FileNotFoundError) as err:
+        fail(str(err))
+    data = " ".join(
+        str(Path(prefix).resolve()) if len(blend) == 1 else f"{weight} {Path(prefix).resolve()}"
+        for weight, prefix in blend
+    )
     settings = dict(data=data, chunk_length=chunk_length, seq_length=seq_length, split=split, seed=seed,
                     train_samples=train_samples, global_batch_size=global_batch_size, eval_interval=eval_interval,
-                    eval_iters=eval_iters, data_cache_path=str(data_cache_path) if data_cache_path else None)  # fmt: skip
+                    eval_iters=eval_iters, data_cache_path=str(data_cache_path.resolve()) if data_cache_path else None)  # fmt: skip
     try:
         parse_split(split)
         with _progress() as update:
