@@ -84,12 +84,14 @@ LAYOUTS = {
 
 
 # gpt-tiny everywhere; llama-tiny where GQA, RoPE and the untied output meet the layout
-CASES = [(layout, "gpt-tiny") for layout in LAYOUTS] + [
-    (layout, "llama-tiny") for layout in ("TP2", "PP2 1F1B", "CP2", "TP2xPP2")
+# (DP2 FSDP alone is in DP2xTP2, which shards with FSDP2 too)
+CASES = [(layout, "gpt-tiny") for layout in LAYOUTS if layout != "DP2 FSDP"] + [
+    (layout, "llama-tiny") for layout in ("TP2", "PP2 1F1B", "CP2")
 ]
-# the encoder families: every layout they run (no CP; T5 has no pipeline)
-CASES += [(layout, "bert-tiny") for layout in ("TP2", "PP2 1F1B", "DP2 FSDP")]
-CASES += [(layout, "t5-tiny") for layout in ("TP2", "DP2 distributed optimizer")]
+# the other families: the layouts their own structure meets (tensor-parallel plans, pipeline cuts,
+# FSDP units); data parallelism alone is family-independent
+CASES += [(layout, "bert-tiny") for layout in ("TP2", "PP2 1F1B", "DP2 FSDP")]  # FSDP2 around its heads
+CASES += [(layout, "t5-tiny") for layout in ("TP2",)]
 CASES += [(layout, "retro-tiny") for layout in ("TP2", "DP2 FSDP")]
 
 
