@@ -23,7 +23,7 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[nn.Module, Any]:
     config = RunConfig.from_dict(description["config"], where=f"{run_dir} (checkpoint config)")
     family = family_spec(config.model.family)
     model = family.build(config.model) if family.trainable else None
-    if not hasattr(model, "new_kv_caches") and config.model.family != "retro":
+    if not hasattr(model, "new_kv_caches"):
         raise ConfigError(f"{run_dir}: a {config.model.family} model does not generate text token by token")
     model.load_state_dict(load_checkpoint(run_dir)["model"])
     entry = description.get("tokenizer")

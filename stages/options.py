@@ -123,7 +123,9 @@ def _inherit_retro_project(values: dict[str, Any]) -> dict[str, Any]:
     except RetroProjectError as err:
         fail(str(err))
     for key, value in inherited.items():
-        given = values.get(key.rpartition(".")[2])
+        given = next(
+            (v for k, v in values.items() if k.rpartition(".")[2] == key), None
+        )  # also --set section.key
         if given is not None and given != value:
             what = "the run length is its train_samples" if key == "train_iters" else f"it holds {value!r}"
             fail(

@@ -253,8 +253,7 @@ def neighbours(
     import numpy as np
 
     from mtk.data.retro_project import RetroProject
-    from mtk.retro.db import gpt_tokenizer
-    from mtk.retro.index import chunk_texts
+    from mtk.retro.db import ChunkReader
     from mtk.retro.query import gpt_samples
 
     retro = RetroProject(project)
@@ -267,12 +266,13 @@ def neighbours(
         fail(str(err))
     if sample >= len(found):
         fail(f"--sample {sample}: the {split} split has {len(found)} samples")
-    gpt, m = gpt_tokenizer(db["data"]), db["chunk_length"]
+    reader = ChunkReader(retro)
+    gpt, m = reader.gpt, reader.chunk_length
     tokens = samples[sample]["tokens"].numpy()
     for j, rows in enumerate(found[sample]):
-        console.rule(f"chunk {j}")
+        console.print(f"[bold]chunk {j}[/]")  # no rule: the console is unbounded when redirected
         console.print(repr(gpt.decode(tokens[j * m : (j + 1) * m].tolist())), soft_wrap=True)
-        for rank, text in enumerate(chunk_texts(retro, [r for r in rows[:count] if r >= 0])):
+        for rank, text in enumerate(reader.texts([r for r in rows[:count] if r >= 0])):
             console.print(f"  [green]neighbour {rank}[/]: {text!r}", soft_wrap=True)
 
 

@@ -125,3 +125,26 @@ def check_inputs(project: RetroProject) -> dict[str, Any]:
             f"{project.root}: the data {record['data']} changed since build-db; re-run `mtk retro build-db`"
         )
     return project.require("build-db", "db_sha256", project.db_hash())
+
+
+class ChunkReader:
+    """Database chunks as tokens or text, with the project's data and GPT tokenizer opened once."""
+
+    def __init__(self, project: RetroProject) -> None:
+        db = project.stage("build-db")
+        self.gpt, self.chunk_length = gpt_tokenizer(db["data"]), db["chunk_length"]
+        self.datasets = [IndexedDataset(prefix) for _, prefix in parse_blend(db["data"])]
+        self.table = np.asarray(project.chunks())
+
+    def texts(self, rows) -> list[str]:
+        texts = []
+        for row in rows:
+            dataset, doc, start, end, _ = (int(v) for v in self.table[row])
+            texts.append(self.gpt.decode(self.datasets[dataset].get(doc, start, end - start).tolist()))
+        return texts
+
+    def neighbour_tokens(self, rows: np.ndarray) -> np.ndarray:
+        """See ``mtk.data.retro.neighbour_tokens``."""
+        from mtk.data.retro import neighbour_tokens
+
+        return neighbour_tokens(rows, self.table, self.datasets, self.chunk_length, self.gpt.eod)

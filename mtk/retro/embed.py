@@ -7,6 +7,7 @@ float32.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,9 @@ class BertEmbedder:
         self.pad = tokenizer.special_ids["pad"]
         self.dim = config.model.hidden_size
 
-    def describe(self) -> dict[str, Any]:
+    @functools.cached_property
+    def description(self) -> dict[str, Any]:
+        """Folder, width and file hashes: what the index records (hashed once: the weights are large)."""
         files = sorted(p for p in self.folder.iterdir() if p.suffix in (".safetensors", ".bin", ".json"))
         return {"folder": str(self.folder.resolve()), "dim": self.dim,
                 "files": {p.name: sha256_file(p) for p in files}}  # fmt: skip

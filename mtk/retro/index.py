@@ -17,10 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from mtk.data.blended import parse_blend
-from mtk.data.indexed import IndexedDataset
 from mtk.data.retro_project import Blocks, RetroProject, RetroProjectError
-from mtk.retro.db import check_inputs, gpt_tokenizer
+from mtk.retro.db import ChunkReader, check_inputs
 
 REFERENCE_MIN_CHUNKS = 10_000_000  # from here the exact re-ranking copy (4 bytes x dim a chunk) weighs
 
@@ -52,19 +50,6 @@ def default_nprobe(index_type: str) -> int:
     return max(1, lists // 4) if "fs" in index_type else max(1, lists // 16)
 
 
-def chunk_texts(project: RetroProject, rows: np.ndarray) -> list[str]:
-    """The text of database chunks ``rows`` (GPT tokens decoded)."""
-    record = project.stage("build-db")
-    gpt = gpt_tokenizer(record["data"])
-    datasets = [IndexedDataset(prefix) for _, prefix in parse_blend(record["data"])]
-    table = project.chunks()
-    texts = []
-    for row in rows:
-        dataset, doc, start, end, _ = (int(v) for v in table[row])
-        texts.append(gpt.decode(datasets[dataset].get(doc, start, end - start).tolist()))
-    return texts
-
-
 def embedding_blocks(project: RetroProject, block_size: int) -> Blocks:
     return Blocks(project.root / "embeddings", len(project.chunks()), block_size)
 
@@ -75,8 +60,9 @@ def embed_database(
     """Embeddings of every chunk, computing only the blocks not yet on disk."""
     blocks = embedding_blocks(project, block_size)
     done = blocks.total - sum(end - start for start, end in blocks.missing())
+    reader = ChunkReader(project) if blocks.missing() else None
     for start, end in blocks.missing():
-        blocks.save(start, end, embedder(chunk_texts(project, np.arange(start, end))))
+        blocks.save(start, end, embedder(reader.texts(range(start, end))))
         done += end - start
         if progress is not None:
             progress(done, blocks.total)
@@ -98,7 +84,7 @@ def build_index(
 
     db = check_inputs(project)
     total = len(project.chunks())
-    described = embedder.describe()
+    described = embedder.description
     previous = project.config().get("index", {})
     if previous.get("embedder") != described or previous.get("block_size", block_size) != block_size:
         for stale in embedding_blocks(project, block_size).folder.glob("*.npy"):

@@ -19,7 +19,7 @@ import numpy as np
 from mtk.config import RunConfig, apply_overrides
 from mtk.data.retro import sample_documents
 from mtk.data.retro_project import INHERITED, Blocks, RetroProject, RetroProjectError, save_array
-from mtk.retro.db import check_inputs, gpt_tokenizer
+from mtk.retro.db import ChunkReader, check_inputs, gpt_tokenizer
 from mtk.retro.index import embedding_blocks, load_index
 
 SPLITS = ("train", "valid", "test")
@@ -71,7 +71,7 @@ def query_neighbours(
         raise RetroProjectError(
             f"{project.root}: the index is missing or unfinished; run `mtk retro index` first"
         )
-    if record["embedder"] != embedder.describe():
+    if record["embedder"] != embedder.description:
         raise RetroProjectError(
             f"the embedder {embedder.folder} is not the one that built the index ({record['embedder']['folder']}); "
             "query with the same --embedder"
@@ -139,23 +139,17 @@ class Retriever:
     attends to a chunk's neighbours before the chunk's last token)."""
 
     def __init__(self, project: RetroProject, embedder, num_neighbors: int) -> None:
-        from mtk.data.blended import parse_blend
-        from mtk.data.indexed import IndexedDataset
-
         db = check_inputs(project)
         record = project.require("index", "db_sha256", db["db_sha256"])
-        if record.get("embedder") != embedder.describe():
+        if record.get("embedder") != embedder.description:
             raise RetroProjectError(f"the embedder {embedder.folder} is not the one that built the index")
         self.index, self.embedder, self.k = load_index(project, record), embedder, num_neighbors
-        self.gpt, self.m = gpt_tokenizer(db["data"]), db["chunk_length"]
-        self.chunks = np.asarray(project.chunks())
-        self.datasets = [IndexedDataset(prefix) for _, prefix in parse_blend(db["data"])]
+        self.reader = ChunkReader(project)
+        self.gpt, self.m = self.reader.gpt, self.reader.chunk_length
         self.found: list[np.ndarray] = []
 
     def __call__(self, tokens: list[int]):
         import torch
-
-        from mtk.data.retro import neighbour_tokens
 
         complete = len(tokens) // self.m
         while len(self.found) < complete:
@@ -165,6 +159,4 @@ class Retriever:
         rows = np.full((-(-len(tokens) // self.m), self.k), -1, dtype=np.int64)
         if complete:
             rows[:complete] = np.stack(self.found[:complete])
-        return torch.from_numpy(neighbour_tokens(rows, self.chunks, self.datasets, self.m, self.gpt.eod))[
-            None
-        ]
+        return torch.from_numpy(self.reader.neighbour_tokens(rows))[None]

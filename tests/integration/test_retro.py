@@ -139,6 +139,7 @@ def test_neighbours_never_come_from_the_samples_own_documents(ivf):
 def test_the_neighbours_command_shows_text(ivf):
     output = invoke("retro", "neighbours", str(ivf), "--sample", "3")
     assert "chunk 1" in output and "neighbour 0" in output
+    assert len(output) < 20_000  # no console-wide rules: a redirected console is unbounded
     assert "recall_at_20" in invoke("retro", "inspect", str(ivf))
 
 
