@@ -22,6 +22,7 @@ import fcntl
 import hashlib
 import io
 import json
+import math
 import os
 import pickle
 import random
@@ -37,7 +38,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from mtk.manifest import atomic_output, atomic_write_text
+from mtk.config import ConfigError, RunConfig
+from mtk.manifest import (
+    atomic_output,
+    atomic_write_text,
+    inside,
+    open_nofollow,
+    process_alive,
+    refuse_link,
+    remove_path,
+)
 
 TRACKER = "latest_checkpointed_iteration.txt"  # Megatron's name, so its users find it
 TRAINER_STATE = "trainer.safetensors"
@@ -146,28 +156,58 @@ class RunDir:
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
         """Hold this run directory for the duration; CheckpointError naming the holder if another
-        process holds it. The lock dies with its holder (an flock), so it is never stale."""
+        process holds it. A POSIX record lock: it belongs to this process alone (forked children such
+        as DataLoader workers do not inherit it) and dies with it, so a restart right after a crash
+        finds the directory free."""
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / LOCK
-        handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held until the block ends
+        key = path.resolve()
+        if key in _HELD:  # POSIX locks do not exclude their own process
+            raise CheckpointError(self._in_use(_holder_text(os.getpid())))
+        handle = open_nofollow(path, "a+")
+        held = False
         try:
             try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+                fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                if err.errno not in (errno.EACCES, errno.EAGAIN):
+                    raise
                 handle.seek(0)
-                holder = handle.read().strip() or "another process"
-                raise CheckpointError(
-                    f"{self.root} is in use by {holder}; wait for that run to end (or stop it), "
-                    "or give this run another --save directory"
-                ) from None
+                raise CheckpointError(self._in_use(handle.read().strip())) from None
+            _HELD.add(key)
+            held = True
             handle.seek(0)
             handle.truncate()
-            started = time.strftime("%Y-%m-%d %H:%M:%S")
-            handle.write(f"pid {os.getpid()} on host {socket.gethostname()} (since {started})\n")
+            handle.write(_holder_text(os.getpid()))
             handle.flush()
             yield
         finally:
-            handle.close()  # releases the flock
+            if held:
+                _HELD.discard(key)
+            handle.close()  # releases the lock
+
+    def _in_use(self, holder: str) -> str:
+        """Who holds this directory, and whether that process still runs (when it is on this host)."""
+        words = holder.split()
+        if len(words) >= 5 and words[0] == "pid" and words[1].isdigit() and words[4] == socket.gethostname():
+            if int(words[1]) != os.getpid() and not process_alive(int(words[1])):
+                holder += (
+                    " (that process has ended; another one holds the directory now and has not yet "
+                    "named itself: try again in a moment)"
+                )
+            else:
+                holder += " (running)"
+        return (
+            f"{self.root} is in use by {holder or 'another process'}; wait for that run to end (or stop "
+            "it), or give this run another --save directory"
+        )
+
+
+_HELD: set[Path] = set()  # the lock files this process holds
+
+
+def _holder_text(pid: int) -> str:
+    return f"pid {pid} on host {socket.gethostname()} (since {time.strftime('%Y-%m-%d %H:%M:%S')})"
 
 
 def latest_iteration(root: str | os.PathLike) -> int | None:
@@ -233,26 +273,123 @@ def _decode(value: Any, tensors: Any) -> Any:
 
 def write_trainer_state(path: Path, state: dict[str, Any]) -> None:
     """``state`` (numbers, strings, lists, dicts and tensors) as a safetensors file: data only."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     tensors: dict[str, torch.Tensor] = {}
     encoded = _encode(state, "state", tensors)
-    save_file(tensors, str(path), metadata={"mtk_trainer_state": json.dumps(encoded)})
+    # bytes written here, not by save_file, which creates 0600 files teammates cannot read
+    path.write_bytes(save(tensors, metadata={"mtk_trainer_state": json.dumps(encoded)}))
 
 
 def read_trainer_state(folder: Path) -> dict[str, Any]:
-    """The trainer state of checkpoint folder ``folder``, read without running any code in it."""
+    """The trainer state of checkpoint folder ``folder``, read without running any code in it and
+    checked field by field (``check_trainer_state``)."""
     path = folder / TRAINER_STATE
     if not path.is_file():
-        return _read_legacy_trainer_state(folder / LEGACY_TRAINER_STATE)
-    from safetensors import safe_open
+        path = folder / LEGACY_TRAINER_STATE
+        state = _read_legacy_trainer_state(path)
+    else:
+        from safetensors import safe_open
 
+        try:
+            with safe_open(str(path), framework="pt") as tensors:
+                encoded = json.loads((tensors.metadata() or {})["mtk_trainer_state"])
+                state = _decode(encoded, tensors)
+        except Exception as err:  # safetensors raises its own error types for torn or foreign files
+            raise CheckpointError(
+                f"{path}: not a readable trainer state ({str(err).splitlines()[0]})"
+            ) from None
+    problem = trainer_state_problem(state, folder)
+    if problem:
+        raise CheckpointError(f"{path}: {problem}; the checkpoint was changed or is not one of mtk's")
+    return state
+
+
+MAX_COUNT = 2**62  # iterations, samples, tokens: anything above is not a real run
+
+
+def trainer_state_problem(state: Any, folder: Path | None = None) -> str | None:
+    """What is wrong with a trainer state read from disk (None when every field has its type and range)."""
+    if not isinstance(state, dict):
+        return f"expected a table of fields, found {type(state).__name__}"
+    for key in ("iteration", "consumed_samples", "consumed_tokens", "skipped_iterations"):
+        value = state.get(key)
+        if not _is_int(value) or not 0 <= value < MAX_COUNT:
+            return f"{key!r} is {value!r}, expected a whole number in [0, 2^62)"
+    digits = folder.name.removeprefix("iter_") if folder is not None else ""
+    if digits.isdigit() and int(digits) != state["iteration"]:
+        return f"'iteration' is {state['iteration']} in the folder of iteration {int(digits)}"
+    if state["skipped_iterations"] > state["iteration"]:
+        return f"'skipped_iterations' {state['skipped_iterations']} exceeds 'iteration' {state['iteration']}"
+    scaler = state.get("scaler")
+    if not isinstance(scaler, dict) or not all(
+        _is_int(v) or isinstance(v, float) and math.isfinite(v) for v in scaler.values()
+    ):
+        return f"'scaler' is {scaler!r}, expected the loss scaler's table of finite numbers"
+    rngs = state.get("rng")
+    if not isinstance(rngs, list) or not rngs:
+        return f"'rng' is {type(rngs).__name__}, expected a list of every rank's random states"
+    for rank, rng in enumerate(rngs):
+        problem = _rng_problem(rng)
+        if problem:
+            return f"'rng' of rank {rank}: {problem}"
+    if not isinstance(state.get("config"), dict):
+        return "'config' is missing or not a table"
     try:
-        with safe_open(str(path), framework="pt") as tensors:
-            encoded = json.loads((tensors.metadata() or {})["mtk_trainer_state"])
-            return _decode(encoded, tensors)
-    except Exception as err:  # safetensors raises its own error types for torn or foreign files
-        raise CheckpointError(f"{path}: not a readable trainer state ({str(err).splitlines()[0]})") from None
+        RunConfig.from_dict(state["config"], where="'config'")
+    except ConfigError as err:
+        return str(err)
+    return None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _rng_problem(rng: Any) -> str | None:
+    """What is wrong with one rank's random states (``rng_state``'s form), None when nothing is."""
+    if not isinstance(rng, dict) or not {"python", "numpy", "torch"} <= set(rng):
+        return "expected python, numpy and torch states"
+    python = rng["python"]
+    if not (
+        isinstance(python, list)
+        and len(python) == 3
+        and _is_int(python[0])
+        and isinstance(python[1], list)
+        and len(python[1]) == 625
+        and all(_is_int(v) and 0 <= v < 2**32 for v in python[1])
+        and (python[2] is None or isinstance(python[2], float))
+    ):
+        return "python's state is not the Mersenne Twister's (version, 625 words, gauss)"
+    numpy = rng["numpy"]
+    keys = numpy[1] if isinstance(numpy, list) and len(numpy) == 5 else None
+    if isinstance(keys, torch.Tensor):
+        keys = keys.numpy()
+    if not (
+        isinstance(keys, np.ndarray)
+        and keys.shape == (624,)
+        and keys.dtype.kind in "iu"
+        and numpy[0] == "MT19937"
+        and _is_int(numpy[2])
+        and 0 <= numpy[2] <= 624
+        and _is_int(numpy[3])
+        and isinstance(numpy[4], (int, float))
+    ):
+        return "numpy's state is not MT19937's (624 keys, position, gauss)"
+    expected = torch.get_rng_state()
+    generator = rng["torch"]
+    if not (
+        isinstance(generator, torch.Tensor)
+        and generator.dtype == torch.uint8
+        and generator.shape == expected.shape
+    ):
+        return f"torch's state is not a uint8 tensor of shape {tuple(expected.shape)}"
+    cuda = rng.get("cuda", [])
+    if not isinstance(cuda, list) or not all(
+        isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.dim() == 1 for t in cuda
+    ):
+        return "CUDA's states are not uint8 tensors"
+    return None
 
 
 def _read_legacy_trainer_state(path: Path) -> dict[str, Any]:
@@ -304,15 +441,104 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 def read_metadata(folder: Path) -> Any:
-    """DCP's metadata of checkpoint ``folder``, unpickled with ``_MetadataUnpickler``."""
+    """DCP's metadata of checkpoint ``folder``, unpickled with ``_MetadataUnpickler`` and checked by
+    ``metadata_problem``: CheckpointError naming the file and the first bad entry."""
     path = Path(folder) / ".metadata"
     try:
         with open(path, "rb") as stream:
-            return _MetadataUnpickler(stream).load()
+            metadata = _MetadataUnpickler(stream).load()
     except OSError as err:
         raise CheckpointError(f"{path}: unreadable ({err.strerror or err})") from None
     except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError, IndexError) as err:
         raise CheckpointError(f"{path}: refused ({err})") from None
+    problem = metadata_problem(metadata, Path(folder))
+    if problem:
+        raise CheckpointError(f"{path}: refused, {problem}")
+    return metadata
+
+
+def _is_size(value: Any, dims: int | None = None) -> bool:
+    return (
+        isinstance(value, (torch.Size, tuple, list))
+        and all(_is_int(v) and v >= 0 for v in value)
+        and (dims is None or len(value) == dims)
+    )
+
+
+def metadata_problem(metadata: Any, folder: Path) -> str | None:
+    """What is wrong with DCP metadata read from ``folder`` (None when nothing is): every field of its
+    type, every tensor covered by its chunks, every storage entry a file of ``folder`` (never a path
+    outside it) holding at least its chunk's bytes, no two entries sharing bytes, so that what a load
+    allocates is bounded by the files on disk."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (
+        BytesStorageMetadata,
+        Metadata,
+        MetadataIndex,
+        TensorStorageMetadata,
+    )
+
+    if not isinstance(metadata, Metadata):
+        return f"expected DCP's Metadata, found {type(metadata).__name__}"
+    entries, storage = metadata.state_dict_metadata, metadata.storage_data
+    if not isinstance(entries, dict) or not isinstance(storage, dict):
+        return "its tensor and storage tables are not tables"
+    if not isinstance(metadata.planner_data, (dict, type(None))):
+        return "its planner data is not a table"
+    chunk_bytes: dict[tuple[str, tuple[int, ...]], int] = {}
+    for fqn, entry in entries.items():
+        if isinstance(entry, BytesStorageMetadata) and isinstance(fqn, str):
+            continue
+        if not isinstance(fqn, str) or not isinstance(entry, TensorStorageMetadata):
+            return f"entry {fqn!r} is neither a tensor nor bytes"
+        dims = len(entry.size) if _is_size(entry.size) else -1
+        if dims < 0 or not isinstance(getattr(entry.properties, "dtype", None), torch.dtype):
+            return f"tensor {fqn!r} has no valid size and dtype"
+        if not isinstance(entry.chunks, list) or not all(
+            _is_size(c.offsets, dims) and _is_size(c.sizes, dims) for c in entry.chunks
+        ):
+            return f"tensor {fqn!r} has malformed chunks"
+        for chunk in entry.chunks:
+            if any(o + n > whole for o, n, whole in zip(chunk.offsets, chunk.sizes, entry.size, strict=True)):
+                return f"a chunk of tensor {fqn!r} lies outside its size {tuple(entry.size)}"
+            chunk_bytes[(fqn, tuple(chunk.offsets))] = (
+                math.prod(chunk.sizes) * entry.properties.dtype.itemsize
+            )
+        if sum(math.prod(c.sizes) for c in entry.chunks) != math.prod(entry.size):
+            return f"the chunks of tensor {fqn!r} do not cover its size {tuple(entry.size)}"
+    spans: dict[str, list[tuple[int, int, str]]] = {}
+    for index, info in storage.items():
+        if not isinstance(index, MetadataIndex) or index.fqn not in entries:
+            return f"storage entry {index!r} names no tensor of the checkpoint"
+        if not (
+            isinstance(info, _StorageInfo)
+            and isinstance(info.relative_path, str)
+            and _is_int(info.offset)
+            and _is_int(info.length)
+            and info.offset >= 0
+            and info.length >= 0
+            and not getattr(info, "transform_descriptors", None)
+        ):
+            return f"the storage entry of {index.fqn!r} is malformed"
+        try:
+            inside(folder, info.relative_path, f"the storage entry of {index.fqn!r}")
+        except OSError as err:
+            return err.strerror
+        needed = chunk_bytes.get((index.fqn, tuple(index.offset or ())), 0)
+        if info.length < needed:
+            return f"the storage entry of {index.fqn!r} holds {info.length} bytes, its chunk needs {needed}"
+        spans.setdefault(info.relative_path, []).append((info.offset, info.offset + info.length, index.fqn))
+    for name, ranges in spans.items():
+        ranges.sort()
+        size = (folder / name).stat().st_size if (folder / name).is_file() else None
+        if size is None:
+            return f"its storage file {name!r} is missing"
+        for (_, end, fqn), (start, _, following) in zip(ranges, ranges[1:], strict=False):
+            if start < end:
+                return f"the storage entries of {fqn!r} and {following!r} overlap in {name!r}"
+        if ranges[-1][1] > size:
+            return f"the storage entry of {ranges[-1][2]!r} ends past the end of {name!r} ({size} bytes)"
+    return None
 
 
 def _safe_reader(path: Path):
@@ -378,28 +604,69 @@ def describe_files(folder: Path, names: Sequence[str]) -> dict[str, dict[str, An
     }
 
 
+def recorded_checksums(folder: Path) -> dict[str, dict[str, Any]]:
+    """The files ``checksums.json`` of checkpoint ``folder`` records, each checked to be a name inside
+    the folder with a size and a sha256; CheckpointError naming the entry otherwise."""
+    path = folder / CHECKSUMS
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise CheckpointError(f"{path} is unreadable ({err})") from None
+    files = recorded.get("files") if isinstance(recorded, dict) else None
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{path} is not a table of files with their sizes and sha256")
+    for name, entry in files.items():
+        try:
+            inside(folder, name, f"{path}")
+        except OSError as err:
+            raise CheckpointError(err.strerror) from None
+        if not (
+            isinstance(entry, dict) and _is_int(entry.get("bytes")) and isinstance(entry.get("sha256"), str)
+        ):
+            raise CheckpointError(f"{path}: the entry of {name!r} has no size and sha256")
+    return files
+
+
+def required_files(folder: Path) -> set[str]:
+    """Every file a load of checkpoint ``folder`` reads: DCP's metadata and the files it names, the
+    trainer state and the description."""
+    names = {".metadata", TRAINER_STATE, DESCRIPTION}
+    names |= {info.relative_path for info in read_metadata(folder).storage_data.values()}
+    return names
+
+
 def damage(folder: Path, names: Sequence[str] | None = None) -> list[str]:
     """What is wrong with checkpoint ``folder`` (empty when intact): files missing, cut or changed
-    against ``checksums.json``. ``names`` restricts the check to those files (one rank's share)."""
+    against ``checksums.json``, or read by a load without being recorded there (an empty or partial
+    list does not vouch for anything). ``names`` restricts the hashing to those files (one rank's
+    share); the list itself is checked in full."""
     checksums = folder / CHECKSUMS
     if not checksums.is_file():
         if (folder / LEGACY_TRAINER_STATE).is_file() and (folder / ".metadata").is_file():
             return []  # written by mtk 0.1, before checksums: nothing to compare against
         return [f"{checksums} is missing"]
     try:
-        recorded = json.loads(checksums.read_text(encoding="utf-8"))["files"]
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
-        return [f"{checksums} is unreadable ({err})"]
+        recorded = recorded_checksums(folder)
+    except CheckpointError as err:
+        return [str(err)]
     problems = []
     for name in sorted(recorded) if names is None else names:
         path, expected = folder / name, recorded[name]
-        if not path.is_file():
-            problems.append(f"{path} is missing")
+        if path.is_symlink() or not path.is_file():
+            problems.append(
+                f"{path} is missing" + (" (a symbolic link is there)" if path.is_symlink() else "")
+            )
         elif path.stat().st_size != expected["bytes"]:
             problems.append(f"{path} has {path.stat().st_size} bytes, {expected['bytes']} were written")
         elif sha256_of(path) != expected["sha256"]:
             problems.append(f"{path} changed since it was written (sha256 differs)")
-    return problems
+    if problems:
+        return problems
+    try:
+        uncovered = sorted(required_files(folder) - set(recorded))
+    except CheckpointError as err:
+        return [str(err)]
+    return [f"{checksums} does not record {name}, which a load reads" for name in uncovered]
 
 
 # ---- collectives (none in a single process) ----------------------------------------------------------
@@ -479,6 +746,7 @@ class Checkpointer:
     ) -> None:
         if keep_last is not None and keep_last < 1:
             raise CheckpointError(f"--keep-last {keep_last}: keep at least the newest checkpoint (1 or more)")
+        refuse_link(save_dir.tracker)  # said before training, not at the first save
         self.save_dir, self.load_dir = save_dir, load_dir
         self.parts, self.optimizers = list(parts), list(optimizers)
         self.description, self.keep_last, self.async_save = description, keep_last, async_save
@@ -512,8 +780,8 @@ class Checkpointer:
         """``damage`` of ``folder`` checked by all ranks together, each a share of the files."""
         rank, world = _rank_and_world()
         try:
-            recorded = sorted(json.loads((folder / CHECKSUMS).read_text(encoding="utf-8"))["files"])
-        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+            recorded = sorted(recorded_checksums(folder))
+        except CheckpointError:
             return damage(folder)  # no or unreadable checksums: every rank finds the same
         return sorted({p for problems in _gather(damage(folder, recorded[rank::world])) for p in problems})
 
@@ -564,7 +832,23 @@ class Checkpointer:
             set_optimizer_state_dict,
         )
 
+        if (folder / DESCRIPTION).is_file():
+            read_description(folder / DESCRIPTION)  # a checkpoint that misdescribes itself is not resumed
         state, keys = self._sharded_state()
+        entries = read_metadata(folder).state_dict_metadata
+        saved = {name: getattr(entries.get(f"model.{name}"), "size", None) for name in state["model"]}
+        differences = [
+            f"{name}: {'absent' if saved[name] is None else tuple(saved[name])} in the checkpoint, "
+            f"{tuple(tensor.shape)} in this model"
+            for name, tensor in state["model"].items()
+            if saved[name] is None or tuple(saved[name]) != tuple(tensor.shape)
+        ]
+        if differences:
+            raise CheckpointError(
+                f"{folder} holds another model ({'; '.join(differences[:3])}"
+                f"{f'; {len(differences) - 3} more' if len(differences) > 3 else ''}); train with the "
+                f"model settings of its {DESCRIPTION}, or use a new --save directory"
+            )
         with single_process_quietly():
             dcp.load(
                 state,
@@ -591,7 +875,7 @@ class Checkpointer:
         staged = self.save_dir.staging(iteration)
         rank, _ = _rank_and_world()
         if rank == 0:
-            shutil.rmtree(staged, ignore_errors=True)
+            remove_path(staged)  # a folder left by a crash, or a link planted there: never written through
             staged.mkdir(parents=True)
         _barrier()
         state, _ = self._sharded_state()
@@ -704,17 +988,39 @@ def checkpoint_description(root: str | os.PathLike, iteration: int | None = None
     described themselves are described by their run directory's config and manifest."""
     run_dir = RunDir(root)
     path = run_dir.checkpoint_path(iteration)
+    if (path / DESCRIPTION).is_file():
+        return read_description(path / DESCRIPTION)
     try:
-        if (path / DESCRIPTION).is_file():
-            return json.loads((path / DESCRIPTION).read_text(encoding="utf-8"))
         manifest = json.loads(run_dir.manifest.read_text()) if run_dir.manifest.is_file() else {}
-        return {
+        description = {
             "config": json.loads(run_dir.config.read_text(encoding="utf-8")),
-            "tokenizer": manifest.get("tokenizer"),
+            "tokenizer": manifest.get("tokenizer") if isinstance(manifest, dict) else None,
             "iteration": int(path.name.removeprefix("iter_")),
         }
     except (OSError, UnicodeDecodeError, ValueError) as err:
         raise CheckpointError(f"{path}: its description is unreadable ({err})") from None
+    return _checked_description(description, run_dir.config)
+
+
+def read_description(path: Path) -> dict[str, Any]:
+    """A checkpoint's ``checkpoint.json``, checked: a config mtk can build, a tokenizer table or none."""
+    try:
+        description = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise CheckpointError(f"{path}: unreadable ({err})") from None
+    return _checked_description(description, path)
+
+
+def _checked_description(description: Any, source: Path) -> dict[str, Any]:
+    if not isinstance(description, dict) or not isinstance(description.get("config"), dict):
+        raise CheckpointError(f"{source}: expected a table with the run's 'config', found {description!r:.80}")
+    if not isinstance(description.get("tokenizer"), (dict, type(None))):
+        raise CheckpointError(f"{source}: 'tokenizer' is not a table")
+    try:
+        RunConfig.from_dict(description["config"], where=str(source))
+    except ConfigError as err:
+        raise CheckpointError(str(err)) from None
+    return description
 
 
 def load_checkpoint(root: str | os.PathLike, iteration: int | None = None) -> dict[str, Any]:
@@ -727,6 +1033,7 @@ def load_checkpoint(root: str | os.PathLike, iteration: int | None = None) -> di
     problems = damage(path)
     if problems:
         raise CheckpointError(f"{path} is damaged: " + "; ".join(problems))
+    checkpoint_description(root, iteration)  # checked too: tools trust what the checkpoint says of itself
     state: dict[str, Any] = {}
     with single_process_quietly():
         _load_state_dict(

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import re
+import sys
 import types
 import typing
 from collections.abc import Sequence
@@ -52,12 +53,12 @@ class Range:
         return not (self.high is not None and (value >= self.high if self.open_high else value > self.high))
 
     def __str__(self) -> str:
-        low, high = _number(self.low), _number(self.high)
-        if self.low is not None and self.high is not None:
-            return f"in {'(' if self.open_low else '['}{low}, {high}{')' if self.open_high else ']'}"
+        bounds = []
         if self.low is not None:
-            return f"{'>' if self.open_low else '>='} {low}"
-        return f"{'<' if self.open_high else '<='} {high}"
+            bounds.append(f"{'>' if self.open_low else '>='} {_number(self.low)}")
+        if self.high is not None:
+            bounds.append(f"{'<' if self.open_high else '<='} {_number(self.high)}")
+        return " and ".join(bounds)
 
 
 def _number(value: float | None) -> str:
@@ -66,10 +67,38 @@ def _number(value: float | None) -> str:
     return str(int(value)) if value == int(value) else f"{value:g}"
 
 
-POSITIVE = Range(low=1)  # counts and sizes
 NON_NEGATIVE = Range(low=0)
 PROBABILITY = Range(low=0, high=1, open_high=True)  # dropout, Adam betas
 STRICTLY_POSITIVE = Range(low=0, open_low=True)
+EPSILON = Range(low=0, high=1, open_low=True)  # added to a denominator: above 1 it swamps what it guards
+# Adam moves each weight by about the learning rate per step, and AdamW's decay multiplies weights by
+# (1 - lr x weight_decay): above 1 either is no recipe, only a run that diverges later
+RATE = Range(low=0, high=1)
+
+# Upper bounds of everything that sizes a resource: generous (10x or more the largest published
+# recipe) but finite, so that a typo or a crafted config is refused by name, and no product of these
+# values overflows the int64 sizes torch and numpy count in. Whether a model of these sizes fits
+# this machine is checked where it is allocated (``mtk.models.spec``, ``mtk.plan.check_fits``).
+MAX_LAYERS = 4096  # Llama 3 405B: 126 layers; DeepNet: 1000
+MAX_WIDTH = 2**18  # hidden_size, kv_channels: 10x Megatron's 1T model (25600)
+MAX_HEADS = 2**14  # Llama 3 405B: 128
+MAX_TOKENS = 2**20  # seq_length: one-million-token contexts (Llama 3 405B trains at 8192)
+MAX_POSITIONS = 2**24  # positions a checkpoint may declare (Llama 4 Scout: 10M)
+MAX_VOCAB = 2**24  # Gemma: 262,144
+MAX_BATCH = 2**24  # samples per step (GPT-3: 1536; BERT with LAMB: 65536)
+MAX_ITERS = 10**9  # optimizer steps, and intervals counted in them (the largest recipes: ~10^6)
+MAX_SAMPLES = 10**12  # samples of a run; x MAX_TOKENS stays below 2^63 (Llama 3 405B: 2 x 10^9)
+MAX_RANKS = 2**16  # TP, PP, CP, VP sizes
+
+
+def positive(high: float) -> Range:
+    """Counts and sizes: from 1 to ``high``."""
+    return Range(low=1, high=high)
+
+
+def up_to(high: float) -> Range:
+    """From 0 to ``high``: counts that may be 0."""
+    return Range(low=0, high=high)
 
 
 def setting(default: Any, help: str, *, range: Range | None = None, flag: str | None = None) -> Any:
@@ -83,32 +112,34 @@ def setting(default: Any, help: str, *, range: Range | None = None, flag: str | 
 @dataclass
 class ModelConfig:
     family: Literal["gpt", "bert", "t5", "retro"] = setting("gpt", "Model family (mtk/models/<family>.py).")
-    num_layers: int = setting(12, "Transformer layers (the encoder's for T5).", range=POSITIVE)
-    hidden_size: int = setting(768, "Width of the residual stream.", range=POSITIVE)
-    num_attention_heads: int = setting(12, "Query heads per attention layer.", range=POSITIVE)
-    ffn_hidden_size: int | None = setting(None, "MLP width (default 4 x hidden_size).", range=POSITIVE)
+    num_layers: int = setting(12, "Transformer layers (the encoder's for T5).", range=positive(MAX_LAYERS))
+    hidden_size: int = setting(768, "Width of the residual stream.", range=positive(MAX_WIDTH))
+    num_attention_heads: int = setting(12, "Query heads per attention layer.", range=positive(MAX_HEADS))
+    ffn_hidden_size: int | None = setting(
+        None, "MLP width (default 4 x hidden_size).", range=positive(4 * MAX_WIDTH)
+    )
     num_query_groups: int | None = setting(
-        None, "Key/value heads, GQA (default num_attention_heads).", range=POSITIVE
+        None, "Key/value heads, GQA (default num_attention_heads).", range=positive(MAX_HEADS)
     )
     kv_channels: int | None = setting(
-        None, "Width of one head (default hidden_size / heads).", range=POSITIVE
+        None, "Width of one head (default hidden_size / heads).", range=positive(MAX_WIDTH)
     )
-    seq_length: int = setting(1024, "Tokens per sample.", range=POSITIVE, flag="--seq-length")
+    seq_length: int = setting(1024, "Tokens per sample.", range=positive(MAX_TOKENS), flag="--seq-length")
     max_position_embeddings: int | None = setting(
-        None, "Positions the model can address (default seq_length).", range=POSITIVE
+        None, "Positions the model can address (default seq_length).", range=positive(MAX_POSITIONS)
     )
     vocab_size: int | None = setting(
-        None, "Tokenizer vocabulary before padding (inherited from the data).", range=POSITIVE
+        None, "Tokenizer vocabulary before padding (inherited from the data).", range=positive(MAX_VOCAB)
     )
     make_vocab_size_divisible_by: int = setting(
-        128, "Pad the vocabulary to a multiple of this.", range=POSITIVE
+        128, "Pad the vocabulary to a multiple of this.", range=positive(2**16)
     )
     normalization: Literal["LayerNorm", "RMSNorm"] = setting("LayerNorm", "Normalization layers.")
-    norm_epsilon: float = setting(1e-5, "Epsilon of the norms.", range=STRICTLY_POSITIVE)
+    norm_epsilon: float = setting(1e-5, "Epsilon of the norms.", range=EPSILON)
     position_embedding_type: Literal["learned_absolute", "rope"] = setting(
         "learned_absolute", "Positions: learned table or rotary."
     )
-    rotary_base: int = setting(10000, "RoPE base frequency.", range=POSITIVE)
+    rotary_base: int = setting(10000, "RoPE base frequency.", range=positive(10**12))
     swiglu: bool = setting(False, "SwiGLU MLP instead of GELU.")
     openai_gelu: bool = setting(False, "GELU's tanh approximation, as GPT-2 (Megatron's --openai-gelu).")
     add_bias_linear: bool = setting(True, "Biases in the linear layers.")
@@ -119,8 +150,12 @@ class ModelConfig:
     hidden_dropout: float = setting(0.1, "Dropout on the residual branches.", range=PROBABILITY)
     attention_dropout: float = setting(0.1, "Dropout on the attention weights.", range=PROBABILITY)
     # encoder-decoder (T5): num_layers is the encoder depth
-    decoder_num_layers: int | None = setting(None, "T5 decoder layers (default num_layers).", range=POSITIVE)
-    decoder_seq_length: int | None = setting(None, "T5 decoder tokens per sample.", range=POSITIVE)
+    decoder_num_layers: int | None = setting(
+        None, "T5 decoder layers (default num_layers).", range=positive(MAX_LAYERS)
+    )
+    decoder_seq_length: int | None = setting(
+        None, "T5 decoder tokens per sample.", range=positive(MAX_TOKENS)
+    )
     bert_binary_head: bool = setting(
         True, "BERT: two segments per sample and the sentence-order head (Megatron's --bert-binary-head)."
     )
@@ -129,9 +164,9 @@ class ModelConfig:
         "Norm after each residual add and on the embeddings, no final norm: the original BERT layout, "
         "as real BERT checkpoints need (default: pre-norm, as Megatron).",
     )
-    retro_encoder_num_layers: int = setting(2, "RETRO neighbour-encoder layers.", range=POSITIVE)
-    retro_num_neighbors: int = setting(2, "RETRO neighbours per chunk.", range=POSITIVE)
-    retro_chunk_length: int = setting(64, "RETRO chunk length in tokens.", range=POSITIVE)
+    retro_encoder_num_layers: int = setting(2, "RETRO neighbour-encoder layers.", range=positive(MAX_LAYERS))
+    retro_num_neighbors: int = setting(2, "RETRO neighbours per chunk.", range=positive(1024))
+    retro_chunk_length: int = setting(64, "RETRO chunk length in tokens.", range=positive(MAX_TOKENS))
 
     def __post_init__(self) -> None:
         check_ranges(self)
@@ -208,25 +243,30 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     micro_batch_size: int = setting(
-        1, "Samples per forward/backward.", range=POSITIVE, flag="--micro-batch-size"
+        1, "Samples per forward/backward.", range=positive(MAX_BATCH), flag="--micro-batch-size"
     )
     global_batch_size: int = setting(
-        8, "Samples per optimizer step (accumulated).", range=POSITIVE, flag="--global-batch-size"
+        8, "Samples per optimizer step (accumulated).", range=positive(MAX_BATCH), flag="--global-batch-size"
     )
     batch_size_ramp: list[list[float]] | None = setting(
         None, "Batch-size ramp: [[consumed_tokens, global_batch_size], ...] (GPT-3 175B recipe)."
     )
-    train_iters: int | None = setting(None, "Optimizer steps to run.", range=POSITIVE, flag="--train-iters")
-    train_samples: int | None = setting(
-        None, "Samples to train on (instead of --train-iters).", range=POSITIVE, flag="--train-samples"
+    train_iters: int | None = setting(
+        None, "Optimizer steps to run.", range=positive(MAX_ITERS), flag="--train-iters"
     )
-    lr: float = setting(1e-4, "Peak learning rate.", range=NON_NEGATIVE, flag="--lr")
-    min_lr: float = setting(0.0, "Learning rate at the end of decay.", range=NON_NEGATIVE, flag="--min-lr")
+    train_samples: int | None = setting(
+        None,
+        "Samples to train on (instead of --train-iters).",
+        range=positive(MAX_SAMPLES),
+        flag="--train-samples",
+    )
+    lr: float = setting(1e-4, "Peak learning rate.", range=RATE, flag="--lr")
+    min_lr: float = setting(0.0, "Learning rate at the end of decay.", range=RATE, flag="--min-lr")
     lr_decay_style: Literal["cosine", "linear", "constant"] = setting(
         "cosine", "Decay after warmup.", flag="--lr-decay-style"
     )
     lr_decay_iters: int | None = setting(
-        None, "Steps of decay (default: the run).", range=POSITIVE, flag="--lr-decay-iters"
+        None, "Steps of decay (default: the run).", range=positive(MAX_ITERS), flag="--lr-decay-iters"
     )
     lr_warmup_fraction: float | None = setting(
         None,
@@ -234,19 +274,21 @@ class TrainConfig:
         range=Range(low=0, high=1),
         flag="--lr-warmup-fraction",
     )
-    lr_warmup_iters: int = setting(0, "Linear warmup steps.", range=NON_NEGATIVE, flag="--lr-warmup-iters")
+    lr_warmup_iters: int = setting(
+        0, "Linear warmup steps.", range=up_to(MAX_ITERS), flag="--lr-warmup-iters"
+    )
     lr_warmup_samples: int | None = setting(
-        None, "Warmup length in samples.", range=NON_NEGATIVE, flag="--lr-warmup-samples"
+        None, "Warmup length in samples.", range=up_to(MAX_SAMPLES), flag="--lr-warmup-samples"
     )
     weight_decay: float = setting(
         0.01,
         "AdamW decoupled weight decay (not on norms/biases).",
-        range=NON_NEGATIVE,
+        range=RATE,
         flag="--weight-decay",
     )
     adam_beta1: float = setting(0.9, "Adam beta1.", range=PROBABILITY)
     adam_beta2: float = setting(0.999, "Adam beta2.", range=PROBABILITY)
-    adam_eps: float = setting(1e-8, "Adam epsilon.", range=STRICTLY_POSITIVE)
+    adam_eps: float = setting(1e-8, "Adam epsilon.", range=EPSILON)
     clip_grad: float = setting(
         1.0, "Clip the global gradient norm to this (0: off).", range=NON_NEGATIVE, flag="--clip-grad"
     )
@@ -264,7 +306,7 @@ class TrainConfig:
         flag="--fp8-recipe",
     )
     fp8_amax_history_len: int = setting(
-        1, "Delayed scaling: amax history length.", range=POSITIVE, flag="--fp8-amax-history-len"
+        1, "Delayed scaling: amax history length.", range=positive(2**16), flag="--fp8-amax-history-len"
     )
     fp8_amax_compute_algo: Literal["max", "most_recent"] = setting(
         "most_recent",
@@ -272,7 +314,7 @@ class TrainConfig:
         flag="--fp8-amax-compute-algo",
     )
     fp8_margin: int = setting(
-        0, "Scale margin: scales are divided by 2^margin.", range=NON_NEGATIVE, flag="--fp8-margin"
+        0, "Scale margin: scales are divided by 2^margin.", range=up_to(32), flag="--fp8-margin"
     )
     fp8_backend: Literal["auto", "te", "torchao"] = setting(
         "auto",
@@ -288,18 +330,25 @@ class TrainConfig:
         "Keep the first and last transformer layers out of FP8 (Megatron's --first-last-layers-bf16).",
         flag="--first-last-layers-bf16",
     )
-    num_layers_at_start_in_bf16: int = setting(1, "Layers at the start kept out of FP8.", range=NON_NEGATIVE)
-    num_layers_at_end_in_bf16: int = setting(1, "Layers at the end kept out of FP8.", range=NON_NEGATIVE)
+    num_layers_at_start_in_bf16: int = setting(
+        1, "Layers at the start kept out of FP8.", range=up_to(MAX_LAYERS)
+    )
+    num_layers_at_end_in_bf16: int = setting(1, "Layers at the end kept out of FP8.", range=up_to(MAX_LAYERS))
     log_interval: int = setting(
-        100, "Steps between log lines / metrics records.", range=POSITIVE, flag="--log-interval"
+        100, "Steps between log lines / metrics records.", range=positive(MAX_ITERS), flag="--log-interval"
     )
     save_interval: int | None = setting(
-        None, "Steps between checkpoints (always at the end).", range=POSITIVE, flag="--save-interval"
+        None,
+        "Steps between checkpoints (always at the end).",
+        range=positive(MAX_ITERS),
+        flag="--save-interval",
     )
     eval_interval: int = setting(
-        1000, "Steps between validation runs (0: never).", range=NON_NEGATIVE, flag="--eval-interval"
+        1000, "Steps between validation runs (0: never).", range=up_to(MAX_ITERS), flag="--eval-interval"
     )
-    eval_iters: int = setting(10, "Global batches per evaluation.", range=NON_NEGATIVE, flag="--eval-iters")
+    eval_iters: int = setting(
+        10, "Global batches per evaluation.", range=up_to(MAX_ITERS), flag="--eval-iters"
+    )
     seed: int = setting(
         1234, "Seed of data order and initialization.", range=Range(low=0, high=2**32 - 1), flag="--seed"
     )
@@ -307,10 +356,15 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_ranges(self)
         for point in self.batch_size_ramp or []:
-            if len(point) != 2 or point[0] < 0 or point[1] < 1 or point[1] != int(point[1]):
+            if (
+                len(point) != 2
+                or not 0 <= point[0] < math.inf
+                or not 1 <= point[1] <= MAX_BATCH
+                or point[1] != int(point[1])
+            ):
                 raise ConfigError(
                     f"'batch_size_ramp' point {point}: expected [consumed_tokens >= 0, "
-                    "global_batch_size >= 1 (a whole number)], e.g. [[0, 16], [2.4e9, 320]]"
+                    f"global_batch_size from 1 to {MAX_BATCH} (a whole number)], e.g. [[0, 16], [2.4e9, 320]]"
                 )
         tokens = [point[0] for point in self.batch_size_ramp or []]
         if tokens != sorted(tokens):
@@ -319,11 +373,18 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
-    tensor_model_parallel_size: int = setting(1, "Tensor-parallel size.", range=POSITIVE, flag="--tp")
-    pipeline_model_parallel_size: int = setting(1, "Pipeline-parallel size.", range=POSITIVE, flag="--pp")
-    context_parallel_size: int = setting(1, "Context-parallel size.", range=POSITIVE, flag="--cp")
+    tensor_model_parallel_size: int = setting(
+        1, "Tensor-parallel size.", range=positive(MAX_RANKS), flag="--tp"
+    )
+    pipeline_model_parallel_size: int = setting(
+        1, "Pipeline-parallel size.", range=positive(MAX_RANKS), flag="--pp"
+    )
+    context_parallel_size: int = setting(1, "Context-parallel size.", range=positive(MAX_RANKS), flag="--cp")
     virtual_pipeline_model_parallel_size: int | None = setting(
-        None, "Virtual pipeline stages per rank (interleaved schedule).", range=POSITIVE, flag="--vp"
+        None,
+        "Virtual pipeline stages per rank (interleaved schedule).",
+        range=positive(MAX_RANKS),
+        flag="--vp",
     )
     account_for_embedding_in_pipeline_split: bool = setting(
         False, "Count the embedding as one layer when splitting layers over pipeline stages."
@@ -392,12 +453,20 @@ def parse_split(split: str) -> list[float]:
 def check_ranges(section: Any) -> None:
     """Every number of ``section`` inside its declared range (None means unset and passes)."""
     for item in dataclasses.fields(section):
-        allowed: Range | None = item.metadata.get("range")
-        value = getattr(section, item.name)
-        if allowed is None or value is None or isinstance(value, bool):
-            continue
-        if not allowed.admits(value):
-            raise ConfigError(f"'{item.name}' = {value!r} is out of range: it must be {allowed}")
+        check_value(type(section), item.name, getattr(section, item.name))
+
+
+def check_value(section: type, key: str, value: Any, flag: str | None = None) -> None:
+    """ConfigError naming ``key``, ``value``, the range and the flag (``flag``, else the field's own)
+    when ``value`` is outside the range ``section`` declares for ``key``."""
+    item = next(f for f in dataclasses.fields(section) if f.name == key)
+    allowed: Range | None = item.metadata.get("range")
+    if allowed is None or value is None or isinstance(value, bool) or allowed.admits(value):
+        return
+    flag = flag or item.metadata.get("flag")
+    raise ConfigError(
+        f"'{key}' = {value!r} is out of range: it must be {allowed}" + (f" ({flag})" if flag else "")
+    )
 
 
 def section_of(key: str) -> str | None:
@@ -440,7 +509,12 @@ def build_section(cls: type, values: dict[str, Any], where: str) -> Any:
             raise ConfigError(f"{where}: unknown key '{key}' (known: {', '.join(sorted(known))})")
         if not _type_matches(value, hints[key]):
             raise ConfigError(f"{where}: '{key}' = {value!r} is not of type {describe_type(hints[key])}")
-    values = {k: float(v) if hints[k] is float and isinstance(v, int) else v for k, v in values.items()}
+    values = dict(values)
+    for key, value in values.items():
+        if hints[key] is float and isinstance(value, int):
+            if abs(value) > sys.float_info.max:  # float() would raise OverflowError
+                raise ConfigError(f"{where}: '{key}' = {value} is too large for a float")
+            values[key] = float(value)
     try:
         return cls(**values)
     except ConfigError as err:

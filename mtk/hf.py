@@ -4,10 +4,10 @@ Model types: ``bert`` (post-norm, the original), ``megatron-bert`` (Megatron's p
 ``llama`` and ``gpt2`` (mtk's decoder). A Hugging Face folder holds ``config.json`` and
 ``*.safetensors`` (or ``pytorch_model.bin``, read with ``torch.load(weights_only=True)``, which runs
 no code). ``import_hf`` turns it into an mtk run directory whose iteration-0 checkpoint holds the
-weights and whose tokenizer is the folder's (tokenizer.json or vocab.txt), so ``mtk train --load``
-continues from it and ``mtk generate`` samples from it; ``export_hf`` writes a run's checkpoint
-back as a folder ``transformers`` loads (``BertForPreTraining``, ``MegatronBertForPreTraining``,
-``LlamaForCausalLM``, ``GPT2LMHeadModel``).
+weights and whose tokenizer is the folder's (tokenizer.json or vocab.txt; none only when asked), so
+``mtk train --load`` continues from it and ``mtk generate`` samples from it; ``export_hf`` writes a
+run's checkpoint back as a folder ``transformers`` loads (``BertForPreTraining``,
+``MegatronBertForPreTraining``, ``LlamaForCausalLM``, ``GPT2LMHeadModel``).
 """
 
 from __future__ import annotations
@@ -17,13 +17,14 @@ import json
 import os
 import shutil
 from abc import ABC, abstractmethod
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
 from mtk.checkpoint import CheckpointError, checkpoint_description, load_checkpoint
-from mtk.config import ModelConfig, RunConfig, apply_overrides
+from mtk.config import ModelConfig, RunConfig
 from mtk.manifest import atomic_output, atomic_write_text
 
 
@@ -380,8 +381,8 @@ ARCHITECTURES = {arch.model_type: arch for arch in (Bert(), MegatronBert(), Llam
 IGNORED = ("position_ids", ".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")  # buffers, not weights
 
 
-def architecture(model_type: str | None) -> Architecture:
-    if model_type not in ARCHITECTURES:
+def architecture(model_type: Any) -> Architecture:
+    if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
         raise HFError(
             f"model_type {model_type!r}: mtk imports {', '.join(repr(t) for t in ARCHITECTURES)} checkpoints"
         )
@@ -401,55 +402,99 @@ def for_config(config: ModelConfig) -> Architecture:
 
 
 def read_hf_config(folder: str | os.PathLike) -> dict[str, Any]:
-    """The ``config.json`` of a Hugging Face model folder."""
-    folder = Path(folder)
+    """The ``config.json`` of a Hugging Face model folder: a JSON object, else HFError naming the file."""
+    file = Path(folder) / "config.json"
     try:
-        return json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        hf = json.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise HFError(f"{folder}: no config.json (is this a Hugging Face model folder?)") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise HFError(f"{folder / 'config.json'}: unreadable ({err})") from None
+        raise HFError(f"{file}: unreadable ({err})") from None
+    if not isinstance(hf, dict):
+        raise HFError(f"{file}: expected a JSON object of the model's settings, found a {type(hf).__name__}")
+    return hf
 
 
-def read_hf_weights(folder: str | os.PathLike, base_prefix: str) -> dict[str, torch.Tensor]:
-    """Every weight of a Hugging Face folder (all ``*.safetensors`` shards, or ``pytorch_model.bin``
-    read without running pickled code), base-model names without ``base_prefix``."""
-    folder = Path(folder)
+def _weight_files(folder: Path) -> list[tuple[Path, dict[str, torch.Tensor]]]:
+    """Each weights file of a Hugging Face folder with its tensors, under the names it gives them."""
     files = sorted(folder.glob("*.safetensors"))
     if files:
         from safetensors.torch import load_file
 
-        weights = {}
+        loaded = []
         for file in files:
             try:
-                weights.update(load_file(file))
+                loaded.append((file, load_file(file)))
             except Exception as err:  # safetensors' own error type
                 raise HFError(f"{file}: not a readable safetensors file ({err})") from None
-    elif (folder / "pytorch_model.bin").is_file():
-        try:
-            weights = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
-        except Exception as err:  # the weights-only unpickler refuses anything but tensors
-            raise HFError(f"{folder / 'pytorch_model.bin'}: not a plain weights file ({err})") from None
-    else:
+        return loaded
+    file = folder / "pytorch_model.bin"
+    if not file.is_file():
         raise HFError(f"{folder}: no *.safetensors or pytorch_model.bin")
-    # TF-era BERT names LayerNorm parameters gamma/beta
-    return {
-        name.removeprefix(base_prefix).replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias"): tensor
-        for name, tensor in weights.items()
-    }  # fmt: skip
+    try:
+        return [(file, torch.load(file, map_location="cpu", weights_only=True))]
+    except Exception as err:  # the weights-only unpickler refuses anything but tensors
+        raise HFError(f"{file}: not a plain weights file ({err})") from None
 
 
-def hf_run_config(hf: dict[str, Any], preset_sections: dict[str, dict[str, Any]]) -> RunConfig:
-    """A preset's training settings with the model of a Hugging Face ``config.json``."""
+def _check_weight(file: Path, name: str, tensor: torch.Tensor) -> None:
+    """HFError unless ``tensor`` holds finite floating-point values: copying an integer tensor into a
+    parameter would cast it, and a NaN would train to NaN."""
+    if not tensor.is_floating_point():
+        raise HFError(
+            f"{file}: {name} is {str(tensor.dtype).removeprefix('torch.')}, not floating point; mtk imports "
+            "float32, float16 or bfloat16 weights (dequantize a quantized checkpoint first)"
+        )
+    bad = tensor.numel() - int(torch.isfinite(tensor).sum())
+    if bad:
+        raise HFError(
+            f"{file}: {name} holds {bad} NaN or infinite value{'s' if bad > 1 else ''} of "
+            f"{tensor.numel():,}; the checkpoint is damaged (download it again)"
+        )
+
+
+def read_hf_weights(
+    folder: str | os.PathLike, base_prefix: str, expected: Collection[str] = ()
+) -> dict[str, torch.Tensor]:
+    """Every weight of a Hugging Face folder (all ``*.safetensors`` shards, or ``pytorch_model.bin``
+    read without running pickled code), base-model names without ``base_prefix``. The tensors named in
+    ``expected`` (the same names) must hold finite floating-point values: HFError naming the tensor and
+    its file otherwise."""
+    weights = {}
+    for file, tensors in _weight_files(Path(folder)):
+        for name, tensor in tensors.items():
+            ours = name.removeprefix(base_prefix)  # TF-era BERT names LayerNorm parameters gamma/beta
+            ours = ours.replace("LayerNorm.gamma", "LayerNorm.weight").replace(
+                "LayerNorm.beta", "LayerNorm.bias"
+            )
+            if ours in expected:
+                _check_weight(file, name, tensor)
+            weights[ours] = tensor
+    return weights
+
+
+def hf_run_config(
+    hf: dict[str, Any], preset_sections: dict[str, dict[str, Any]], where: str = "config.json"
+) -> RunConfig:
+    """A preset's training settings with the model of a Hugging Face ``config.json`` (``where``: the
+    file, which every error names: a missing key, a value of the wrong type, a model mtk does not do)."""
     try:
         model = architecture(hf.get("model_type")).model_config(hf)
+        model["seq_length"] = min(
+            preset_sections.get("model", {}).get("seq_length", model["max_position_embeddings"]),
+            model["max_position_embeddings"],
+        )
     except KeyError as err:
-        raise HFError(f"config.json has no {err.args[0]!r}, which a {hf['model_type']} model needs") from None
-    preset_length = preset_sections.get("model", {}).get("seq_length", model["max_position_embeddings"])
-    model["seq_length"] = min(preset_length, model["max_position_embeddings"])
+        raise HFError(f"{where} has no {err.args[0]!r}, which a {hf['model_type']} model needs") from None
+    except HFError as err:
+        raise HFError(f"{where}: {err}") from None
+    except (TypeError, ValueError, AttributeError, ArithmeticError) as err:
+        raise HFError(
+            f"{where}: a value of the wrong type ({err}); compare it with the model's original config.json"
+        ) from None
     sections = {name: dict(values) for name, values in preset_sections.items()}
     sections["model"] = model
-    return apply_overrides(sections, {})
+    return RunConfig.from_dict(sections, where=where)
 
 
 def load_into(model: torch.nn.Module, arch: Architecture, weights: dict[str, torch.Tensor]) -> list[str]:
@@ -469,8 +514,10 @@ def load_into(model: torch.nn.Module, arch: Architecture, weights: dict[str, tor
                 continue
             target = param[: tensor.shape[0]] if name in arch.vocab_rows else param
             if target.shape != tensor.shape:
+                theirs = arch.names(model.config).get(name, name)
                 raise HFError(
-                    f"{name}: shape {tuple(tensor.shape)} in the checkpoint, mtk expects {tuple(target.shape)}"
+                    f"the checkpoint's {theirs} has shape {tuple(tensor.shape)}, the model its config.json "
+                    f"describes needs {tuple(target.shape)} (mtk's {name})"
                 )
             target.copy_(tensor)
             if name in arch.vocab_rows:
@@ -478,41 +525,69 @@ def load_into(model: torch.nn.Module, arch: Architecture, weights: dict[str, tor
     return missing
 
 
-def _folder_tokenizer(folder: Path, arch: Architecture) -> dict[str, Any] | None:
-    """The folder's tokenizer as a manifest entry, if it has one."""
-    from mtk.data.tokenizer import load_tokenizer
+def _folder_tokenizer(folder: Path, arch: Architecture) -> dict[str, Any]:
+    """The folder's tokenizer as a manifest entry; HFError if it has none, or one mtk cannot read."""
+    from mtk.data.tokenizer import TokenizerError, load_tokenizer
 
     for name, kind in arch.tokenizer_files:
         if (folder / name).is_file():
-            return load_tokenizer(folder / name, kind).describe()
-    return None
+            try:
+                return load_tokenizer(folder / name, kind).describe()
+            except TokenizerError as err:
+                problem = str(err)
+            except UnicodeDecodeError as err:  # a binary vocab.txt
+                problem = f"{folder / name}: not UTF-8 text ({err})"
+            raise HFError(
+                f"{problem}; replace it with the model's, or pass --no-tokenizer to import the weights alone"
+            )
+    looked_for = " or ".join(name for name, _ in arch.tokenizer_files)
+    raise HFError(
+        f"{folder}: no tokenizer (looked for {looked_for}); add the model's, or pass --no-tokenizer to "
+        "import the weights alone (then prepare data with the model's tokenizer yourself)"
+    )
 
 
-def import_hf(folder: str | os.PathLike, preset: str | None, save: str | os.PathLike) -> dict[str, Any]:
-    """Write an mtk run directory ``save`` whose iteration-0 checkpoint holds the model of ``folder``.
+def import_hf(
+    folder: str | os.PathLike, preset: str | None, save: str | os.PathLike, with_tokenizer: bool = True
+) -> dict[str, Any]:
+    """Write an mtk run directory ``save`` whose iteration-0 checkpoint holds the model of ``folder``,
+    and whose tokenizer is the folder's (``with_tokenizer`` False: none, the weights alone).
 
-    Returns what was done: config, parameters, heads not in the checkpoint, unused checkpoint tensors.
+    Everything is checked before the model is allocated: config.json, the tokenizer, every weight
+    (finite floating point, the names and shapes the config describes). Returns what was done: config,
+    parameters, heads not in the checkpoint, unused checkpoint tensors, the tokenizer entry (or None).
     """
     from mtk.checkpoint import RunDir
     from mtk.data.prepared import DataFacts
     from mtk.models import family_spec
+    from mtk.models.spec import check_model_fits
     from mtk.presets import load_preset
     from mtk.train.loop import Trainer, TrainOptions
     from mtk.train.run import write_run_description
 
     folder = Path(folder)
-    hf = read_hf_config(folder)
-    arch = architecture(hf.get("model_type"))
-    config = hf_run_config(hf, load_preset(preset or arch.default_preset).sections)
+    hf, where = read_hf_config(folder), str(folder / "config.json")
+    try:
+        arch = architecture(hf.get("model_type"))
+    except HFError as err:
+        raise HFError(f"{where}: {err}") from None
+    config = hf_run_config(hf, load_preset(preset or arch.default_preset).sections, where)
+    spec = family_spec(config.model.family)
+    check_model_fits(spec, config.model, torch.device("cpu"))  # before a weight is read
     if RunDir(save).checkpoints():
         raise CheckpointError(f"{save} already holds checkpoints; import into a new directory")
-    weights = read_hf_weights(folder, arch.base_prefix)
-    model = family_spec(config.model.family).build(config.model)
+    tokenizer = _folder_tokenizer(folder, arch) if with_tokenizer else None
+    used = arch.used_names(config.model)
+    weights = read_hf_weights(folder, arch.base_prefix, expected=used)
+    try:
+        with torch.device("meta"):  # names and shapes against config.json, before a byte is allocated
+            load_into(spec.build(config.model), arch, weights)
+    except HFError as err:
+        raise HFError(f"{folder}: {err}") from None
+    model = spec.build(config.model)
     model.init_weights(config.train.seed)
     missing = load_into(model, arch, weights)
-    used = arch.used_names(config.model)
     unused = sorted(name for name in weights if name not in used and not name.endswith(IGNORED))
-    tokenizer = _folder_tokenizer(folder, arch)
     # the checkpoint is a starting point: a preset without a run length (a batch-size ramp) still imports
     length = (
         {}

@@ -13,6 +13,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 CLI_MODULE = "mtk.stages.main"  # where the installed wheel puts the checkout's stages/ folder
+# Processes one node starts: 8x the largest GPU node (16); CPU ranks beyond it are interpreters that
+# each hold torch (~0.5 GB), so more would exhaust a host instead of training faster
+MAX_PROCESSES_PER_NODE = 128
+MAX_NODES = 65536  # the largest machines have ~10^4 nodes
 
 
 @dataclass
@@ -37,8 +41,18 @@ class LaunchSpec:
             )
         if any(arg.startswith("--nproc-per-node") for arg in self.command):
             raise ValueError("leave --nproc-per-node out of the command: the launcher starts the processes")
-        if self.nodes < 1 or self.gpus_per_node < 1:
-            raise ValueError("--nodes and --gpus-per-node must be at least 1")
+        for option, value, high in (
+            ("--nodes", self.nodes, MAX_NODES),
+            ("--gpus-per-node", self.gpus_per_node, MAX_PROCESSES_PER_NODE),
+            ("--port", self.port, 65535),
+        ):
+            if not 1 <= value <= high:
+                raise ValueError(f"{option} {value} is out of range: it must be >= 1 and <= {high}")
+        if self.container_mounts and not self.container_image:
+            raise ValueError(
+                "--container-mounts needs --container-image: mounts apply to a container, and without "
+                "one the job would run on the host without them"
+            )
         sbatch_values = {
             "--job-name": self.job_name,
             "--partition": self.partition,

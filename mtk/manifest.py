@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import json
@@ -21,6 +22,58 @@ MANIFEST_SUFFIX = ".mtk.json"
 
 class ManifestError(ValueError):
     """A manifest is missing, unreadable, or conflicts with an explicit value."""
+
+
+class LinkRefused(OSError):
+    """A path mtk would write is a symbolic link (mtk never writes through one), or a path read from
+    a file's own metadata leads outside the folder it belongs to."""
+
+
+def refuse_link(path: str | os.PathLike) -> Path:
+    """``path``, unless it is a symbolic link (LinkRefused naming the link and its target)."""
+    path = Path(path)
+    if path.is_symlink():
+        raise LinkRefused(
+            errno.ELOOP,
+            f"is a symbolic link (to {os.readlink(path)}); mtk never writes through a link: "
+            "remove the link, or use another folder",
+            str(path),
+        )
+    return path
+
+
+def open_nofollow(path: str | os.PathLike, mode: str = "a", encoding: str | None = "utf-8"):
+    """``open(path, mode)`` for writing (``a``, ``a+``, ``w``), refusing a symbolic link at ``path``
+    (O_NOFOLLOW: no window between a check and the open) and closed in child processes on exec."""
+    flags = {"a": os.O_WRONLY | os.O_APPEND, "a+": os.O_RDWR | os.O_APPEND, "w": os.O_WRONLY | os.O_TRUNC}
+    try:
+        descriptor = os.open(path, flags[mode] | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            refuse_link(path)
+        raise
+    return os.fdopen(descriptor, mode, encoding=encoding)
+
+
+def inside(folder: str | os.PathLike, name: str, what: str) -> Path:
+    """``folder / name`` where ``name`` was read from a file of ``folder`` (``what`` says which entry):
+    LinkRefused unless it is a plain relative name that stays inside ``folder``, links resolved."""
+    folder = Path(folder)
+    candidate = folder / name
+    if (
+        not isinstance(name, str)
+        or not name
+        or Path(name).is_absolute()
+        or ".." in Path(name).parts
+        or not candidate.resolve().is_relative_to(folder.resolve())
+    ):
+        raise LinkRefused(
+            errno.EACCES,
+            f"{what} names {name!r}, which is outside this folder; the folder was changed by hand or "
+            "crafted: restore it from its source",
+            str(folder),
+        )
+    return candidate
 
 
 def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
@@ -44,7 +97,8 @@ def _temporary(path: Path, kind: str) -> Path:
     return path.with_name(f".{path.name}.{kind}-{os.getpid()}{path.suffix}")
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -61,8 +115,8 @@ def remove_stale_temporaries(path: Path) -> list[Path]:
     for kind in ("tmp", "old"):
         for stale in path.parent.glob(f".{glob.escape(path.name)}.{kind}-*"):
             pid = stale.name.removeprefix(f".{path.name}.{kind}-").split(".", 1)[0]
-            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-                _remove(stale)
+            if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
+                remove_path(stale)
                 removed.append(stale)
     return removed
 
@@ -72,14 +126,17 @@ def atomic_outputs(paths: Sequence[str | os.PathLike]) -> Iterator[list[Path]]:
     """Temporary paths beside ``paths`` to write files (or fill folders) into, published together
     when the block succeeds and removed when it fails: readers see all the old outputs or all the new.
 
+    An output that is a symbolic link is refused (``LinkRefused``): the link is never replaced or followed.
     Publishing moves each existing output aside, renames every temporary into place, then deletes
     the old ones; if a rename fails, the new outputs are removed and the old ones put back. Every
     temporary must exist when the block ends. Stale temporaries of dead processes are removed first.
     """
-    paths = [Path(path) for path in paths]
+    paths = [refuse_link(path) for path in paths]
     for path in paths:
         remove_stale_temporaries(path)
     temporaries = [_temporary(path, "tmp") for path in paths]
+    for tmp in temporaries:  # whatever is there (a planted link) is not written through
+        remove_path(tmp)
     finals = {str(tmp): path for tmp, path in zip(temporaries, paths, strict=True)}
     try:
         try:
@@ -97,7 +154,7 @@ def atomic_outputs(paths: Sequence[str | os.PathLike]) -> Iterator[list[Path]]:
             _publish_together(list(zip(temporaries, paths, strict=True)))
     finally:
         for tmp in temporaries:
-            _remove(tmp)
+            remove_path(tmp)
 
 
 def _publish_together(moves: list[tuple[Path, Path]]) -> None:
@@ -114,12 +171,12 @@ def _publish_together(moves: list[tuple[Path, Path]]) -> None:
             placed.append(path)
     except BaseException:
         for path in placed:
-            _remove(path)
+            remove_path(path)
         for old, path in aside:
             os.replace(old, path)
         raise
     for old, _ in aside:
-        _remove(old)
+        remove_path(old)
 
 
 @contextlib.contextmanager
@@ -129,7 +186,8 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
 
 
-def _remove(path: Path) -> None:
+def remove_path(path: Path) -> None:
+    """Delete a file, a folder or a link (never what a link points to); nothing if absent."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:

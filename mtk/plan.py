@@ -13,13 +13,17 @@ attention kernel keeps no score matrix; on CPU the math kernel does, and the est
 from __future__ import annotations
 
 import itertools
+import os
 from dataclasses import dataclass, replace
 
-from mtk.config import RunConfig, micro_batches_per_step, run_problems
+import torch
+
+from mtk.config import ConfigError, RunConfig, micro_batches_per_step, run_problems
 from mtk.models import family_spec
+from mtk.models.spec import GIB, available_memory
 from mtk.parallel.dims import ParallelDims
 
-GIB = 2**30
+MARGIN = 0.2  # the estimate lies within 20% of measured peaks (tests/unit/test_plan.py)
 STRATEGIES = ("no_shard", "optim_grads", "optim_grads_params")
 # short names of the data-parallel sharding strategies, for one-line layouts
 SHARDING_NAMES = {"no_shard": "ddp", "optim_grads": "zero2", "optim_grads_params": "zero3"}
@@ -127,6 +131,34 @@ def estimate_memory(
         if best is None or estimate.total > best.total:
             best = estimate
     return best
+
+
+def check_fits(config: RunConfig, world_size: int, device: str) -> None:
+    """ConfigError naming the estimate and the memory available when a training run of ``config`` on
+    ``world_size`` ranks cannot fit ``device``, before anything is allocated. Only a run whose
+    estimate exceeds the memory even at the estimate's lower margin is refused; on a host without
+    CUDA, the ranks of this node share its memory."""
+    where = torch.device(device)
+    available = available_memory(where)
+    if available is None:
+        return
+    estimate = estimate_memory(config, preset_layout(config), world_size, where.type)
+    ranks = 1 if where.type == "cuda" else int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if estimate.total * ranks * (1 - MARGIN) <= available:
+        return
+    parameters = family_spec(config.model.family).num_parameters(config.model)
+    parts = ", ".join(
+        f"{name} {getattr(estimate, name) / GIB:,.1f}"
+        for name in ("weights", "gradients", "optimizer", "activations", "logits")
+    )
+    shared = f" x {ranks} ranks on this host" if ranks > 1 else ""
+    raise ConfigError(
+        f"the run does not fit in memory: {parameters:,} parameters, and training needs about "
+        f"{estimate.total / GIB:,.1f} GiB per rank{shared} ({parts} GiB), while {where} has "
+        f"{available / GIB:,.1f} GiB available. Lower --micro-batch-size or --seq-length, recompute "
+        "activations (--recompute-granularity), split the model (--tp, --pp) or choose a smaller one; "
+        "`mtk plan` suggests a layout"
+    )
 
 
 def preset_layout(config: RunConfig) -> Layout:

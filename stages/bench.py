@@ -9,9 +9,10 @@ from typing import Annotated, Any
 import typer
 
 from .common import console, fail
-from .options import BF16, FP16, Device, Overrides, Preset, build_config, with_config_options
+from .options import BF16, FP16, Device, Overrides, Preset, build_config, check_option, with_config_options
 
 SUMMARY = "Measure steady-state training speed of a preset: step time, tokens/s, TFLOP/s, MFU, memory."
+MAX_STEPS = 100_000  # of --iters and --warmup: a steady state shows within a few hundred steps
 
 
 @with_config_options("micro_batch_size", "global_batch_size", "seq_length", "recompute_granularity")
@@ -21,9 +22,9 @@ def bench(
     mock_data: Annotated[
         bool, typer.Option("--mock-data/--no-mock-data", help="Benchmark on mock data (the only mode).")
     ] = True,
-    iters: Annotated[int, typer.Option("--iters", min=1, help="Timed training steps.")] = 10,
+    iters: Annotated[int, typer.Option("--iters", help="Timed training steps.")] = 10,
     warmup: Annotated[
-        int, typer.Option("--warmup", min=0, help="Untimed steps first (allocator, kernels, caches).")
+        int, typer.Option("--warmup", help="Untimed steps first (allocator, kernels, caches).")
     ] = 3,
     overrides: Overrides = [],  # noqa: B006 - typer copies it
     bf16: BF16 = False,
@@ -57,10 +58,12 @@ def bench(
     import torch
     from rich.table import Table
 
-    from mtk.config import ConfigError, check_run
+    from mtk.config import ConfigError, Range, check_run
     from mtk.models import family_spec
     from mtk.train.bench import benchmark, benchmark_fp8
 
+    check_option("--iters", iters, Range(low=1, high=MAX_STEPS))
+    check_option("--warmup", warmup, Range(low=0, high=MAX_STEPS))
     if not mock_data:
         fail("mtk bench measures on mock data; use `mtk train --data ...` and its metrics for real data")
     values = {"mock_data": True, "data_path": None, "train_iters": iters + warmup, **config_values}

@@ -110,6 +110,12 @@ def import_hf(
     save: Path = typer.Option(
         ..., "--save", help="New run directory; `mtk train --load` it to continue.", show_default=False
     ),
+    no_tokenizer: bool = typer.Option(
+        False,
+        "--no-tokenizer",
+        help="Import the weights alone, without the folder's tokenizer (a folder without one is "
+        "refused otherwise); the run then records none, so prepare its data with the model's tokenizer.",
+    ),
 ) -> None:
     """Turn a Hugging Face checkpoint into an mtk run directory (iteration 0) that `mtk train --load`
     continues and `mtk generate` samples from.
@@ -122,7 +128,7 @@ def import_hf(
     from mtk.hf import import_hf as run
 
     try:
-        result = run(folder, preset, save)
+        result = run(folder, preset, save, with_tokenizer=not no_tokenizer)
     except (HFError, CheckpointError, ConfigError) as err:
         fail(str(err))
     model = result["config"].model
@@ -134,4 +140,6 @@ def import_hf(
         console.print(f"not in the checkpoint, initialised: {', '.join(result['missing'])}")
     if result["unused"]:
         console.print(f"in the checkpoint, not used: {', '.join(result['unused'])}")
+    if result["tokenizer"] is None:
+        console.print("imported without a tokenizer (--no-tokenizer): the run records none")
     console.print(f"Continue with: mtk train --load {save} --save NEW_RUN --data PREFIX")

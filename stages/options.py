@@ -41,6 +41,13 @@ Device = Annotated[
 ]
 
 
+def check_option(flag: str, value: float | None, allowed: cfg.Range) -> None:
+    """End the command naming the flag, its value and the range when ``value`` (None: not given) is
+    outside ``allowed``: for options that are not config keys (those are checked by their sections)."""
+    if value is not None and not allowed.admits(value):
+        fail(f"{flag} {value} is out of range: it must be {allowed}")
+
+
 def _field(key: str) -> tuple[dataclasses.Field, Any]:
     section = cfg.section_of(key)
     if section is None:

@@ -20,6 +20,6 @@ def plot(
 
     try:
         path = plot_loss(run_dir, out)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, ValueError) as err:
         fail(str(err))
     console.print(f"wrote {path}")

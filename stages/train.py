@@ -8,6 +8,9 @@ from typing import Annotated, Any
 
 import typer
 
+from mtk.config import Range
+from mtk.launch import MAX_PROCESSES_PER_NODE
+
 from .common import console, fail
 from .options import (
     BF16,
@@ -16,11 +19,16 @@ from .options import (
     Overrides,
     Preset,
     build_config,
+    check_option,
     flagged_keys,
     with_config_options,
 )
 
 SUMMARY = "Train a preset (GPT-3, Llama 3 ...) on prepared or mock data; checkpoints resume exactly."
+# DataLoader workers of one rank: each is a process holding a copy of the dataset's state, and eight
+# ranks a node with 64 each are already 512 processes; more only forks a machine to a standstill
+MAX_WORKERS = 64
+WEEK_MINUTES = 7 * 24 * 60  # --timeout-minutes: a collective waiting longer is a hung job
 
 
 @with_config_options(*flagged_keys("model", "data", "train", "parallel"))
@@ -70,15 +78,17 @@ def train(
             help="Stop when this many steps in a row were skipped (non-finite loss or gradient, fp16 overflow).",
         ),
     ] = 100,
-    num_workers: Annotated[int, typer.Option("--num-workers", help="DataLoader worker processes.")] = 2,
+    num_workers: Annotated[
+        int,
+        typer.Option("--num-workers", help=f"DataLoader worker processes of each rank (0 to {MAX_WORKERS})."),
+    ] = 2,
     device: Device = None,
     nproc_per_node: Annotated[
         int | None,
         typer.Option(
             "--nproc-per-node",
-            min=1,
             help="Start this many local processes through torchrun (--tp/--pp/--cp ranks, data parallel "
-            "for the rest).",
+            f"for the rest; at most {MAX_PROCESSES_PER_NODE}).",
         ),
     ] = None,
     async_save: Annotated[
@@ -89,8 +99,7 @@ def train(
         float,
         typer.Option(
             "--timeout-minutes",
-            min=0.01,
-            help="Abort the job when a collective waits longer (a hung or dead rank).",
+            help="Abort the job when a collective waits longer (a hung or dead rank); at most a week.",
         ),
     ] = 10.0,
     exit_after: Annotated[
@@ -106,6 +115,10 @@ def train(
     from mtk.manifest import ManifestError
     from mtk.train.run import TrainingError, TrainOptions, run_training
 
+    check_option("--num-workers", num_workers, Range(low=0, high=MAX_WORKERS))
+    check_option("--nproc-per-node", nproc_per_node, Range(low=1, high=MAX_PROCESSES_PER_NODE))
+    check_option("--timeout-minutes", timeout_minutes, Range(low=0.01, high=WEEK_MINUTES))
+    check_option("--exit-after", exit_after, Range(low=1))
     if nproc_per_node is not None:
         _relaunch_with_torchrun(nproc_per_node)
     config = build_config(preset, overrides, config_values, bf16, fp16)

@@ -35,8 +35,9 @@ class SplitDataset(Protocol):
 def parse_blend(text: str) -> list[tuple[float, str]]:
     """``"0.3 A 0.7 B"`` -> ``[(0.3, "A"), (0.7, "B")]``; a lone ``"A"`` -> ``[(1.0, "A")]``.
 
-    Weights are not normalised here. Raises ValueError on an odd count or a weight that is not a
-    positive number, FileNotFoundError naming the first missing ``.bin``/``.idx``.
+    Weights are not normalised here. Raises ValueError on an odd count, a weight that is not a
+    positive number, or weights whose sum overflows or next to which one vanishes when normalised;
+    FileNotFoundError naming the first missing ``.bin``/``.idx``.
     """
     words = text.split()
     if len(words) == 1:
@@ -59,6 +60,7 @@ def parse_blend(text: str) -> list[tuple[float, str]]:
                     f"data {text!r}: weight {weight_text!r} of {prefix} must be a positive number"
                 )
             blend.append((weight, prefix))
+        _check_weights(text, [weight for weight, _ in blend])
     for _, prefix in blend:
         for suffix in (".bin", ".idx"):
             if not Path(f"{prefix}{suffix}").is_file():
@@ -66,6 +68,22 @@ def parse_blend(text: str) -> list[tuple[float, str]]:
                     f"data: {prefix}{suffix} not found (each prefix needs a .bin and an .idx)"
                 )
     return blend
+
+
+def _check_weights(text: str, weights: list[float]) -> None:
+    """Weights that normalise to finite, positive shares (each was checked finite and positive)."""
+    total = sum(weights)
+    if not math.isfinite(total):
+        raise ValueError(
+            f"data {text!r}: the weights {' + '.join(map(repr, weights))} overflow when added; "
+            "only their ratios matter, so scale them down (e.g. to fractions of 1)"
+        )
+    vanishing = [weight for weight in weights if weight / total == 0]
+    if vanishing:
+        raise ValueError(
+            f"data {text!r}: weight {vanishing[0]!r} is too small next to the total {total!r} to give its "
+            "dataset any share; scale the weights to comparable sizes or leave that dataset out"
+        )
 
 
 class BlendedDataset:

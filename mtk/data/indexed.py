@@ -108,6 +108,61 @@ class IndexWriter:
         return encode_index(self.dtype, self.sequence_lengths(), self.document_indices())
 
 
+CHECK_BLOCK = 1 << 22  # entries per numpy pass of check_index: bounded memory on a 100M-sequence index
+CORRUPT = "the index is damaged or was not written for this data: restore it, or prepare the data again"
+
+
+def _first(bad: np.ndarray) -> int | None:
+    """Index of the first True of a boolean array, or None."""
+    return int(bad.argmax()) if bad.any() else None
+
+
+def check_index(
+    index_file: Path, lengths: np.ndarray, pointers: np.ndarray, documents: np.ndarray, itemsize: int
+) -> None:
+    """IndexedDatasetError naming ``index_file`` and its first bad entry unless the lengths are
+    non-negative, the pointers are the running sum of ``lengths * itemsize`` from 0 (so every sequence
+    lies inside a .bin of the size the lengths add up to, which the caller checks), and the document
+    indices climb from 0 to the sequence count without going down (so each lies in range).
+
+    Vectorised in blocks of CHECK_BLOCK entries: O(n) time, bounded memory."""
+    count = len(lengths)
+    if len(documents) == 0 or documents[0] != 0:
+        first = int(documents[0]) if len(documents) else "missing"
+        raise IndexedDatasetError(f"{index_file}: document index 0 is {first}, expected 0; {CORRUPT}")
+    if documents[-1] != count:
+        raise IndexedDatasetError(
+            f"{index_file}: the last document index ({len(documents) - 1}) is {int(documents[-1])}, "
+            f"expected the sequence count {count}; {CORRUPT}"
+        )
+    start = 0  # byte offset where the block's first sequence must begin
+    for begin in range(0, count, CHECK_BLOCK):
+        block = lengths[begin : begin + CHECK_BLOCK].astype(np.int64)
+        bad = _first(block < 0)
+        if bad is not None:
+            raise IndexedDatasetError(
+                f"{index_file}: sequence {begin + bad} has length {int(block[bad])}; lengths cannot be "
+                f"negative; {CORRUPT}"
+            )
+        ends = start + np.cumsum(block * itemsize)
+        expected = np.concatenate(([start], ends[:-1]))
+        bad = _first(pointers[begin : begin + CHECK_BLOCK] != expected)
+        if bad is not None:
+            raise IndexedDatasetError(
+                f"{index_file}: sequence {begin + bad} starts at byte {int(pointers[begin + bad])}, expected "
+                f"{int(expected[bad])} (the {itemsize}-byte tokens of the sequences before it); {CORRUPT}"
+            )
+        start = int(ends[-1])
+    for begin in range(0, len(documents) - 1, CHECK_BLOCK):
+        block = documents[begin : begin + CHECK_BLOCK + 1]
+        bad = _first(block[1:] < block[:-1])
+        if bad is not None:
+            raise IndexedDatasetError(
+                f"{index_file}: document index {begin + bad + 1} is {int(block[bad + 1])}, below the one "
+                f"before it ({int(block[bad])}); document indices cannot go down; {CORRUPT}"
+            )
+
+
 class IndexedDataset:
     """Read-only, memory-mapped view of a ``PREFIX.bin`` / ``PREFIX.idx`` pair."""
 
@@ -145,6 +200,8 @@ class IndexedDataset:
         start += sequence_count * 8
         self.document_indices = np.frombuffer(raw, np.int64, document_count, start)
         self._index_map = raw
+        lengths, pointers, documents = self.sequence_lengths, self.sequence_pointers, self.document_indices
+        check_index(index_file, lengths, pointers, documents, self.dtype.itemsize)
         total = int(self.sequence_lengths.sum(dtype=np.int64))
         data_bytes = data_file.stat().st_size
         if data_bytes != total * self.dtype.itemsize:

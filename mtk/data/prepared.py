@@ -7,12 +7,12 @@ prepared elsewhere (by Megatron itself) has none: it is accepted, but its tokeni
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from mtk.data.indexed import IndexedDataset, bin_path, idx_path, merge_datasets
-from mtk.data.tokenizer import tokenizer_identity
+from mtk.data.tokenizer import entry_problem, integer_problem, tokenizer_identity
 from mtk.manifest import ManifestError, data_manifest_path, describe_file, read_manifest, write_manifest
 
 
@@ -85,12 +85,40 @@ def merge_prepared(prefixes: Sequence[str], output_prefix: str) -> MergeResult:
 
 
 def _read_manifests(prefixes: Sequence[str | os.PathLike]) -> list[tuple[str, dict[str, Any]]]:
-    """``(prefix, manifest)`` for each of ``prefixes`` that has a manifest, in order."""
-    return [
-        (prefix, read_manifest(data_manifest_path(prefix)))
-        for prefix in prefixes
-        if data_manifest_path(prefix).is_file()
-    ]
+    """``(prefix, manifest)`` for each of ``prefixes`` that has a manifest, in order, each checked
+    by ``check_data_manifest``."""
+    found = []
+    for prefix in prefixes:
+        path = data_manifest_path(prefix)
+        if path.is_file():
+            manifest = read_manifest(path)
+            check_data_manifest(path, manifest)
+            found.append((prefix, manifest))
+    return found
+
+
+def check_data_manifest(path: str | os.PathLike, manifest: dict[str, Any]) -> None:
+    """ManifestError naming ``path`` and the key unless what a run reads is of the right type and
+    range: ``vocab_size`` (a positive integer), ``eod`` (a token id), ``tokenizer`` (an entry that
+    ``entry_problem`` accepts), each absent or null where data has none. A vocabulary too small for
+    the data is left to ``check_token_ids``, which names the token."""
+    found = next(_manifest_problems(manifest), None)
+    if found is not None:
+        key, problem = found
+        raise ManifestError(
+            f"{path}: key {key!r} {problem}; the manifest is damaged: restore it, or prepare the data again"
+        )
+
+
+def _manifest_problems(manifest: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    vocab_size, eod, tokenizer = (manifest.get(key) for key in ("vocab_size", "eod", "tokenizer"))
+    if vocab_size is not None and (problem := integer_problem(vocab_size, 1)):
+        yield "vocab_size", problem
+    if eod is not None and (problem := integer_problem(eod, 0)):
+        yield "eod", problem
+    if tokenizer is not None and (found := entry_problem(tokenizer)):
+        key, problem = found
+        yield f"tokenizer.{key}" if key else "tokenizer", problem
 
 
 def _require_one_tokenizer(found: list[tuple[str, dict[str, Any]]], what: str) -> None:

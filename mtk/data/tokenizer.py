@@ -197,9 +197,11 @@ def load_tokenizer(
     ``eos_token`` of a tokenizer_config.json beside it, else a common end-of-text token in the vocabulary).
     ``gpt2bpe``: a directory with GPT-2 vocab.json + merges.txt; a literal ``<|endoftext|>`` in the text
     is that token (the eod). ``wordpiece``: a BERT vocab.txt or a directory with one; ``lower_case``
-    None detects it; ``vocab_extra_ids`` N appends T5's sentinels ``<extra_id_0>`` ... as special
-    tokens after the vocabulary, as Megatron's BertWordPieceCase does. ``null``: needs ``vocab_size``. A directory written by ``train_tokenizer``
-    loads as what it was trained as. Raises :class:`TokenizerError` (a ValueError) saying what is wrong.
+    None takes the casing its folder declares (:func:`declared_lower_case`), or lower case (BERT's
+    default) where it declares none; ``vocab_extra_ids`` N appends T5's sentinels ``<extra_id_0>`` ...
+    as special tokens after the vocabulary, as Megatron's BertWordPieceCase does. ``null``: needs
+    ``vocab_size``. A directory written by ``train_tokenizer`` loads as what it was trained as.
+    Raises :class:`TokenizerError` (a ValueError) saying what is wrong.
     """
     kind = kind or detect_kind(spec)
     if kind not in KINDS:
@@ -265,8 +267,11 @@ def tokenizer_from_manifest(entry: dict[str, Any]) -> Tokenizer:
     """The tokenizer a ``describe()`` entry records, reloaded from its files: what worker processes call.
 
     Raises TokenizerError if a file is missing or its sha256 changed (naming the file and both hashes),
-    or if the reloaded vocabulary size or eod differ from the record.
+    or if the reloaded vocabulary size or eod differ from the record, or the entry is malformed.
     """
+    if found := entry_problem(entry):
+        key, problem = found
+        raise TokenizerError(f"tokenizer manifest entry: {f'key {key!r} ' if key else ''}{problem}")
     check_files(entry)
     if entry["kind"] == "null":  # the null vocabulary counts the eod after the N ids
         tokenizer = load_tokenizer("null", "null", vocab_size=entry["vocab_size"] - 1)
@@ -298,6 +303,44 @@ def check_files(entry: dict[str, Any]) -> None:
                 f"{path}: tokenizer file changed since it was recorded "
                 f"(sha256 {recorded['sha256']} in the manifest, {actual} now)"
             )
+
+
+def integer_problem(value: Any, low: int, high: Any = None) -> str | None:
+    """What keeps ``value`` from being an integer in ``[low, high)`` (no upper bound unless ``high``
+    is an integer), worded to follow a key's name; None if nothing does."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return f"is {value!r}, expected an integer"
+    bounded = isinstance(high, int) and not isinstance(high, bool)
+    if value < low or (bounded and value >= high):
+        return f"is {value}, expected an integer from {low}" + (f" to {high - 1}" if bounded else " up")
+    return None
+
+
+def entry_problem(entry: Any) -> tuple[str, str] | None:
+    """The first key of a ``describe()`` entry read from a file that would trip its use, and what is
+    wrong with it (key ``""``: the entry itself); None for a sound entry."""
+    if not isinstance(entry, dict):
+        return "", f"is {entry!r:.60}, expected an object (the tokenizer's manifest entry)"
+    kind, vocab_size, eod, files = (entry.get(key) for key in ("kind", "vocab_size", "eod", "files"))
+    if not isinstance(kind, str) or kind not in KINDS:
+        return "kind", f"is {kind!r}, expected one of {', '.join(KINDS)}"
+    if problem := integer_problem(vocab_size, 1):
+        return "vocab_size", problem
+    if eod is not None and (problem := integer_problem(eod, 0, vocab_size)):
+        return "eod", problem
+    if not isinstance(files, list) or (kind != "null" and not files):
+        return "files", f"is {files!r:.60}, expected a list of the tokenizer's files"
+    for number, file in enumerate(files):
+        if not (isinstance(file, dict) and all(isinstance(file.get(k), str) for k in ("path", "sha256"))):
+            return f"files[{number}]", f'is {file!r:.60}, expected {{"path": ..., "sha256": ...}}'
+    if not isinstance(entry.get("lower_case", False), bool):
+        return "lower_case", f"is {entry['lower_case']!r}, expected true or false"
+    if problem := integer_problem(entry.get("vocab_extra_ids", 0), 0):
+        return "vocab_extra_ids", problem
+    specials = entry.get("special_ids", {})
+    if not isinstance(specials, dict) or any(integer_problem(i, 0, vocab_size) for i in specials.values()):
+        return "special_ids", f"is {specials!r:.60}, expected token names mapping to ids below {vocab_size}"
+    return None
 
 
 def tokenizer_identity(entry: dict[str, Any] | None) -> str:
@@ -589,8 +632,8 @@ def _load_wordpiece(path: Path, lower_case: bool | None, extra_ids: int = 0) -> 
     if BERT_SPECIALS["unk"] not in vocab:
         raise TokenizerError(f"{file}: no [UNK] token; is this a BERT vocab.txt?")
     if lower_case is None:
-        trained = trained_manifest(file.parent)
-        lower_case = trained["lower_case"] if trained and "lower_case" in trained else _looks_uncased(vocab)
+        declared = declared_lower_case(file.parent)
+        lower_case = True if declared is None else declared
     # 200 characters per word as Google's WordpieceTokenizer (tokenizers' default is 100)
     core = Core(models.WordPiece(vocab, unk_token=BERT_SPECIALS["unk"], max_input_chars_per_word=200))
     bert_pipeline(core, lower_case)
@@ -610,10 +653,58 @@ def _load_wordpiece(path: Path, lower_case: bool | None, extra_ids: int = 0) -> 
     )
 
 
-def _looks_uncased(vocab: dict[str, int]) -> bool:
-    """Uncased BERT vocabularies hold no upper-case letter outside the [...] special tokens."""
-    regular = (t for t in vocab if not (t.startswith("[") and t.endswith("]")))
-    return not any(char.isupper() for token in regular for char in token)
+def declared_lower_case(folder: str | os.PathLike) -> bool | None:
+    """Whether the WordPiece tokenizer in ``folder`` lower-cases, as the folder itself declares it:
+    ``tokenizer_config.json``'s ``do_lower_case``, else the ``lowercase`` of ``tokenizer.json``'s
+    normalizer, else the ``lower_case`` that ``mtk tokenizer train`` recorded; None where none is there.
+
+    Never guessed from the vocabulary: uncased vocabularies hold upper-case symbols (``ℝ``).
+    Raises TokenizerError naming the file and key of a declaration that is not true or false.
+    """
+    folder = Path(folder)
+    config = folder / "tokenizer_config.json"
+    if config.is_file():
+        settings = _json_object(config)
+        if "do_lower_case" in settings:
+            return _flag(settings["do_lower_case"], config, "do_lower_case")
+    pipeline = folder / "tokenizer.json"
+    if pipeline.is_file():
+        return _normalizer_lowercases(_json_object(pipeline).get("normalizer"), pipeline)
+    trained = trained_manifest(folder)
+    if trained is not None and "lower_case" in trained:
+        return _flag(trained["lower_case"], folder / TRAINED_MANIFEST, "lower_case")
+    return None
+
+
+def _json_object(file: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise TokenizerError(f"{file}: not readable JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise TokenizerError(f"{file}: expected a JSON object, found {type(value).__name__}")
+    return value
+
+
+def _flag(value: Any, file: Path, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise TokenizerError(f"{file}: {key} is {value!r}, expected true or false")
+    return value
+
+
+def _normalizer_lowercases(normalizer: Any, file: Path) -> bool:
+    """Whether a tokenizer.json normalizer lower-cases (a BertNormalizer with ``lowercase``, or a
+    Lowercase step, alone or in a Sequence); no normalizer keeps the case."""
+    if normalizer is None:
+        return False
+    if not isinstance(normalizer, dict):
+        raise TokenizerError(f"{file}: normalizer is {normalizer!r:.60}, expected an object or null")
+    kind = normalizer.get("type")
+    if kind == "Sequence":
+        return any(_normalizer_lowercases(step, file) for step in normalizer.get("normalizers") or [])
+    if kind == "BertNormalizer":
+        return _flag(normalizer.get("lowercase", True), file, "normalizer.lowercase")
+    return kind == "Lowercase"
 
 
 def bert_pipeline(core: Any, lower_case: bool) -> None:

@@ -109,7 +109,7 @@ class BertFamily(MaskedLMFamily, PipelinedFamily):
             total += (hidden * hidden + hidden) + (2 * hidden + 2)  # pooler, sentence-order head
         return total
 
-    def build(self, config: ModelConfig) -> BertModel:
+    def new_model(self, config: ModelConfig) -> BertModel:
         return BertModel(config)
 
     def blocks(self, model: BertModel) -> list[nn.ModuleDict]:

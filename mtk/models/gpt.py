@@ -116,7 +116,7 @@ class GPTFamily(PipelinedFamily):
         attention = 12.0 * config.num_layers * config.hidden_size * config.seq_length
         return 6.0 * self.num_parameters(config) + attention
 
-    def build(self, config: ModelConfig) -> GPTModel:
+    def new_model(self, config: ModelConfig) -> GPTModel:
         return GPTModel(config)
 
     def blocks(self, model: GPTModel) -> list[nn.ModuleDict]:

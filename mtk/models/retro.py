@@ -253,7 +253,7 @@ class RetroFamily(TrainableFamily):
         attention = 12.0 * config.num_layers * config.hidden_size * config.seq_length
         return 6.0 * self.num_parameters(config) + encoder + attention
 
-    def build(self, config: ModelConfig) -> RetroModel:
+    def new_model(self, config: ModelConfig) -> RetroModel:
         return RetroModel(config)
 
     def blocks(self, model: RetroModel) -> list[nn.ModuleDict]:

@@ -13,6 +13,7 @@ planning, generation and the presets go through the spec only:
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
-from mtk.config import ModelConfig, RunConfig
+from mtk.config import ConfigError, ModelConfig, RunConfig
 
 if TYPE_CHECKING:
     from mtk.data.prepared import DataFacts
@@ -81,9 +82,51 @@ class FamilySpec(ABC):
         return [(config.num_layers, layer_parameters(config), config.seq_length)]
 
 
+GIB = 2**30
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes ``device`` can still allocate: free CUDA memory, else the host's available memory (the
+    kernel's MemAvailable, which counts reclaimable caches); None where it cannot be known."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return None
+
+
+def check_model_fits(family: FamilySpec, config: ModelConfig, device: torch.device) -> None:
+    """ConfigError naming the model's size and the memory available when its parameters alone do not
+    fit in what ``device`` can still allocate; nothing is checked on the meta device."""
+    if device.type == "meta":
+        return
+    available = available_memory(device)
+    parameters = family.num_parameters(config)
+    size = parameters * torch.get_default_dtype().itemsize
+    if available is not None and size > available:
+        raise ConfigError(
+            f"the model is too large to build on {device}: {parameters:,} parameters take "
+            f"{size / GIB:,.1f} GiB ({torch.get_default_dtype()}), and {available / GIB:,.1f} GiB are "
+            "available; choose a smaller model (num_layers, hidden_size, ffn_hidden_size, vocab_size) "
+            "or a machine with more memory"
+        )
+
+
 class TrainableFamily(FamilySpec):
     """A family that ``mtk train`` builds, parallelises and trains (without pipeline stages unless it
-    is a ``PipelinedFamily``)."""
+    is a ``PipelinedFamily``).
+
+    ``build`` first checks that the model fits the device it is built on (``check_model_fits``): a
+    model too large for this machine is refused, naming its size, before anything is allocated,
+    whoever builds it (train, bench, generate, import-hf, eval-squad)."""
 
     trainable: ClassVar[bool] = True
     flops_convention: ClassVar[str]  # how ``flops_per_token`` counts, for reports
@@ -94,9 +137,15 @@ class TrainableFamily(FamilySpec):
             return [f"family '{self.name}': {self.pipeline_refusal}"]
         return []
 
-    @abstractmethod
     def build(self, config: ModelConfig) -> nn.Module:
-        """The whole model (on the current default device; ``torch.device("meta")`` allocates nothing)."""
+        """The whole model on the current default device (``torch.device("meta")`` allocates nothing);
+        ConfigError when it does not fit there."""
+        check_model_fits(self, config, torch.get_default_device())
+        return self.new_model(config)
+
+    @abstractmethod
+    def new_model(self, config: ModelConfig) -> nn.Module:
+        """The family's model for ``config``, unchecked (``build`` checks that it fits first)."""
 
     @abstractmethod
     def blocks(self, model: nn.Module) -> list[nn.ModuleDict]:

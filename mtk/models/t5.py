@@ -151,7 +151,7 @@ class T5Family(MaskedLMFamily):
         )
         return 6.0 * (encoder + (decoder + head) * dec / enc) + attention
 
-    def build(self, config: ModelConfig) -> T5Model:
+    def new_model(self, config: ModelConfig) -> T5Model:
         return T5Model(config)
 
     def blocks(self, model: T5Model) -> list[nn.ModuleDict]:

@@ -15,6 +15,7 @@ from mtk.data.loader import build_loader
 from mtk.models import family_spec
 from mtk.parallel.apply import ParallelModel, apply_recompute
 from mtk.parallel.fp8 import convert_to_fp8, plan_fp8
+from mtk.plan import check_fits
 from mtk.train.loop import Trainer, TrainOptions
 from mtk.train.metrics import device_peak_tflops, memory_gib
 
@@ -77,7 +78,9 @@ def benchmark(
     config: RunConfig, preset: str, iters: int, warmup: int, device: str, peak_tflops: float | None
 ) -> BenchResult:
     """Time ``iters`` training steps of ``config`` (on mock data) after ``warmup`` untimed ones
-    (compilation, allocator, caches)."""
+    (compilation, allocator, caches). ConfigError, before anything is allocated, when the step cannot
+    fit ``device``."""
+    check_fits(config, 1, device)
     train, family = config.train, family_spec(config.model.family)
     torch.manual_seed(train.seed)
     samples = (iters + warmup) * train.global_batch_size

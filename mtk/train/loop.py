@@ -296,6 +296,7 @@ class Trainer:
         )
         batches = iter(loader)
         seq_length = self.config.model.seq_length
+        first_iteration, first_skips = state.iteration, state.skipped_iterations
         interval_start, interval_tokens = time.perf_counter(), 0
         interval_losses: list[float] = []
         interval_terms: list[dict[str, float]] = []
@@ -356,6 +357,13 @@ class Trainer:
             logger.log_eval(self.evaluate(self.test_data, "test"))
             self.save()
             self.finish_save()
+        ran = state.iteration - first_iteration
+        if state.skipped_iterations - first_skips == ran:  # fewer than max_consecutive_skips, all skipped
+            raise TrainingError(
+                f"iterations {first_iteration + 1} to {state.iteration}: every step of this run was skipped "
+                "for a non-finite loss or gradient, so the model did not change. Lower the learning rate, "
+                "check the data, or train in bf16"
+            )
         return state
 
     def _count_skips(self, skipped: bool, loss_scale: float) -> None:

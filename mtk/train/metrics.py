@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from mtk.checkpoint import RunDir
-from mtk.manifest import atomic_output, atomic_write_text
+from mtk.manifest import atomic_output, atomic_write_text, open_nofollow, refuse_link
 
 # Dense (non-sparse) peak TFLOP/s per device, by precision; FP8 is twice bf16 on Hopper.
 PEAK_TFLOPS = {
@@ -54,6 +54,8 @@ class MetricsLogger:
         self.path = run_dir.metrics
         self.peak, self.device, self.show, self.enabled = peak_tflops, device, show or print, enabled
         self.writer = None
+        if enabled:
+            refuse_link(self.path)  # before the first step, not at the first log line
         if enabled and tensorboard_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -61,7 +63,7 @@ class MetricsLogger:
 
     def _append(self, record: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as handle:
+        with open_nofollow(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
 
     def forget_after(self, iteration: int) -> None:
@@ -125,7 +127,8 @@ class MetricsLogger:
 
 
 def read_metrics(root: str | os.PathLike) -> list[dict[str, Any]]:
-    """The records of run directory ``root``; a torn last line (a write cut short by a kill) is left out."""
+    """The records of run directory ``root``; a torn last line (a write cut short by a kill) is left out.
+    ValueError naming the line for anything else that is not a record with an iteration and a loss."""
     path = RunDir(root).metrics
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no metrics (is {root} an mtk run directory?)")
@@ -140,8 +143,16 @@ def read_metrics(root: str | os.PathLike) -> list[dict[str, Any]]:
             if number == len(lines):
                 break
             raise ValueError(f"{path}:{number}: not a JSON record; remove the line or the file") from None
-        if isinstance(record, dict):
-            records.append(record)
+        if not (
+            isinstance(record, dict)
+            and isinstance(record.get("iteration"), int)
+            and isinstance(record.get("loss"), (int, float))
+        ):
+            raise ValueError(
+                f"{path}:{number}: not a metrics record (an object with a whole 'iteration' and a numeric "
+                "'loss'); remove the line or the file"
+            )
+        records.append(record)
     return records
 
 

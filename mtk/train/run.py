@@ -7,6 +7,7 @@ the stage manifest (inputs with hashes, command line), metrics, checkpoints, the
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import random
 from typing import Any
@@ -15,10 +16,11 @@ import numpy as np
 import torch
 
 from mtk.checkpoint import CheckpointError, RunDir
-from mtk.config import ConfigError, RunConfig, check_run
+from mtk.config import MAX_SAMPLES, ConfigError, ModelConfig, RunConfig, check_run, check_value
 from mtk.data.prepared import DataFacts, check_token_ids, data_facts
 from mtk.manifest import atomic_write_text, inherit, write_manifest
 from mtk.models import family_spec
+from mtk.plan import check_fits
 from mtk.train.loop import Trainer, TrainingError, TrainOptions, TrainState
 from mtk.train.metrics import MetricsLogger, device_peak_tflops, plot_loss
 from mtk.train.schedule import split_sample_counts
@@ -26,8 +28,10 @@ from mtk.train.schedule import split_sample_counts
 
 def resolve_vocab(config: RunConfig, facts: DataFacts | None, explicit_vocab: int | None) -> RunConfig:
     """The config with the vocabulary the data was prepared with; a conflicting explicit value is an error."""
+    if explicit_vocab is not None:
+        check_value(ModelConfig, "vocab_size", explicit_vocab, "--vocab-size")
     if facts is None:  # mock data: the preset's vocabulary unless given
-        vocab = explicit_vocab or config.model.vocab_size
+        vocab = config.model.vocab_size if explicit_vocab is None else explicit_vocab
     else:
         source = facts.manifests[0]["path"] if facts.manifests else "the data"
         vocab = inherit("--vocab-size", facts.vocab_size, explicit_vocab, source)
@@ -35,7 +39,7 @@ def resolve_vocab(config: RunConfig, facts: DataFacts | None, explicit_vocab: in
             raise ConfigError("the data has no mtk manifest (prepared elsewhere?): give --vocab-size")
     if vocab is None:
         raise ConfigError("the vocabulary size is unknown: give --vocab-size")
-    config.model.vocab_size = vocab
+    config.model = dataclasses.replace(config.model, vocab_size=vocab)  # checked against its range
     return config
 
 
@@ -81,6 +85,14 @@ def run_training(
         check_token_ids(data.data_path, config.model.vocab_size, data.data_cache_path)
     family = family_spec(config.model.family)
     check_run(config, env.world_size, family)
+    counts = split_sample_counts(config)
+    if sum(counts) > MAX_SAMPLES:
+        raise ConfigError(
+            f"the run would read {sum(counts):,} samples (train, validation, test: {', '.join(map(str, counts))}), "
+            f"more than {MAX_SAMPLES:,}; lower --train-iters or --train-samples, --global-batch-size, or "
+            "--eval-iters"
+        )
+    check_fits(config, env.world_size, env.device)
     check_resumable(config, options)
     run_dir = RunDir(options.save)
     with contextlib.ExitStack() as held:
@@ -92,19 +104,19 @@ def run_training(
                 refused = err
         if any_rank(refused is not None):
             raise refused or CheckpointError(f"{run_dir.root} is in use by another run")
-        state = _train(config, options, env, family, facts, run_dir, show)
+        state = _train(config, options, env, family, facts, counts, run_dir, show)
     shutdown_distributed()
     return state
 
 
-def _train(config, options, env, family, facts, run_dir: RunDir, show) -> TrainState:
+def _train(config, options, env, family, facts, counts, run_dir: RunDir, show) -> TrainState:
     from mtk.parallel.apply import parallelize
     from mtk.parallel.dims import ParallelDims
     from mtk.parallel.distributed import barrier
 
     dims = ParallelDims.from_config(config, env.world_size)
     seed_everything(config.train.seed)
-    datasets = family.datasets(config, split_sample_counts(config), facts)
+    datasets = family.datasets(config, counts, facts)
     mesh = dims.build_mesh(env.device.split(":")[0]) if env.world_size > 1 else None
     # described on the meta device, cut to this rank's stages and shards, then allocated: initial
     # weights are drawn per parameter from the seed, the same in every layout

@@ -124,9 +124,8 @@ def test_import_refuses_what_it_cannot_read(tmp_path, minilm):
             return (print, ("ran code",))
 
     torch.save({"w": Payload()}, tmp_path / "pickled" / "pytorch_model.bin")
-    result = runner.invoke(
-        app, ["checkpoint", "import-hf", str(tmp_path / "pickled"), "--save", str(tmp_path / "r")]
-    )
+    pickled = ["checkpoint", "import-hf", str(tmp_path / "pickled"), "--save", str(tmp_path / "r")]
+    result = runner.invoke(app, [*pickled, "--no-tokenizer"])  # no vocab.txt: the weights alone
     assert result.exit_code != 0 and "not a plain weights file" in result.output
     assert "ran code" not in result.output
 
@@ -154,8 +153,9 @@ def test_megatron_pre_norm_bert_exports_as_megatron_bert_and_imports_back(tmp_pa
         logits, order = mtk_bert(run)(tokens, types, mask)
     assert (theirs.prediction_logits - logits[..., :4096])[mask.bool()].abs().max() <= 1e-4
     assert (theirs.seq_relationship_logits - order).abs().max() <= 1e-5
+    # mock data has no tokenizer, so the exported folder has none
     result = runner.invoke(app, ["checkpoint", "import-hf", str(tmp_path / "hf"), "--preset", "bert-tiny",
-                                 "--save", str(tmp_path / "back")])  # fmt: skip
+                                 "--save", str(tmp_path / "back"), "--no-tokenizer"])  # fmt: skip
     assert result.exit_code == 0 and "not in the checkpoint" not in result.output, result.output
     original, back = load_checkpoint(run)["model"], load_checkpoint(tmp_path / "back")["model"]
     assert original.keys() == back.keys() and all(torch.equal(original[k], back[k]) for k in original)

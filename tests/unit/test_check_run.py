@@ -134,9 +134,12 @@ def test_every_rule_has_its_kind_and_says_what_to_change(overrides, rule, messag
         ("tensor_model_parallel_size", 0, ">= 1"),
         ("clip_grad", -1.0, ">= 0"),
         ("weight_decay", -1.0, ">= 0"),
-        ("hidden_dropout", 1.0, "in [0, 1)"),
-        ("lr", float("nan"), ">= 0"),
-        ("seed", -1, "in [0, 4294967295]"),
+        ("hidden_dropout", 1.0, ">= 0 and < 1"),
+        ("lr", float("nan"), ">= 0 and <= 1"),
+        ("seed", -1, ">= 0 and <= 4294967295"),
+        ("num_layers", 10**30, ">= 1 and <= 4096"),
+        ("hidden_size", 2**20, ">= 1 and <= 262144"),
+        ("weight_decay", 1e30, ">= 0 and <= 1"),
     ],
 )
 def test_values_out_of_their_declared_range_are_rejected_naming_the_key(key, value, allowed):

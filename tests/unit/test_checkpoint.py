@@ -17,6 +17,7 @@ from mtk.checkpoint import (
     checkpoint_description,
     describe_files,
     load_checkpoint,
+    rng_state,
 )
 from mtk.config import apply_overrides
 from mtk.models.gpt import SPEC
@@ -34,6 +35,12 @@ def trained_pieces(seed: int):
     model(torch.randint(0, 4096, (2, 16))).float().mean().backward()
     optimizer.step()
     return model, optimizer
+
+
+def trainer_state(iteration: int) -> dict:
+    """What the Trainer saves beside the weights, for checkpoint ``iteration``."""
+    return {"iteration": iteration, "consumed_samples": 10 * iteration, "consumed_tokens": 160 * iteration,
+            "skipped_iterations": 0, "scaler": {}, "rng": [rng_state()], "config": CONFIG.to_dict()}  # fmt: skip
 
 
 def checkpointer(root, model, optimizer, **kwargs) -> Checkpointer:
@@ -62,7 +69,7 @@ def test_publish_prunes_and_describes_and_load_restores(tmp_path):
     model, optimizer = trained_pieces(0)
     saver = checkpointer(tmp_path, model, optimizer, keep_last=2)
     for iteration in (2, 4, 6):
-        saver.save(iteration, {"iteration": iteration})
+        saver.save(iteration, trainer_state(iteration))
     run = RunDir(tmp_path)
     assert run.checkpoints() == [4, 6] and run.latest() == 6
     assert not list(tmp_path.glob(".*"))  # no staging folder or temporary tracker left
@@ -73,7 +80,7 @@ def test_publish_prunes_and_describes_and_load_restores(tmp_path):
     other, other_optimizer = trained_pieces(1)
     assert not torch.equal(other.embedding.weight, model.embedding.weight)
     state = checkpointer(tmp_path, other, other_optimizer).load()
-    assert state == {"iteration": 6}
+    assert state["iteration"] == 6 and state["consumed_samples"] == 60
     for (name, a), b in zip(model.state_dict().items(), other.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     moments = [s["exp_avg"] for s in optimizer.state.values()]
@@ -84,16 +91,16 @@ def test_publish_prunes_and_describes_and_load_restores(tmp_path):
 
 def test_load_prefers_the_load_directory_and_finds_nothing_in_an_empty_one(tmp_path):
     model, optimizer = trained_pieces(0)
-    checkpointer(tmp_path / "a", model, optimizer).save(3, {"iteration": 3})
+    checkpointer(tmp_path / "a", model, optimizer).save(3, trainer_state(3))
     fresh, fresh_optimizer = trained_pieces(1)
     assert checkpointer(tmp_path / "b", fresh, fresh_optimizer).load() is None
     loaded = checkpointer(tmp_path / "b", fresh, fresh_optimizer, load_dir=RunDir(tmp_path / "a")).load()
-    assert loaded == {"iteration": 3} and torch.equal(fresh.embedding.weight, model.embedding.weight)
+    assert loaded["iteration"] == 3 and torch.equal(fresh.embedding.weight, model.embedding.weight)
 
 
 def test_checkpoints_written_before_they_described_themselves_are_described_by_their_run(tmp_path):
     model, optimizer = trained_pieces(0)
-    checkpointer(tmp_path, model, optimizer).save(1, {"iteration": 1})
+    checkpointer(tmp_path, model, optimizer).save(1, trainer_state(1))
     (RunDir(tmp_path).checkpoint(1) / DESCRIPTION).unlink()
     RunDir(tmp_path).config.write_text(json.dumps(CONFIG.to_dict()))
     RunDir(tmp_path).manifest.write_text(json.dumps({"stage": "train", "tokenizer": TOKENIZER}))
@@ -114,7 +121,7 @@ def saved_run(root, iterations=(2, 4), **kwargs):
     for iteration in iterations:
         with torch.no_grad():
             model.embedding.weight.fill_(float(iteration))
-        saver.save(iteration, {"iteration": iteration})
+        saver.save(iteration, trainer_state(iteration))
     return saver
 
 
@@ -185,7 +192,7 @@ def test_pruning_keeps_the_tracked_checkpoint_and_goes_by_iteration(tmp_path):
     model, optimizer = trained_pieces(1)
     saver = checkpointer(tmp_path, model, optimizer, keep_last=1)
     assert saver.load()["iteration"] == 10
-    saver.save(15, {"iteration": 15})
+    saver.save(15, trainer_state(15))
     assert RunDir(tmp_path).checkpoints() == [15, 20] and RunDir(tmp_path).latest() == 15
     with pytest.raises(CheckpointError, match="keep at least the newest"):
         checkpointer(tmp_path, model, optimizer, keep_last=0)
@@ -200,17 +207,17 @@ def test_each_iteration_is_saved_once_and_replacing_an_abandoned_one_keeps_a_che
         Checkpointer, "_publish", lambda self, i, *a: published.append(i) or real_publish(self, i, *a)
     )
     saver = saved_run(tmp_path, iterations=(2, 4))
-    saver.save(4, {"iteration": 4})  # the final save of a run whose save interval divides its length
+    saver.save(4, trainer_state(4))  # the final save of a run whose save interval divides its length
     assert published == [2, 4]
     model, optimizer = trained_pieces(1)
     resumed = checkpointer(tmp_path, model, optimizer)
     resumed.load()
-    resumed.save(4, {"iteration": 4})  # a finished run started again
+    resumed.save(4, trainer_state(4))  # a finished run started again
     assert published == [2, 4]
     RunDir(tmp_path).tracker.write_text("2\n")
     later = checkpointer(tmp_path, model, optimizer)
     later.load()
-    later.save(4, {"iteration": 4})  # another iter_4 than the one on disk: replaced, never missing
+    later.save(4, trainer_state(4))  # another iter_4 than the one on disk: replaced, never missing
     assert published == [2, 4, 4] and RunDir(tmp_path).latest() == 4 and not list(tmp_path.glob(".iter*"))
 
 
@@ -229,7 +236,7 @@ def test_a_full_disk_says_so_and_leaves_the_previous_checkpoint(tmp_path, monkey
         CheckpointError,
         match=r"no space left on device while saving checkpoint 4 to .*\.iter_0000004\.tmp; .*iter_0000002 is still the latest",
     ):
-        saver.save(4, {"iteration": 4})
+        saver.save(4, trainer_state(4))
     assert RunDir(tmp_path).latest() == 2 and not list(tmp_path.glob(".iter*"))
 
 

@@ -493,8 +493,10 @@ def test_wordpiece_lower_cased_ids_by_hand(tmp_path):
 
 
 def test_wordpiece_cased_ids_by_hand(tmp_path):
-    tok = load_tokenizer(write_vocab(tmp_path / "cased", [*WORDPIECE_VOCAB, "The"]))
-    assert tok.lower_case is False  # an upper-case entry: detected as cased
+    folder = write_vocab(tmp_path / "cased", [*WORDPIECE_VOCAB, "The"])
+    (folder / "tokenizer_config.json").write_text('{"do_lower_case": false}')  # as cased BERTs declare
+    tok = load_tokenizer(folder)
+    assert tok.lower_case is False
     # The | un ##aff ##able | [UNK] (CAFÉ) | café | , | runn ##ing | 東 | 京 | run ##s | ! | [UNK]
     assert tok.encode(WORDPIECE_TEXT) == [19, 6, 7, 8, 1, 10, 11, 15, 16, 13, 14, 18, 17, 12, 1]
     forced = load_tokenizer(tmp_path / "cased" / "vocab.txt", lower_case=True)
