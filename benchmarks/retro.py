@@ -93,7 +93,7 @@ def main() -> None:
     embedder = BertEmbedder(args.embedder, bert_tokenizer(args.embedder))
 
     phases = Phases()
-    blocks = embedding_blocks(project, 20_000)
+    blocks = embedding_blocks(project, 20_000, embedder.dim)
     already = blocks.total - sum(e - s for s, e in blocks.missing())
     build_index(project, embedder, "Flat", block_size=20_000, progress=phases)
     report["embedding"] = {"chunks": chunks - already, "seconds": round(phases.end["embed"][0] - phases.start["embed"], 1),

@@ -1013,7 +1013,9 @@ def read_description(path: Path) -> dict[str, Any]:
 
 def _checked_description(description: Any, source: Path) -> dict[str, Any]:
     if not isinstance(description, dict) or not isinstance(description.get("config"), dict):
-        raise CheckpointError(f"{source}: expected a table with the run's 'config', found {description!r:.80}")
+        raise CheckpointError(
+            f"{source}: expected a table with the run's 'config', found {description!r:.80}"
+        )
     if not isinstance(description.get("tokenizer"), (dict, type(None))):
         raise CheckpointError(f"{source}: 'tokenizer' is not a table")
     try:

@@ -39,6 +39,24 @@ def fail(message: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
+def show_warnings_plainly() -> None:
+    """mtk's own warnings (a rebuilt cache, ...) as one ``warning:`` line each, not Python's
+    ``file:line: Category`` form with its source line; other libraries' warnings stay as they are."""
+    import warnings
+
+    from rich.markup import escape
+
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+        if category.__module__.startswith("mtk."):
+            err_console.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
+
 def reports_file_errors(command: Callable) -> Callable:
     """The command with file-system errors (read-only, no permission, disk full, a file where a folder
     should be) reported as one line naming the path and the cause, instead of a traceback."""

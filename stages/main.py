@@ -20,7 +20,7 @@ from . import (
     tokenizer,
     train,
 )
-from .common import reports_file_errors
+from .common import reports_file_errors, show_warnings_plainly
 
 app = typer.Typer(
     name="mtk",
@@ -55,6 +55,7 @@ app.command("query-neighbours", help="Same as `mtk retro query-neighbours`.")(
 
 
 def main() -> None:
+    show_warnings_plainly()
     app()
 
 

@@ -121,13 +121,13 @@ def with_config_options(*keys: str) -> Callable[[Callable], Callable]:
 
 def _inherit_retro_project(values: dict[str, Any]) -> dict[str, Any]:
     """``values`` with what the RETRO project fixes; a value given with another one is an error."""
-    from mtk.data.retro_project import RetroProject, RetroProjectError
-    from mtk.retro.query import training_values
+    from mtk.data.retro_project import RetroProject
+    from mtk.retro.query import training_values, verified_neighbours
 
     project = values["retro_project"]
-    try:
-        inherited = training_values(RetroProject(project).stage("build-db"))
-    except RetroProjectError as err:
+    try:  # the data, chunk table, records and neighbours as the stages left them
+        inherited = training_values(verified_neighbours(RetroProject(project))[0])
+    except (ValueError, OSError) as err:
         fail(str(err))
     for key, value in inherited.items():
         given = next(
@@ -155,6 +155,8 @@ def build_config(
         values.update(config_values)
         if bf16 or fp16:
             values["precision"] = "bf16" if bf16 else "fp16"
+        if "data.retro_project" in values:  # the project is inherited (and verified) however it is given
+            values["retro_project"] = values.pop("data.retro_project")
         if values.get("retro_project"):
             values = _inherit_retro_project(values)
         return cfg.apply_overrides(load_preset(preset).sections, values)

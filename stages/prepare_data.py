@@ -71,7 +71,9 @@ def prepare_data(
     lower_case: bool | None = typer.Option(
         None,
         "--lower-case/--cased",
-        help="WordPiece only: lower-case (uncased BERT) or keep case. Default: detected from vocab.txt.",
+        help="WordPiece only: lower-case (uncased BERT) or keep case. Default: what the folder declares "
+        "(tokenizer_config.json do_lower_case, the tokenizer.json normalizer, mtk's training record), "
+        "else lower case as BERT.",
         show_default=False,
     ),
     vocab_extra_ids: int = typer.Option(

@@ -226,17 +226,27 @@ def inspect(project: Annotated[Path, typer.Argument(help="The project folder.")]
     """What each stage did (settings, counts, recall) and which are missing."""
     import json
 
-    from mtk.data.retro_project import STAGES, RetroProject
+    from rich.markup import escape
 
-    config = RetroProject(project).config()
+    from mtk.data.retro_project import STAGES, RetroProject, RetroProjectError
+
+    retro = RetroProject(project)
+    try:
+        config = retro.config()
+    except RetroProjectError as err:
+        fail(str(err))
     if not config:
         fail(f"{project}: not a RETRO project (no config.json); start with `mtk retro build-db`")
     for stage in STAGES:
-        record = config.get(stage)
-        if record is None:
+        if stage not in config:
             console.print(
                 f"[bold]{stage}[/]: [yellow]missing[/] (run `mtk retro {stage} --project {project}`)"
             )
+            continue
+        try:
+            record = retro.stage(stage)
+        except RetroProjectError as err:
+            console.print(f"[bold]{stage}[/]: [red]{escape(str(err))}[/]", soft_wrap=True)
             continue
         shown = {k: v for k, v in record.items() if k not in ("gpt_tokenizer", "bert_tokenizer", "embedder")}
         state = "" if record.get("complete", True) else " [yellow](unfinished: run it again)[/]"
@@ -250,20 +260,21 @@ def neighbours(
     count: Annotated[int, typer.Option("--count", min=1, help="Neighbours shown per chunk.")] = 2,
 ) -> None:
     """A sample's chunks as text next to the text of their retrieved neighbours."""
-    import numpy as np
-
-    from mtk.data.retro_project import RetroProject
+    from mtk.data.retro_project import SPLITS, RetroProject
     from mtk.retro.db import ChunkReader
-    from mtk.retro.query import gpt_samples
+    from mtk.retro.query import gpt_samples, verified_neighbours
 
+    if split not in SPLITS:
+        fail(f"--split {split!r}: one of {', '.join(SPLITS)}")
     retro = RetroProject(project)
     try:
-        db = retro.stage("build-db")
-        retro.stage("query-neighbours")
-        found = np.load(retro.neighbours_path(split), mmap_mode="r")
-        samples = gpt_samples(db)[("train", "valid", "test").index(split)]
+        db, neighbours = verified_neighbours(retro)
+        samples = gpt_samples(db)[SPLITS.index(split)]
     except (*_errors(), FileNotFoundError) as err:
         fail(str(err))
+    if split not in neighbours:
+        fail(f"{project}: no neighbours for the {split} split (query-neighbours found no {split} samples)")
+    found = neighbours[split]
     if sample >= len(found):
         fail(f"--sample {sample}: the {split} split has {len(found)} samples")
     reader = ChunkReader(retro)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from mtk.data.retro_project import check_ids
+
 RETRIEVED_CHUNKS = 2  # a neighbour is its chunk and the one after it (Megatron's retro_num_retrieved_chunks)
 
 
@@ -47,7 +49,11 @@ class RetroDataset:
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         sample = self.samples[index]
-        rows = np.asarray(self.neighbours[index, :, : self.k])
+        # ids read back from the project: never trusted to lie inside the database
+        where = getattr(self.neighbours, "filename", None) or "the saved neighbours"
+        rows = check_ids(
+            np.asarray(self.neighbours[index, :, : self.k]), len(self.chunks), where, "query-neighbours"
+        )
         tokens = neighbour_tokens(rows, self.chunks, self.datasets, self.m, self.eod)
         return sample | {"neighbours": torch.from_numpy(tokens)}
 

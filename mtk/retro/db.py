@@ -10,6 +10,7 @@ chunks, whose first ones train the index.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from mtk.data.prepared import data_facts
 from mtk.data.retro_project import RetroProject, RetroProjectError, save_array
 from mtk.data.splits import split_indices
 from mtk.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_manifest
-from mtk.manifest import sha256_file
+from mtk.manifest import data_manifest_path, sha256_file
 
 BATCH_DOCUMENTS = 64
 
@@ -31,8 +32,15 @@ def bert_tokenizer(spec: str | Path) -> Tokenizer:
     """A BERT WordPiece tokenizer from a folder (vocab.txt, or tokenizer.json) or a file."""
     path = Path(spec)
     if path.is_dir() and (path / "vocab.txt").is_file():
-        return load_tokenizer(path / "vocab.txt", "wordpiece")
-    return load_tokenizer(path)
+        tokenizer = load_tokenizer(path / "vocab.txt", "wordpiece")
+    else:
+        tokenizer = load_tokenizer(path)
+    if tokenizer.lower_case is None:  # its casing is what the project records and later stages check
+        raise RetroProjectError(
+            f"{spec}: a {tokenizer.kind} tokenizer; RETRO embeds chunks with a BERT WordPiece tokenizer "
+            "(a folder with vocab.txt)"
+        )
+    return tokenizer
 
 
 def gpt_tokenizer(data: str) -> Tokenizer:
@@ -46,8 +54,13 @@ def gpt_tokenizer(data: str) -> Tokenizer:
 
 
 def input_hashes(data: str) -> dict[str, str]:
-    """sha256 of each prefix's .idx (it fixes every document's length) for the inputs record."""
-    return {prefix: sha256_file(idx_path(prefix)) for _, prefix in parse_blend(data)}
+    """sha256 of the files of each prefix that fix the data, for the inputs record: the .idx (every
+    document's length) and the manifest, which holds the .bin's sha256 from prepare-data (so data
+    prepared again in place is caught without hashing a large .bin at each training start)."""
+    paths = [
+        path for _, prefix in parse_blend(data) for path in (idx_path(prefix), data_manifest_path(prefix))
+    ]
+    return {str(path): sha256_file(path) if path.is_file() else "missing" for path in paths}
 
 
 def document_chunks(tokens: np.ndarray, eod: int | None, chunk_length: int) -> list[tuple[int, int]]:
@@ -104,6 +117,7 @@ def build_db(
         gpt_tokenizer=gpt.describe(),
         bert_tokenizer=bert_tok.describe(),
         bert=str(Path(bert).resolve()),
+        lower_case=bert_tok.lower_case,
         inputs=input_hashes(data),
         counts={
             "documents": int(total),
@@ -118,13 +132,81 @@ def build_db(
 
 
 def check_inputs(project: RetroProject) -> dict[str, Any]:
-    """The build-db record, checked against the data it was built from."""
+    """The build-db record, checked against what the project now holds: the data it was built from
+    (``input_hashes``), the chunk table's sha256, and the table's chunks, which must be the ones
+    ``chunk_length`` cuts from those documents. Every stage, generation and training call it first."""
     record = project.stage("build-db")
-    if input_hashes(record["data"]) != record["inputs"]:
+    try:
+        found = input_hashes(record["data"])
+    except (ValueError, FileNotFoundError) as err:
         raise RetroProjectError(
-            f"{project.root}: the data {record['data']} changed since build-db; re-run `mtk retro build-db`"
+            f"{project.config_path}: build-db.data: {err}; {project.rerun('build-db')}"
+        ) from None
+    for path in sorted(found.keys() | record["inputs"].keys()):
+        if found.get(path) != record["inputs"].get(path):
+            raise RetroProjectError(
+                f"{path}: the data changed since build-db (sha256 {found.get(path, 'not an input')}, "
+                f"build-db.inputs in {project.config_path} records {record['inputs'].get(path, 'none')}); "
+                f"{project.rerun('build-db')}"
+            )
+    if project.db_hash() != record["db_sha256"]:
+        raise RetroProjectError(
+            f"{project.chunks_path}: missing or changed since build-db wrote it (its sha256 is not "
+            f"build-db.db_sha256 of {project.config_path}); {project.rerun('build-db')}"
         )
-    return project.require("build-db", "db_sha256", project.db_hash())
+    check_chunk_table(project, record)
+    return record
+
+
+def check_chunk_table(project: RetroProject, record: dict[str, Any]) -> None:
+    """Refuse a chunk table whose rows are not chunks of ``record``'s documents cut every
+    ``chunk_length`` tokens (e.g. config.json's chunk_length edited after build-db)."""
+    table, m = project.chunks(), record["chunk_length"]
+    datasets = [IndexedDataset(prefix) for _, prefix in parse_blend(record["data"])]
+    dataset, doc, start, end, bert_length = (table[:, i] for i in range(5))
+
+    def refuse(what: str) -> RetroProjectError:
+        return RetroProjectError(
+            f"{project.chunks_path}: {what}; the table disagrees with build-db in {project.config_path} "
+            f"(chunk_length {m}, data {record['data']}): {project.rerun('build-db')}"
+        )
+
+    if len(table) and (dataset.min() < 0 or dataset.max() >= len(datasets)):
+        raise refuse(f"a dataset number outside the {len(datasets)} of the data")
+    length = np.zeros(len(table), dtype=np.int64)  # of each chunk's document
+    for number, indexed in enumerate(datasets):
+        rows = dataset == number
+        if rows.any() and (doc[rows].min() < 0 or doc[rows].max() >= len(indexed)):
+            raise refuse(f"a document number outside the {len(indexed)} of {indexed.prefix}")
+        length[rows] = indexed.sequence_lengths[doc[rows]]
+    size = end - start
+    # a chunk is m tokens from a multiple of m, shorter only at its document's end (less its eod)
+    bad = (start < 0) | (start % m != 0) | (size < 1) | (size > m) | (end > length) | (bert_length < 1)
+    bad |= (size < m) & (end < length - 1)
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise refuse(
+            f"chunk {row} is tokens [{start[row]}, {end[row]}) of a {length[row]}-token document, not a "
+            f"chunk of {m} tokens"
+        )
+
+
+def check_bert_tokenizer(project: RetroProject, record: dict[str, Any], tokenizer: Tokenizer) -> None:
+    """Refuse a BERT tokenizer other than the one build-db measured the chunks with (``record``): its
+    casing, vocabulary or special tokens changed since, so the embeddings would not match the index."""
+    if tokenizer.lower_case != record["lower_case"]:
+        raise RetroProjectError(
+            f"{project.config_path}: build-db.lower_case is {json.dumps(record['lower_case'])}, but the BERT "
+            f"tokenizer {record['bert']} now loads with lower_case {json.dumps(tokenizer.lower_case)}; "
+            f"{project.rerun('build-db')} (and the stages after it)"
+        )
+    recorded, current = record["bert_tokenizer"], tokenizer.describe()
+    for key in sorted(recorded.keys() | current.keys()):
+        if recorded.get(key) != current.get(key):
+            raise RetroProjectError(
+                f"{project.config_path}: build-db.bert_tokenizer.{key} is {recorded.get(key)!r}, but the "
+                f"BERT tokenizer {record['bert']} now gives {current.get(key)!r}; {project.rerun('build-db')}"
+            )
 
 
 class ChunkReader:

@@ -13,12 +13,13 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mtk.data.retro_project import Blocks, RetroProject, RetroProjectError
-from mtk.retro.db import ChunkReader, check_inputs
+from mtk.data.retro_project import Blocks, RetroProject, RetroProjectError, check_ids
+from mtk.retro.db import ChunkReader, check_bert_tokenizer, check_inputs
 
 REFERENCE_MIN_CHUNKS = 10_000_000  # from here the exact re-ranking copy (4 bytes x dim a chunk) weighs
 
@@ -50,15 +51,15 @@ def default_nprobe(index_type: str) -> int:
     return max(1, lists // 4) if "fs" in index_type else max(1, lists // 16)
 
 
-def embedding_blocks(project: RetroProject, block_size: int) -> Blocks:
-    return Blocks(project.root / "embeddings", len(project.chunks()), block_size)
+def embedding_blocks(project: RetroProject, block_size: int, dim: int) -> Blocks:
+    return Blocks(project.root / "embeddings", len(project.chunks()), block_size, np.float32, (dim,), "index")
 
 
 def embed_database(
     project: RetroProject, embedder, block_size: int, progress: Callable[[int, int], None] | None = None
 ) -> Blocks:
     """Embeddings of every chunk, computing only the blocks not yet on disk."""
-    blocks = embedding_blocks(project, block_size)
+    blocks = embedding_blocks(project, block_size, embedder.dim)
     done = blocks.total - sum(end - start for start, end in blocks.missing())
     reader = ChunkReader(project) if blocks.missing() else None
     for start, end in blocks.missing():
@@ -83,11 +84,13 @@ def build_index(
     import faiss
 
     db = check_inputs(project)
+    check_bert_tokenizer(project, db, embedder.tokenizer)
     total = len(project.chunks())
     described = embedder.description
-    previous = project.config().get("index", {})
+    previous = project.config().get("index")
+    previous = previous if isinstance(previous, dict) else {}
     if previous.get("embedder") != described or previous.get("block_size", block_size) != block_size:
-        for stale in embedding_blocks(project, block_size).folder.glob("*.npy"):
+        for stale in embedding_blocks(project, block_size, embedder.dim).folder.glob("*.npy"):
             stale.unlink()  # embeddings of another model or blocking
     project.record("index", {"embedder": described, "block_size": block_size, "complete": False,
                              "db_sha256": db["db_sha256"]})  # fmt: skip
@@ -101,7 +104,7 @@ def build_index(
     except RuntimeError as err:
         raise RetroProjectError(f"--index-type {index_type!r}: faiss cannot build it ({err})") from None
     train_chunks = min(train_chunks or total, total)
-    sample = np.sort(np.load(project.sampled_path)[:train_chunks])
+    sample = np.sort(project.sampled()[:train_chunks])
     if faiss.get_num_gpus() > 0 and "IVF" in index_type:  # faiss-gpu (the gpu extra): k-means on the GPUs
         ivf = faiss.extract_index_ivf(index)
         ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(ivf.d))
@@ -144,10 +147,32 @@ def build_index(
 
 
 def load_index(project: RetroProject, record: dict[str, Any]):
-    """The project's index with its search settings (nprobe, efSearch) applied."""
+    """The project's index, verified to be the file the index stage wrote (its recorded sha256) over
+    this database, with its search settings (nprobe, efSearch) applied."""
     import faiss
 
-    index = faiss.read_index(str(project.index_path))
+    path, rerun = project.index_path, project.rerun("index")
+    if not record["complete"]:
+        raise RetroProjectError(f"{project.root}: `mtk retro index` did not finish; {rerun}")
+    if not path.is_file():
+        raise RetroProjectError(f"{path}: missing; {rerun}")
+    if project.index_hash() != record["index_sha256"]:
+        raise RetroProjectError(
+            f"{path}: changed since `mtk retro index` wrote it (its sha256 is not index.index_sha256 of "
+            f"{project.config_path}): the file is corrupt or was replaced; {rerun}"
+        )
+    try:
+        index = faiss.read_index(str(path))
+    except RuntimeError as err:
+        raise RetroProjectError(
+            f"{path}: faiss cannot read it ({str(err).splitlines()[-1]}); {rerun}"
+        ) from None
+    chunks, dim = len(project.chunks()), record["embedder"]["dim"]
+    if (index.ntotal, index.d) != (chunks, dim):
+        raise RetroProjectError(
+            f"{path}: {index.ntotal} vectors of {index.d} dimensions, but the database has {chunks} chunks "
+            f"embedded in {dim}; {rerun}"
+        )
     space = faiss.ParameterSpace()
     if _lists(record["index_type"]):
         space.set_index_parameter(index, "nprobe", record["nprobe"])
@@ -156,3 +181,26 @@ def load_index(project: RetroProject, record: dict[str, Any]):
     if "RFlat" in record["index_type"]:  # candidates re-ranked exactly: k x k_factor of them
         space.set_index_parameter(index, "k_factor_rf", record["k_factor"])
     return index
+
+
+def search(index, queries: np.ndarray, k: int, where: Path) -> np.ndarray:
+    """Ids (queries, k) of each query's nearest database chunks, best first, from ``index`` (read
+    from ``where``). faiss pads a row with -1 after its last candidate when it found fewer than k:
+    an IVF or graph index that reached fewer, or any index of fewer than k chunks; an exact Flat
+    index of k chunks or more always finds k. Any other id outside the database is refused."""
+    import faiss
+
+    ids = np.asarray(index.search(queries, k)[1])
+    check_ids(ids, index.ntotal, where, "index")
+    none = ids == -1
+    exact = isinstance(index, faiss.IndexFlat) and index.ntotal >= k
+    bad = (none[:, :-1] & ~none[:, 1:]).any(axis=1) | (exact & none.any(axis=1))
+    if bad.any():
+        found = ids[int(np.argmax(bad))].tolist()
+        shown = ", ".join(map(str, found[:10])) + (", ..." if len(found) > 10 else "")
+        raise RetroProjectError(
+            f"{where}: a search returned chunks [{shown}]: -1 (none found) "
+            + ("from an exact index that holds enough chunks" if exact else "before a chunk")
+            + "; the index is damaged: re-run `mtk retro index`"
+        )
+    return ids

@@ -18,11 +18,18 @@ import numpy as np
 
 from mtk.config import RunConfig, apply_overrides
 from mtk.data.retro import sample_documents
-from mtk.data.retro_project import INHERITED, Blocks, RetroProject, RetroProjectError, save_array
-from mtk.retro.db import ChunkReader, check_inputs, gpt_tokenizer
-from mtk.retro.index import embedding_blocks, load_index
+from mtk.data.retro_project import (
+    INHERITED,
+    SPLITS,
+    Blocks,
+    RetroProject,
+    RetroProjectError,
+    check_ids,
+    save_array,
+)
+from mtk.retro.db import ChunkReader, check_bert_tokenizer, check_inputs, gpt_tokenizer
+from mtk.retro.index import embedding_blocks, load_index, search
 
-SPLITS = ("train", "valid", "test")
 RECALL_QUERIES = 1000
 
 
@@ -51,6 +58,36 @@ def sample_counts(db: dict[str, Any]) -> tuple[int, int, int]:
     return split_sample_counts(project_config(db))
 
 
+def verified_neighbours(project: RetroProject) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The build-db record and each split's saved neighbours of a project to train on, verified: the
+    data, chunk table and records as the stages left them (``check_inputs``), query-neighbours finished
+    with the current index, and each neighbours file of the recorded shape, its ids in the database.
+    ``mtk train --retro-project`` calls it before it uses the project."""
+    db = check_inputs(project)
+    index = project.require("index", "db_sha256", db["db_sha256"])
+    query = project.require("query-neighbours", "db_sha256", db["db_sha256"])
+    rerun = project.rerun("query-neighbours")
+    if not (index["complete"] and query["complete"]):
+        raise RetroProjectError(f"{project.root}: query-neighbours did not finish; {rerun}")
+    if query["index_sha256"] != index["index_sha256"]:
+        raise RetroProjectError(
+            f"{project.config_path}: query-neighbours.index_sha256 is not index.index_sha256: the neighbours "
+            f"were found with another index; {rerun}"
+        )
+    per_sample = db["seq_length"] // db["chunk_length"]
+    if query["chunks_per_sample"] != per_sample:
+        raise RetroProjectError(
+            f"{project.config_path}: query-neighbours.chunks_per_sample is {query['chunks_per_sample']}, but "
+            f"build-db's seq_length / chunk_length is {per_sample}; {rerun}"
+        )
+    chunks, k = len(project.chunks()), query["num_neighbours"]
+    found = {
+        split: project.neighbours(split, (count, per_sample, k), chunks)
+        for split, count in query["samples"].items()
+    }
+    return db, found
+
+
 def _key(dataset: np.ndarray | int, doc: np.ndarray | int):
     return np.asarray(dataset, dtype=np.int64) * (1 << 32) + np.asarray(doc, dtype=np.int64)
 
@@ -66,39 +103,40 @@ def query_neighbours(
     if query_k < num_neighbours:
         raise RetroProjectError(f"--query-k {query_k} is below --num-neighbours {num_neighbours}; raise it")
     db = check_inputs(project)
+    check_bert_tokenizer(project, db, embedder.tokenizer)
     record = project.require("index", "db_sha256", db["db_sha256"])
-    if not record.get("complete") or record.get("index_sha256") != project.index_hash():
-        raise RetroProjectError(
-            f"{project.root}: the index is missing or unfinished; run `mtk retro index` first"
-        )
-    if record["embedder"] != embedder.description:
+    if record["complete"] and record["embedder"] != embedder.description:
         raise RetroProjectError(
             f"the embedder {embedder.folder} is not the one that built the index ({record['embedder']['folder']}); "
             "query with the same --embedder"
         )
+    index = load_index(project, record)  # verified before anything is recorded
     settings = {"num_neighbours": num_neighbours, "query_k": query_k, "index_sha256": record["index_sha256"]}
-    previous = project.config().get("query-neighbours", {})
+    previous = project.config().get("query-neighbours")
     folder = project.root / "query"
-    if {k: previous.get(k) for k in settings} != settings:
+    if not isinstance(previous, dict) or {k: previous.get(k) for k in settings} != settings:
         shutil.rmtree(folder, ignore_errors=True)  # blocks of other settings or another index
     project.record("query-neighbours", settings | {"complete": False, "db_sha256": db["db_sha256"]})
-    index = load_index(project, record)
     gpt = gpt_tokenizer(db["data"])
-    keys = _key(project.chunks()[:, 0], project.chunks()[:, 1])
+    table = project.chunks()
+    keys = _key(table[:, 0], table[:, 1])
     m = db["chunk_length"]
     per_sample = db["seq_length"] // m
     counts = {}
     for split, samples, needed in zip(SPLITS, gpt_samples(db), sample_counts(db), strict=True):
         if samples is None:
             continue
-        blocks = Blocks(folder / split, min(needed, len(samples)), block_samples)
+        total = min(needed, len(samples))
+        blocks = Blocks(
+            folder / split, total, block_samples, np.int64, (per_sample, num_neighbours), "query-neighbours"
+        )
         for start, end in blocks.missing():
             texts, own = [], []
             for i in range(start, end):
                 tokens = samples[i]["tokens"].numpy()
                 texts += [gpt.decode(tokens[j * m : (j + 1) * m].tolist()) for j in range(per_sample)]
                 own.append(_key(*np.asarray(sample_documents(samples, i)).T))
-            _, found = index.search(embedder(texts), query_k)
+            found = search(index, embedder(texts), query_k, project.index_path)
             kept = np.full((len(texts), num_neighbours), -1, dtype=np.int64)
             for row, candidates in enumerate(found):
                 candidates = candidates[candidates >= 0]
@@ -107,7 +145,10 @@ def query_neighbours(
             blocks.save(start, end, kept.reshape(end - start, per_sample, num_neighbours))
             if progress is not None:
                 progress(split, end, blocks.total)
-        save_array(project.neighbours_path(split), blocks.concatenated())
+        save_array(
+            project.neighbours_path(split),
+            check_ids(blocks.concatenated(), len(table), blocks.folder, "query-neighbours"),
+        )
         shutil.rmtree(blocks.folder)
         counts[split] = blocks.total
     recall = measure_recall(project, index, record, num_neighbours)
@@ -122,13 +163,13 @@ def measure_recall(project: RetroProject, index, record: dict[str, Any], k: int)
     chunks as queries (the seeded sample's first ones)."""
     import faiss
 
-    embeddings = embedding_blocks(project, record["block_size"]).concatenated().astype(np.float32)
+    embeddings = embedding_blocks(project, record["block_size"], record["embedder"]["dim"]).concatenated()
     k = min(k, len(embeddings))
-    queries = embeddings[np.sort(np.load(project.sampled_path)[:RECALL_QUERIES])]
+    queries = embeddings[np.sort(project.sampled()[:RECALL_QUERIES])]
     exact = faiss.IndexFlatL2(embeddings.shape[1])
     exact.add(embeddings)
     _, truth = exact.search(queries, k)
-    _, found = index.search(queries, k)
+    found = search(index, queries, k, project.index_path)
     hits = sum(len(np.intersect1d(a, b)) for a, b in zip(truth, found, strict=True))
     return round(hits / (k * len(queries)), 4)
 
@@ -140,10 +181,12 @@ class Retriever:
 
     def __init__(self, project: RetroProject, embedder, num_neighbors: int) -> None:
         db = check_inputs(project)
+        check_bert_tokenizer(project, db, embedder.tokenizer)
         record = project.require("index", "db_sha256", db["db_sha256"])
-        if record.get("embedder") != embedder.description:
+        if record["complete"] and record["embedder"] != embedder.description:
             raise RetroProjectError(f"the embedder {embedder.folder} is not the one that built the index")
         self.index, self.embedder, self.k = load_index(project, record), embedder, num_neighbors
+        self.where = project.index_path
         self.reader = ChunkReader(project)
         self.gpt, self.m = self.reader.gpt, self.reader.chunk_length
         self.found: list[np.ndarray] = []
@@ -155,7 +198,7 @@ class Retriever:
         while len(self.found) < complete:
             c = len(self.found)
             text = self.gpt.decode(tokens[c * self.m : (c + 1) * self.m])
-            self.found.append(self.index.search(self.embedder([text]), self.k)[1][0])
+            self.found.append(search(self.index, self.embedder([text]), self.k, self.where)[0])
         rows = np.full((-(-len(tokens) // self.m), self.k), -1, dtype=np.int64)
         if complete:
             rows[:complete] = np.stack(self.found[:complete])

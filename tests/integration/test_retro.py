@@ -192,13 +192,14 @@ def test_training_inherits_the_project_and_refuses_other_values(ivf, tmp_path):
 def test_a_stage_refuses_a_project_built_from_other_data(ivf, corpus, tmp_path):
     folder = tmp_path / "copy"
     folder.mkdir()
-    for name in ("config.json",):
-        (folder / name).write_text((ivf / name).read_text())
     (folder / "db").mkdir()
+    for name in ("config.json", "db/mtk.json"):  # the records, consistent with each other
+        (folder / name).write_text((ivf / name).read_text())
     chunks = np.load(ivf / "db" / "chunks.npy")
     np.save(folder / "db" / "chunks.npy", chunks[:-1])  # not what build-db recorded
     result = CliRunner().invoke(app, ["retro", "index", "--project", str(folder)])
     assert result.exit_code != 0 and "re-run `mtk retro build-db" in result.output
+    assert "chunks.npy: missing or changed since build-db wrote it" in " ".join(result.output.split())
     assert not (folder / "index").exists() and not (folder / "embeddings").exists()  # nothing half-built
 
 
@@ -209,3 +210,24 @@ def test_training_resumes_exactly_after_sigkill(ivf, trained, tmp_path, kill_dur
     invoke("train", *args, "--save", str(run))
     assert latest_iteration(run) == 20
     assert losses(trained) == losses(run)
+
+
+def test_generate_and_query_refuse_a_corrupt_index_and_an_edited_chunk_length(ivf, trained, tmp_path):
+    folder = shutil.copytree(ivf, tmp_path / "copy")
+    index = folder / "index" / "index.faiss"
+    index.write_bytes(index.read_bytes()[:1000])  # a copy cut short
+    for args in (["generate", "--load", str(trained), "--retro-project", str(folder), "--prompt", "The"],
+                 ["retro", "query-neighbours", "--project", str(folder)]):  # fmt: skip
+        result = CliRunner().invoke(app, args)
+        output = " ".join(result.output.split())
+        assert result.exit_code != 0 and f"{index}: changed since `mtk retro index` wrote it" in output, (
+            output
+        )
+        assert "corrupt" in output and "re-run `mtk retro index" in output
+    config = json.loads((folder / "config.json").read_text())
+    config["build-db"]["chunk_length"] = 16  # the database holds chunks of 32 tokens
+    (folder / "config.json").write_text(json.dumps(config))
+    result = CliRunner().invoke(app, ["retro", "query-neighbours", "--project", str(folder)])
+    output = " ".join(result.output.split())
+    assert result.exit_code != 0 and "config.json: build-db.chunk_length is 16, but" in output
+    assert f"{folder / 'db' / 'mtk.json'} records 32" in output

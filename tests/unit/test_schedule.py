@@ -22,14 +22,14 @@ def test_warmup_then_cosine_to_min():
 
 def test_linear_constant_and_warmup_fraction():
     linear = TrainConfig(
-        lr=2.0, min_lr=0.0, lr_decay_style="linear", lr_decay_iters=100, lr_warmup_fraction=0.1
+        lr=0.8, min_lr=0.0, lr_decay_style="linear", lr_decay_iters=100, lr_warmup_fraction=0.1
     )
-    assert learning_rate(linear, 10, 1000) == pytest.approx(2.0)  # warmup = 0.1 * decay iters
-    assert learning_rate(linear, 55, 1000) == pytest.approx(1.0)
+    assert learning_rate(linear, 10, 1000) == pytest.approx(0.8)  # warmup = 0.1 * decay iters
+    assert learning_rate(linear, 55, 1000) == pytest.approx(0.4)
     by_samples = TrainConfig(lr=1.0, lr_warmup_samples=640, global_batch_size=32, lr_decay_style="constant")
     assert learning_rate(by_samples, 10, 100) == pytest.approx(0.5)  # 640 samples = 20 steps of 32
-    constant = TrainConfig(lr=3.0, lr_decay_style="constant")
-    assert learning_rate(constant, 77, 100) == 3.0
+    constant = TrainConfig(lr=0.3, lr_decay_style="constant")
+    assert learning_rate(constant, 77, 100) == 0.3
 
 
 def test_batch_size_ramp_by_consumed_tokens():
