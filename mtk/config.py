@@ -599,7 +599,7 @@ def apply_overrides(sections: dict[str, dict[str, Any]], overrides: dict[str, An
         if section is None or name not in field_names(SECTIONS[section]):
             raise ConfigError(f"--set {key}: unknown key '{name}'; `mtk presets show NAME` lists every key")
         data[section][name] = value
-    return RunConfig.from_dict(data, where="--set")
+    return RunConfig.from_dict(data, where="settings (preset, --set and flags)")
 
 
 # ---- rules across values ----------------------------------------------------------------------------
