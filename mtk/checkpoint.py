@@ -316,6 +316,14 @@ def trainer_state_problem(state: Any, folder: Path | None = None) -> str | None:
         value = state.get(key)
         if not _is_int(value) or not 0 <= value < MAX_COUNT:
             return f"{key!r} is {value!r}, expected a whole number in [0, 2^62)"
+    for key in (
+        "schedule_steps",
+        "schedule_samples",
+        "consumed_valid_samples",
+    ):  # absent in older checkpoints
+        value = state.get(key, 0)
+        if not _is_int(value) or not 0 <= value < MAX_COUNT:
+            return f"{key!r} is {value!r}, expected a whole number in [0, 2^62)"
     digits = folder.name.removeprefix("iter_") if folder is not None else ""
     if digits.isdigit() and int(digits) != state["iteration"]:
         return f"'iteration' is {state['iteration']} in the folder of iteration {int(digits)}"

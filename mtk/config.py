@@ -11,6 +11,7 @@ precision, run length).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import re
@@ -74,6 +75,7 @@ EPSILON = Range(low=0, high=1, open_low=True)  # added to a denominator: above 1
 # Adam moves each weight by about the learning rate per step, and AdamW's decay multiplies weights by
 # (1 - lr x weight_decay): above 1 either is no recipe, only a run that diverges later
 RATE = Range(low=0, high=1)
+LOSS_SCALE = Range(low=0, high=2.0**64, open_low=True)  # fp16 loss scales (Megatron starts at 2^32)
 
 # Upper bounds of everything that sizes a resource: generous (10x or more the largest published
 # recipe) but finite, so that a typo or a crafted config is refused by name, and no product of these
@@ -101,9 +103,12 @@ def up_to(high: float) -> Range:
     return Range(low=0, high=high)
 
 
-def setting(default: Any, help: str, *, range: Range | None = None, flag: str | None = None) -> Any:
-    """A config field with its help, the range its numbers must lie in, and its CLI flag (if it has one)."""
-    metadata = {"help": help, "range": range, "flag": flag}
+def setting(
+    default: Any, help: str, *, range: Range | None = None, flag: str | None = None, nargs: int | None = None
+) -> Any:
+    """A config field with its help, the range its numbers must lie in, and its CLI flag (if it has one);
+    ``nargs``: a list field's flag takes that many values (Megatron's ``nargs``)."""
+    metadata = {"help": help, "range": range, "flag": flag, "nargs": nargs}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -112,11 +117,22 @@ def setting(default: Any, help: str, *, range: Range | None = None, flag: str | 
 @dataclass
 class ModelConfig:
     family: Literal["gpt", "bert", "t5", "retro"] = setting("gpt", "Model family (mtk/models/<family>.py).")
-    num_layers: int = setting(12, "Transformer layers (the encoder's for T5).", range=positive(MAX_LAYERS))
-    hidden_size: int = setting(768, "Width of the residual stream.", range=positive(MAX_WIDTH))
-    num_attention_heads: int = setting(12, "Query heads per attention layer.", range=positive(MAX_HEADS))
+    # the shape Megatron requires (num_layers, hidden_size, num_attention_heads, seq_length) defaults
+    # to GPT-2 small's, so that every config is complete
+    num_layers: int = setting(
+        12, "Transformer layers (the encoder's for T5). Megatron requires it.", range=positive(MAX_LAYERS)
+    )
+    hidden_size: int = setting(
+        768, "Width of the residual stream. Megatron requires it.", range=positive(MAX_WIDTH)
+    )
+    num_attention_heads: int = setting(
+        12, "Query heads per attention layer. Megatron requires it.", range=positive(MAX_HEADS)
+    )
     ffn_hidden_size: int | None = setting(
-        None, "MLP width (default 4 x hidden_size).", range=positive(4 * MAX_WIDTH)
+        None,
+        "MLP width (default 4 x hidden_size; with SwiGLU 2/3 of that, rounded down to a multiple of 64, "
+        "as Megatron).",
+        range=positive(4 * MAX_WIDTH),
     )
     num_query_groups: int | None = setting(
         None, "Key/value heads, GQA (default num_attention_heads).", range=positive(MAX_HEADS)
@@ -124,7 +140,9 @@ class ModelConfig:
     kv_channels: int | None = setting(
         None, "Width of one head (default hidden_size / heads).", range=positive(MAX_WIDTH)
     )
-    seq_length: int = setting(1024, "Tokens per sample.", range=positive(MAX_TOKENS), flag="--seq-length")
+    seq_length: int = setting(
+        1024, "Tokens per sample. Megatron requires it.", range=positive(MAX_TOKENS), flag="--seq-length"
+    )
     max_position_embeddings: int | None = setting(
         None, "Positions the model can address (default seq_length).", range=positive(MAX_POSITIONS)
     )
@@ -136,10 +154,34 @@ class ModelConfig:
     )
     normalization: Literal["LayerNorm", "RMSNorm"] = setting("LayerNorm", "Normalization layers.")
     norm_epsilon: float = setting(1e-5, "Epsilon of the norms.", range=EPSILON)
+    apply_layernorm_1p: bool = setting(
+        False,
+        "Zero-centred norm weights: stored as gamma - 1 (starting at 0), applied as 1 + weight "
+        "(Megatron's --apply-layernorm-1p); LayerNorm and RMSNorm.",
+    )
     position_embedding_type: Literal["learned_absolute", "rope"] = setting(
         "learned_absolute", "Positions: learned table or rotary."
     )
     rotary_base: int = setting(10000, "RoPE base frequency.", range=positive(10**12))
+    use_rope_scaling: bool = setting(
+        False, "Llama 3.1 RoPE scaling of the low frequencies (Megatron's --use-rope-scaling)."
+    )
+    rope_scaling_factor: float = setting(
+        8.0,
+        "RoPE scaling: low frequencies divided by this (Megatron's --rope-scaling-factor).",
+        range=Range(low=1),
+    )
+    rope_scaling_low_freq_factor: float = setting(
+        1.0, "RoPE scaling: wavelengths above original length / this are scaled.", range=STRICTLY_POSITIVE
+    )
+    rope_scaling_high_freq_factor: float = setting(
+        4.0, "RoPE scaling: wavelengths below original length / this are kept.", range=STRICTLY_POSITIVE
+    )
+    rope_scaling_original_max_position_embeddings: int = setting(
+        8192,
+        "RoPE scaling: the context length the model was first trained at.",
+        range=positive(MAX_POSITIONS),
+    )
     swiglu: bool = setting(False, "SwiGLU MLP instead of GELU.")
     openai_gelu: bool = setting(False, "GELU's tanh approximation, as GPT-2 (Megatron's --openai-gelu).")
     add_bias_linear: bool = setting(True, "Biases in the linear layers.")
@@ -171,7 +213,13 @@ class ModelConfig:
     def __post_init__(self) -> None:
         check_ranges(self)
         if self.ffn_hidden_size is None:
-            self.ffn_hidden_size = 4 * self.hidden_size
+            # SwiGLU has two input projections: 2/3 of the width keeps the parameters of a 4h GELU MLP
+            four_h = 4 * self.hidden_size
+            self.ffn_hidden_size = int(four_h * 2 / 3 / 64) * 64 if self.swiglu else four_h
+            if not self.ffn_hidden_size:
+                raise ConfigError(
+                    f"hidden_size={self.hidden_size} is too small for SwiGLU's default width: set ffn_hidden_size"
+                )
         if self.num_query_groups is None:
             self.num_query_groups = self.num_attention_heads
         if self.kv_channels is None:
@@ -187,6 +235,12 @@ class ModelConfig:
             raise ConfigError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"num_query_groups={self.num_query_groups}"
+            )
+        low, high = self.rope_scaling_low_freq_factor, self.rope_scaling_high_freq_factor
+        if self.use_rope_scaling and high <= low:
+            raise ConfigError(
+                f"rope_scaling_high_freq_factor={high} must be above rope_scaling_low_freq_factor={low} "
+                "(the wavelengths between them are interpolated)"
             )
         if self.family == "t5" and self.decoder_num_layers is None:
             self.decoder_num_layers = self.num_layers
@@ -210,7 +264,11 @@ class DataConfig:
         flag="--data",
     )
     mock_data: bool = setting(False, "Train on random tokens (benchmarks, smoke tests).", flag="--mock-data")
-    split: str = setting("949,50,1", "Train/valid/test split of the data, e.g. 949,50,1.", flag="--split")
+    split: str = setting(
+        "969,30,1",
+        "Train/valid/test split of the data, e.g. 949,50,1 (default: Megatron's when --split is left out).",
+        flag="--split",
+    )
     data_cache_path: str | None = setting(
         None,
         "Where sample indices are cached (default: .mtk-cache beside the data).",
@@ -243,34 +301,74 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     micro_batch_size: int = setting(
-        1, "Samples per forward/backward.", range=positive(MAX_BATCH), flag="--micro-batch-size"
+        1,
+        "Samples per forward/backward. Megatron requires it.",
+        range=positive(MAX_BATCH),
+        flag="--micro-batch-size",
     )
     global_batch_size: int = setting(
-        8, "Samples per optimizer step (accumulated).", range=positive(MAX_BATCH), flag="--global-batch-size"
+        8,
+        "Samples per optimizer step (accumulated); the batch a ramp ends at. Megatron's default is "
+        "micro_batch_size x data-parallel size; mtk's is fixed, as sample counts and plans need it before "
+        "the world size is known.",
+        range=positive(MAX_BATCH),
+        flag="--global-batch-size",
     )
-    batch_size_ramp: list[list[float]] | None = setting(
-        None, "Batch-size ramp: [[consumed_tokens, global_batch_size], ...] (GPT-3 175B recipe)."
+    batch_size_ramp: list[list[float]] | str | None = setting(
+        None,
+        "Staircase of global batch sizes by consumed tokens, as Megatron's '0:16 2.4B:320 4.8B:624' "
+        "(THRESHOLD:BATCH, K/M/B/T suffixes; GPT-3 175B), or in a preset [[0, 16], [2.4e9, 320], ...]. "
+        "Thresholds become samples as tokens // seq_length.",
+        flag="--step-batch-size-schedule",
+    )
+    rampup_batch_size: list[int] | None = setting(
+        None,
+        "Linear batch-size ramp, three numbers START INCREMENT SAMPLES (--rampup-batch-size 16 16 5859375): "
+        "from START, +INCREMENT every SAMPLES / ((global_batch_size - START) / INCREMENT) consumed samples, "
+        "then global_batch_size after SAMPLES.",
+        flag="--rampup-batch-size",
+        nargs=3,
     )
     train_iters: int | None = setting(
         None, "Optimizer steps to run.", range=positive(MAX_ITERS), flag="--train-iters"
     )
     train_samples: int | None = setting(
         None,
-        "Samples to train on (instead of --train-iters).",
+        "Samples to train on (instead of --train-iters); the schedules' lengths then count samples.",
         range=positive(MAX_SAMPLES),
         flag="--train-samples",
     )
-    lr: float = setting(1e-4, "Peak learning rate.", range=RATE, flag="--lr")
+    lr: float = setting(1e-4, "Peak learning rate. Megatron requires it.", range=RATE, flag="--lr")
     min_lr: float = setting(0.0, "Learning rate at the end of decay.", range=RATE, flag="--min-lr")
-    lr_decay_style: Literal["cosine", "linear", "constant"] = setting(
-        "cosine", "Decay after warmup.", flag="--lr-decay-style"
+    lr_decay_style: Literal["constant", "linear", "cosine", "inverse-square-root", "WSD"] = setting(
+        "linear",
+        "Decay after warmup; WSD (warmup-stable-decay) anneals over --lr-wsd-decay-iters/-samples.",
+        flag="--lr-decay-style",
+    )
+    lr_wsd_decay_style: Literal["exponential", "linear", "cosine", "minus_sqrt"] = setting(
+        "exponential", "WSD: the decay of its annealing phase.", flag="--lr-wsd-decay-style"
     )
     lr_decay_iters: int | None = setting(
         None, "Steps of decay (default: the run).", range=positive(MAX_ITERS), flag="--lr-decay-iters"
     )
+    lr_decay_samples: int | None = setting(
+        None,
+        "Samples of decay (default: the run's train_samples).",
+        range=positive(MAX_SAMPLES),
+        flag="--lr-decay-samples",
+    )
+    lr_wsd_decay_iters: int | None = setting(
+        None, "WSD: steps of the annealing phase.", range=positive(MAX_ITERS), flag="--lr-wsd-decay-iters"
+    )
+    lr_wsd_decay_samples: int | None = setting(
+        None,
+        "WSD: samples of the annealing phase.",
+        range=positive(MAX_SAMPLES),
+        flag="--lr-wsd-decay-samples",
+    )
     lr_warmup_fraction: float | None = setting(
         None,
-        "Warmup as a fraction of decay steps.",
+        "Warmup as a fraction of the decay.",
         range=Range(low=0, high=1),
         flag="--lr-warmup-fraction",
     )
@@ -278,7 +376,7 @@ class TrainConfig:
         0, "Linear warmup steps.", range=up_to(MAX_ITERS), flag="--lr-warmup-iters"
     )
     lr_warmup_samples: int | None = setting(
-        None, "Warmup length in samples.", range=up_to(MAX_SAMPLES), flag="--lr-warmup-samples"
+        None, "Warmup length in samples (unset: 0).", range=up_to(MAX_SAMPLES), flag="--lr-warmup-samples"
     )
     weight_decay: float = setting(
         0.01,
@@ -293,6 +391,27 @@ class TrainConfig:
         1.0, "Clip the global gradient norm to this (0: off).", range=NON_NEGATIVE, flag="--clip-grad"
     )
     precision: Literal["fp32", "bf16", "fp16"] = setting("fp32", "Mixed precision (--bf16, --fp16).")
+    loss_scale: float | None = setting(
+        None, "Static loss scale (default: fp16 scales dynamically).", range=LOSS_SCALE, flag="--loss-scale"
+    )
+    initial_loss_scale: float = setting(
+        2.0**32, "fp16 dynamic loss scale at the start.", range=LOSS_SCALE, flag="--initial-loss-scale"
+    )
+    min_loss_scale: float = setting(
+        1.0, "fp16 dynamic loss scale: never halved below this.", range=LOSS_SCALE, flag="--min-loss-scale"
+    )
+    loss_scale_window: int = setting(
+        1000,
+        "fp16 dynamic loss scale: doubled after this many steps without overflow.",
+        range=positive(MAX_ITERS),
+        flag="--loss-scale-window",
+    )
+    hysteresis: int = setting(
+        2,
+        "fp16 dynamic loss scale: overflows tolerated before it halves (renewed when it doubles).",
+        range=positive(MAX_ITERS),
+        flag="--hysteresis",
+    )
     fp8: Literal["hybrid", "e4m3"] | None = setting(
         None,
         "FP8 matmuls in the transformer layers: hybrid (E4M3 forward, E5M2 gradients) or e4m3 "
@@ -319,7 +438,7 @@ class TrainConfig:
     fp8_backend: Literal["auto", "te", "torchao"] = setting(
         "auto",
         "FP8 implementation: Transformer Engine (CUDA), torchao (any device; emulated on CPU), or auto "
-        "(Transformer Engine when importable).",
+        "(Transformer Engine where it runs the layout: CUDA, --tp 1; else torchao).",
         flag="--fp8-backend",
     )
     fp8_strict: bool = setting(
@@ -344,10 +463,14 @@ class TrainConfig:
         flag="--save-interval",
     )
     eval_interval: int = setting(
-        1000, "Steps between validation runs (0: never).", range=up_to(MAX_ITERS), flag="--eval-interval"
+        1000,
+        "Steps between validation runs (0: never). Megatron's default until its configs became dataclasses "
+        "(Dec 2025, now unset: never); mtk keeps validating, as every Megatron recipe does.",
+        range=up_to(MAX_ITERS),
+        flag="--eval-interval",
     )
     eval_iters: int = setting(
-        10, "Global batches per evaluation.", range=up_to(MAX_ITERS), flag="--eval-iters"
+        100, "Global batches per evaluation.", range=up_to(MAX_ITERS), flag="--eval-iters"
     )
     seed: int = setting(
         1234, "Seed of data order and initialization.", range=Range(low=0, high=2**32 - 1), flag="--seed"
@@ -355,6 +478,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_ranges(self)
+        if isinstance(self.batch_size_ramp, str):
+            self.batch_size_ramp = parse_step_batch_size_schedule(self.batch_size_ramp)
         for point in self.batch_size_ramp or []:
             if (
                 len(point) != 2
@@ -367,8 +492,31 @@ class TrainConfig:
                     f"global_batch_size from 1 to {MAX_BATCH} (a whole number)], e.g. [[0, 16], [2.4e9, 320]]"
                 )
         tokens = [point[0] for point in self.batch_size_ramp or []]
-        if tokens != sorted(tokens):
-            raise ConfigError(f"'batch_size_ramp' must list its points by consumed tokens: {tokens}")
+        if tokens and (tokens[0] != 0 or any(low >= high for low, high in itertools.pairwise(tokens))):
+            raise ConfigError(
+                f"'batch_size_ramp' must list its points by consumed tokens, the first at 0 and each above "
+                f"the one before (as Megatron's --step-batch-size-schedule): {tokens}"
+            )
+        ramp = self.rampup_batch_size
+        if ramp is not None and (
+            len(ramp) != 3
+            or not 1 <= ramp[0] <= MAX_BATCH
+            or not 1 <= ramp[1] <= MAX_BATCH
+            or not 1 <= ramp[2] <= MAX_SAMPLES
+        ):
+            raise ConfigError(
+                f"'rampup_batch_size' {ramp}: expected START INCREMENT SAMPLES, whole numbers with START and "
+                f"INCREMENT from 1 to {MAX_BATCH} and SAMPLES from 1 to {MAX_SAMPLES}, e.g. 16 16 5859375"
+            )
+
+    def batch_sizes(self) -> list[int]:
+        """Every global batch size a run of this config may take, ascending: the ramp's, and
+        ``global_batch_size`` (the evaluation batch, and the batch after a linear ramp)."""
+        sizes = {self.global_batch_size, *(int(batch) for _, batch in self.batch_size_ramp or [])}
+        if self.rampup_batch_size:
+            start, increment, _ = self.rampup_batch_size
+            sizes.update(range(start, self.global_batch_size, increment))
+        return sorted(sizes)
 
 
 @dataclass
@@ -448,6 +596,41 @@ def parse_split(split: str) -> list[float]:
         )
     weights += [0.0] * (3 - len(weights))
     return [weight / sum(weights) for weight in weights]
+
+
+SUFFIXES = {"K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
+
+
+def parse_step_batch_size_schedule(text: str) -> list[list[int]]:
+    """Megatron's ``--step-batch-size-schedule "0:16 2.4B:320 ..."`` -> [[tokens, batch], ...] by tokens.
+
+    Entries are THRESHOLD:BATCH, separated by spaces or commas; a number may end in K, M, B or T
+    (10^3 ... 10^12) and is read as Megatron reads it, ``int(float(number) * suffix)``.
+    """
+
+    def number(part: str, entry: str) -> int:
+        part = part.strip().upper()
+        scale = SUFFIXES.get(part[-1:], 1)
+        try:
+            return int(float(part[:-1] if scale > 1 else part) * scale)
+        except (ValueError, OverflowError):
+            raise ConfigError(
+                f"step batch-size schedule entry {entry!r}: {part!r} is not a number (K, M, B, T suffixes)"
+            ) from None
+
+    points = []
+    for entry in text.replace(",", " ").split():
+        threshold, colon, batch = entry.partition(":")
+        if not colon:
+            raise ConfigError(
+                f"step batch-size schedule entry {entry!r}: expected THRESHOLD:BATCH, e.g. '0:16 2.4B:320'"
+            )
+        points.append([number(threshold, entry), number(batch, entry)])
+    if not points:
+        raise ConfigError(
+            f"step batch-size schedule {text!r}: no THRESHOLD:BATCH entry, e.g. '0:16 2.4B:320'"
+        )
+    return sorted(points, key=lambda point: point[0])
 
 
 def check_ranges(section: Any) -> None:
@@ -584,13 +767,30 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+# keys that give one setting in different units (Megatron accepts one of each group): an override of
+# one replaces what the preset sets for the others, so --train-samples turns a preset's run sample-based
+ALTERNATIVES = (
+    ("train_iters", "train_samples"),
+    ("lr_decay_iters", "lr_decay_samples"),
+    ("lr_warmup_iters", "lr_warmup_samples", "lr_warmup_fraction"),
+    ("lr_wsd_decay_iters", "lr_wsd_decay_samples"),
+    ("batch_size_ramp", "rampup_batch_size"),
+)
+
+
 def apply_overrides(sections: dict[str, dict[str, Any]], overrides: dict[str, Any]) -> RunConfig:
     """The config of ``sections`` (explicit values only, e.g. a preset's) with ``overrides`` applied.
 
     Keys are field names (``num_layers``) or ``section.field``. Values left unset stay derived
-    (``kv_channels`` follows a new ``hidden_size``).
+    (``kv_channels`` follows a new ``hidden_size``); an override drops the ``sections``' values of
+    its ALTERNATIVES that are not overridden too.
     """
     data = {name: dict(sections.get(name, {})) for name in SECTIONS}
+    given = {key.rpartition(".")[2] for key in overrides}
+    for group in ALTERNATIVES:
+        if given & set(group):
+            for key in set(group) - given:
+                data["train"].pop(key, None)
     for key, value in overrides.items():
         section, _, name = key.rpartition(".")
         if section and section not in SECTIONS:
@@ -688,25 +888,67 @@ def run_problems(config: RunConfig, world_size: int, family: FamilyRules) -> lis
             "(load-balanced causal sharding cuts the sequence into 2 x CP chunks)",
         )
     dp = data_parallel_size(parallel, world_size)
-    for batch in [train.global_batch_size, *(int(b) for _, b in train.batch_size_ramp or [])]:
+    if train.batch_size_ramp and train.rampup_batch_size:
+        problem(
+            "batch", "give one batch-size ramp: --step-batch-size-schedule or --rampup-batch-size, not both"
+        )
+    if train.rampup_batch_size:
+        start, increment, _ = train.rampup_batch_size
+        if start > train.global_batch_size or (train.global_batch_size - start) % increment:
+            problem(
+                "batch",
+                f"--rampup-batch-size {start} {increment} ...: global batch size {train.global_batch_size} "
+                "must be START plus a whole number of INCREMENTs; change --global-batch-size or the ramp",
+            )
+    # one problem of each kind, for the smallest batch of the run that breaks it
+    divisible = interleaved = True
+    for batch in train.batch_sizes():
         try:
             micro_batches = micro_batches_per_step(batch, train.micro_batch_size, dp)
         except ConfigError as err:
-            problem("batch", str(err))
+            in_ramp = (
+                f"the batch-size ramp reaches global batch size {batch}, not a multiple of micro_batch_size "
+                f"({train.micro_batch_size}) x data-parallel size ({dp}); change the ramp or --micro-batch-size"
+            )
+            if divisible:
+                problem("batch", str(err) if batch == train.global_batch_size else in_ramp)
+            divisible = False
             continue
         # one stage per rank: 1F1B, or GPipe for a phase with fewer micro-batches than stages (a larger
         # bubble, the same gradients); interleaved stages follow Megatron's rule
-        if pp > 1 and vp > 1 and micro_batches % pp:
+        if pp > 1 and vp > 1 and micro_batches % pp and interleaved:
             problem(
                 "batch",
                 f"the interleaved schedule (--vp {vp}) needs the micro-batches per pipeline ({micro_batches}, "
                 f"from global batch {batch}) to be a multiple of PP {pp}; change --global-batch-size or "
                 "--micro-batch-size, or leave out --vp",
             )
+            interleaved = False
     if train.train_iters is None and train.train_samples is None:
         problem("length", "give --train-iters or --train-samples")
-    elif train.train_iters is None and train.batch_size_ramp:
-        problem("length", "a batch-size ramp needs --train-iters (the steps of a ramp are not a fixed count)")
+    elif train.train_iters is not None and train.train_samples is not None:
+        problem("length", "give --train-iters or --train-samples, not both")
+    for what, iters, samples in [
+        ("decay", train.lr_decay_iters, train.lr_decay_samples),
+        ("warmup", train.lr_warmup_iters, train.lr_warmup_samples),
+        ("WSD annealing", train.lr_wsd_decay_iters, train.lr_wsd_decay_samples),
+    ]:
+        if iters and samples:
+            problem("schedule", f"the learning-rate {what} is given in iterations and in samples: give one")
+    if train.lr_warmup_fraction is not None and (train.lr_warmup_iters or train.lr_warmup_samples):
+        problem(
+            "schedule",
+            "give one warmup length: --lr-warmup-fraction, --lr-warmup-iters or --lr-warmup-samples",
+        )
+    if (
+        train.lr_decay_style == "WSD"
+        and train.lr_wsd_decay_iters is None
+        and train.lr_wsd_decay_samples is None
+    ):
+        problem(
+            "schedule",
+            "--lr-decay-style WSD needs the annealing length: --lr-wsd-decay-iters or --lr-wsd-decay-samples",
+        )
     if (
         model.position_embedding_type == "learned_absolute"
         and model.seq_length > model.max_position_embeddings
@@ -719,6 +961,11 @@ def run_problems(config: RunConfig, world_size: int, family: FamilyRules) -> lis
         problem("schedule", f"min_lr {train.min_lr} is above lr {train.lr}")
     if train.fp8 is not None and train.precision == "fp16":
         problem("precision", "FP8 runs with bf16 or fp32 weights, not fp16: use --bf16 with --fp8")
+    if train.min_loss_scale > train.initial_loss_scale:
+        problem(
+            "precision",
+            f"min_loss_scale {train.min_loss_scale:g} is above initial_loss_scale {train.initial_loss_scale:g}",
+        )
     problems += [Problem("layout", message) for message in family.layout_problems(config)]
     problems += [Problem("family", message) for message in family.problems(config)]
     return problems

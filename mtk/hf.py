@@ -7,7 +7,9 @@ no code). ``import_hf`` turns it into an mtk run directory whose iteration-0 che
 weights and whose tokenizer is the folder's (tokenizer.json or vocab.txt; none only when asked), so
 ``mtk train --load`` continues from it and ``mtk generate`` samples from it; ``export_hf`` writes a
 run's checkpoint back as a folder ``transformers`` loads (``BertForPreTraining``,
-``MegatronBertForPreTraining``, ``LlamaForCausalLM``, ``GPT2LMHeadModel``).
+``MegatronBertForPreTraining``, ``LlamaForCausalLM``, ``GPT2LMHeadModel``). Llama's RoPE is plain or
+Llama 3.1's scaled one (``rope_type`` "llama3"); other scalings are refused. Norm weights mtk holds
+zero-centred (``apply_layernorm_1p``: gamma - 1) are written as Hugging Face's gamma.
 """
 
 from __future__ import annotations
@@ -188,13 +190,40 @@ class MegatronBert(Bert):
 # ---- decoders -----------------------------------------------------------------------------------
 
 
-def _rope_theta(hf: dict[str, Any]) -> float:
-    parameters = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    kind = parameters.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
-    if kind not in ("default", None):
-        raise HFError(f"RoPE scaling {kind!r}: mtk's Llama uses plain RoPE (no scaled variant yet)")
-    return float(hf.get("rope_theta") or parameters.get("rope_theta") or 10000.0)
+# Llama 3.1's RoPE scaling ("rope_type": "llama3"): Hugging Face key -> mtk's [model] key
+LLAMA3_ROPE_SCALING = {
+    "factor": "rope_scaling_factor",
+    "low_freq_factor": "rope_scaling_low_freq_factor",
+    "high_freq_factor": "rope_scaling_high_freq_factor",
+    "original_max_position_embeddings": "rope_scaling_original_max_position_embeddings",
+}
+
+
+def _rope(hf: dict[str, Any]) -> dict[str, Any]:
+    """mtk's RoPE settings for a config.json: the base, and Llama 3.1's scaling when it has it (in
+    ``rope_scaling``, as Llama 3.1's own config.json, or ``rope_parameters``, as transformers 5 saves)."""
+    parameters = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    kind = parameters.get("rope_type", parameters.get("type")) or "default"
+    theta = float(hf.get("rope_theta") or parameters.get("rope_theta") or 10000.0)
+    if theta != int(theta):
+        raise HFError(f"rope_theta {theta}: mtk takes a whole number")
+    rope = {"rotary_base": int(theta)}
+    if kind == "default":
+        return rope
+    if kind != "llama3":
+        raise HFError(
+            f"RoPE scaling {kind!r}: mtk's Llama takes plain RoPE or Llama 3.1's scaling (rope_type 'llama3')"
+        )
+    missing = [key for key in LLAMA3_ROPE_SCALING if parameters.get(key) is None]
+    if missing:
+        raise HFError(f"RoPE scaling 'llama3' without {', '.join(missing)}")
+    scaling = {ours: parameters[key] for key, ours in LLAMA3_ROPE_SCALING.items()}
+    return rope | {"use_rope_scaling": True} | scaling
+
+
+def _llama3_rope_scaling(config: ModelConfig) -> dict[str, Any]:
+    """The ``rope_scaling`` entry of config.json for mtk's RoPE scaling, as Llama 3.1's own."""
+    return {"rope_type": "llama3"} | {key: getattr(config, ours) for key, ours in LLAMA3_ROPE_SCALING.items()}
 
 
 class Llama(Architecture):
@@ -204,9 +233,6 @@ class Llama(Architecture):
     def model_config(self, hf: dict[str, Any]) -> dict[str, Any]:
         if hf.get("hidden_act", "silu") != "silu" or hf.get("mlp_bias") or hf.get("attention_bias"):
             raise HFError("this Llama differs from mtk's (SiLU gated MLP, no biases)")
-        theta = _rope_theta(hf)
-        if theta != int(theta):
-            raise HFError(f"rope_theta {theta}: mtk takes a whole number")
         heads = hf["num_attention_heads"]
         return {
             "family": "gpt",
@@ -221,7 +247,7 @@ class Llama(Architecture):
             "normalization": "RMSNorm",
             "norm_epsilon": hf.get("rms_norm_eps", 1e-6),
             "position_embedding_type": "rope",
-            "rotary_base": int(theta),
+            **_rope(hf),
             "swiglu": True,
             "add_bias_linear": False,
             "untie_embeddings_and_output_weights": not hf.get("tie_word_embeddings", False),
@@ -242,6 +268,7 @@ class Llama(Architecture):
             "hidden_act": "silu",
             "rms_norm_eps": config.norm_epsilon,
             "rope_theta": float(config.rotary_base),
+            **({"rope_scaling": _llama3_rope_scaling(config)} if config.use_rope_scaling else {}),
             "tie_word_embeddings": not config.untie_embeddings_and_output_weights,
             "attention_bias": config.add_bias_linear,
             "mlp_bias": config.add_bias_linear,
@@ -499,8 +526,13 @@ def hf_run_config(
 
 def load_into(model: torch.nn.Module, arch: Architecture, weights: dict[str, torch.Tensor]) -> list[str]:
     """Copy Hugging Face ``weights`` (see ``read_hf_weights``) into an mtk ``model``; returns the heads
-    that were not there (kept at their initial values). HFError for a missing weight or a shape."""
+    that were not there (kept at their initial values). HFError for a missing weight or a shape. A
+    norm weight Hugging Face stores as gamma goes into a zero-centred norm (``apply_layernorm_1p``)
+    as gamma - 1."""
+    from mtk.layers.norms import zero_centered_weights
+
     ours = arch.to_mtk(weights, model.config)
+    centred = set(zero_centered_weights(model))
     missing = []
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -519,7 +551,7 @@ def load_into(model: torch.nn.Module, arch: Architecture, weights: dict[str, tor
                     f"the checkpoint's {theirs} has shape {tuple(tensor.shape)}, the model its config.json "
                     f"describes needs {tuple(target.shape)} (mtk's {name})"
                 )
-            target.copy_(tensor)
+            target.copy_(tensor - 1 if name in centred else tensor)
             if name in arch.vocab_rows:
                 param[tensor.shape[0] :].zero_()  # padding rows: never a real token
     return missing
@@ -616,6 +648,17 @@ def import_hf(
     }
 
 
+def _zero_centered_weights(config: ModelConfig) -> list[str]:
+    """The parameters of a model of ``config`` that hold gamma - 1 (``apply_layernorm_1p``)."""
+    if not config.apply_layernorm_1p:
+        return []
+    from mtk.layers.norms import zero_centered_weights
+    from mtk.models import family_spec
+
+    with torch.device("meta"):  # names only
+        return zero_centered_weights(family_spec(config.family).build(config))
+
+
 def export_hf(run_dir: str | os.PathLike, out: str | os.PathLike, iteration: int | None = None) -> Path:
     """A run's checkpoint as a Hugging Face folder: config.json, model.safetensors, and the tokenizer
     files the run records (tokenizer.json, or vocab.txt)."""
@@ -627,6 +670,8 @@ def export_hf(run_dir: str | os.PathLike, out: str | os.PathLike, iteration: int
     hf_config = {"architectures": [arch.hf_class], "model_type": arch.model_type, **arch.hf_config(config)}
     state = load_checkpoint(run_dir, iteration)["model"]
     state = {name: t[: config.vocab_size] if name in arch.vocab_rows else t for name, t in state.items()}
+    for name in _zero_centered_weights(config):  # gamma - 1 in mtk, gamma in Hugging Face
+        state[name] = state[name] + 1
     converted = arch.to_hf(state, config)
     heads = tuple(name for name in arch.tied_outputs(config)) + ("cls.", "lm_head.")
     weights = {

@@ -106,7 +106,8 @@ def estimate_memory(
     output = vocab * h / t if (model.untie_embeddings_and_output_weights or pp > 1) else 0
     tokens = train.micro_batch_size * model.seq_length / layout.cp
     kept, transient = _activation_bytes_per_token(config, layout, device)
-    micro_batches = micro_batches_per_step(train.global_batch_size, train.micro_batch_size, dims.dp)
+    # the largest batch of the run (after a batch-size ramp) keeps the most micro-batches in flight
+    micro_batches = micro_batches_per_step(max(train.batch_sizes()), train.micro_batch_size, dims.dp)
     in_flight = 1.0 if pp == 1 else min(pp, micro_batches) * (1 + (pp - 1) / (pp * vp) if vp > 1 else 1)
     # the last stage: the output logits, their fp32 copy, the fp32 log-softmax and the gradients
     logit_bytes = 12 if train.precision == "fp32" else 16

@@ -270,8 +270,14 @@ def evaluate_squad(load: str | os.PathLike, train_file: str | None, dev_file: st
             options.micro_batch_size,
             options.global_batch_size,
         )
-        config.train.batch_size_ramp, config.train.lr, config.train.min_lr = None, options.lr, 0.0
-        config.train.lr_decay_style, config.train.lr_decay_iters = "linear", None
+        config.train.batch_size_ramp, config.train.rampup_batch_size = None, None
+        config.train.lr, config.train.min_lr = options.lr, 0.0
+        config.train.lr_decay_style, config.train.lr_decay_iters, config.train.lr_decay_samples = (
+            "linear",
+            None,
+            None,
+        )
+        config.train.lr_wsd_decay_iters, config.train.lr_wsd_decay_samples = None, None
         config.train.lr_warmup_iters, config.train.lr_warmup_fraction, config.train.lr_warmup_samples = (
             0,
             None,

@@ -24,7 +24,13 @@ from .common import fail
 NONE = "none"  # an optional choice's way of saying "unset" on the command line
 
 Preset = Annotated[
-    str, typer.Option("--preset", "-p", help="Preset name (`mtk presets list`).", show_default=False)
+    str,
+    typer.Option(
+        "--preset",
+        "-p",
+        help="Preset name (`mtk presets list`), or a preset file's path (./mine.toml).",
+        show_default=False,
+    ),
 ]
 Overrides = Annotated[
     list[str],
@@ -57,11 +63,16 @@ def _field(key: str) -> tuple[dataclasses.Field, Any]:
     return item, typing.get_type_hints(cls)[key]
 
 
-def _option_type(annotation: Any) -> Any:
-    """The CLI type of a config field: optional always (left out = keep); optional Literals add 'none'."""
+def _option_type(annotation: Any, nargs: int | None = None) -> Any:
+    """The CLI type of a config field: optional always (left out = keep); optional Literals add 'none';
+    a field that also takes text takes text; a list field with ``nargs`` takes that many values."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     optional = type(None) in typing.get_args(annotation)
     base = args[0] if optional and len(args) == 1 else annotation
+    if str in args and len(args) > 1:  # e.g. Megatron's --step-batch-size-schedule "0:16 2.4B:320"
+        return str | None
+    if nargs is not None and typing.get_origin(base) is list:
+        return tuple[(typing.get_args(base)[0],) * nargs] | None  # type: ignore[misc]
     if typing.get_origin(base) is Literal:
         choices = typing.get_args(base) + ((NONE,) if optional else ())
         return Literal[choices] | None  # type: ignore[valid-type]
@@ -97,7 +108,7 @@ def with_config_options(*keys: str) -> Callable[[Callable], Callable]:
                     key,
                     inspect.Parameter.KEYWORD_ONLY,
                     default=None,
-                    annotation=Annotated[_option_type(annotation), option],
+                    annotation=Annotated[_option_type(annotation, item.metadata.get("nargs")), option],
                 )
             )
 
@@ -107,7 +118,9 @@ def with_config_options(*keys: str) -> Callable[[Callable], Callable]:
             for key in declared:
                 value = kwargs.pop(key)
                 if value is not None:
-                    values[key] = None if value == NONE else value
+                    values[key] = (
+                        None if value == NONE else list(value) if isinstance(value, tuple) else value
+                    )
             return command(**kwargs, config_values=values)
 
         run.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]

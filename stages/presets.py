@@ -1,9 +1,11 @@
-"""``mtk presets list|show``: the named model and training recipes."""
+"""``mtk presets list|show|import-megatron``: the named model and training recipes, and the bridge to
+Megatron-LM's launch scripts (``mtk/megatron.py``)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import typer
 
@@ -11,7 +13,10 @@ from mtk.config import SECTIONS
 
 from .common import console, fail
 
-SUMMARY = "List the model presets (GPT-3, BERT, T5, Llama 3, RETRO, tiny) and show one in full."
+SUMMARY = (
+    "List the model presets (GPT-3, BERT, T5, Llama 3, RETRO, tiny), show one in full or as Megatron-LM "
+    "arguments, and import a Megatron-LM launch script as a preset."
+)
 app = typer.Typer(no_args_is_help=True, help=SUMMARY)
 
 
@@ -58,9 +63,17 @@ def list_presets() -> None:
 
 @app.command("show")
 def show_preset(
-    name: str = typer.Argument(..., help="Preset name, as printed by `mtk presets list`."),
+    name: str = typer.Argument(
+        ..., help="Preset name, as printed by `mtk presets list`, or a preset file's path (./mine.toml)."
+    ),
     as_json: bool = typer.Option(
         False, "--json", help="Print the resolved preset as JSON instead of tables."
+    ),
+    megatron: bool = typer.Option(
+        False,
+        "--megatron",
+        help="Print the Megatron-LM pretrain_*.py command that trains the same model on the same schedule, "
+        "one argument a line, ready to paste; what Megatron cannot express is named in the comments above it.",
     ),
 ) -> None:
     """Every setting of one preset, the parameter count computed from it, and the published figures."""
@@ -74,6 +87,13 @@ def show_preset(
         preset = load_preset(name)
     except ConfigError as err:
         fail(str(err))
+    if megatron:
+        from mtk.megatron import megatron_command, render_command
+
+        command = megatron_command(preset.config)
+        text = render_command(command, preset.name, preset.config, preset.description, preset.tokenizer)
+        typer.echo(text, nl=False)
+        return
     model, parallel = preset.config.model, preset.config.parallel
     tp = parallel.tensor_model_parallel_size
     params = family_spec(model.family).num_parameters(model, tp)
@@ -116,3 +136,64 @@ def show_preset(
         for key, value in preset.published.items():
             table.add_row(key, str(value))
         console.print(table)
+
+
+@app.command("import-megatron")
+def import_megatron(
+    script: Path = typer.Argument(
+        ...,
+        help="A Megatron-LM launch script (bash: arrays, variables, `\\` continuations) that runs pretrain_*.py.",
+        show_default=False,
+    ),
+    output: Path = typer.Option(
+        ...,
+        "--output",
+        "-o",
+        help="The preset file to write (NAME.toml); train it with --preset ./NAME.toml.",
+    ),
+    force: bool = typer.Option(False, "--force", help="Replace the output file if it exists."),
+) -> None:
+    """Read a Megatron-LM launch script into an mtk preset: the model and schedule of its pretrain_*.py
+    command, in mtk's config keys. Arguments mtk has no setting for are listed by name, and those that
+    describe the machine (paths, launcher, logging, kernels) listed as skipped, in this output and in
+    the file's comments.
+
+    Example: mtk presets import-megatron train_llama3_8b_h100_fp8.sh -o llama3.toml
+    """
+    from mtk.config import ConfigError
+    from mtk.manifest import atomic_output
+    from mtk.megatron import import_script, imported_toml
+    from mtk.shell_script import ScriptError
+
+    if output.exists() and not force:
+        fail(f"{output} exists: give --force to replace it, or another --output")
+    try:
+        text = script.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        fail(f"{script}: cannot be read ({getattr(err, 'strerror', None) or err})")
+    try:
+        imported = import_script(text, where=str(script))
+    except (ScriptError, ConfigError) as err:
+        fail(str(err))
+    with atomic_output(output) as tmp:
+        tmp.write_text(imported_toml(imported, script.name), encoding="utf-8")
+    echo = typer.echo
+    echo(f"wrote {output}: {imported.family} ({imported.script}), {len(imported.values)} settings "
+         f"from {len(imported.read)} of its arguments")  # fmt: skip
+    if imported.unknown:
+        echo("not imported (mtk has no such setting):")
+        for item in imported.unknown:
+            echo(f"  {item}")
+    if imported.skipped:
+        echo("skipped (they describe the machine, not the model):")
+        for reason, flags in imported.skipped.items():
+            echo(f"  {reason}: {' '.join(flags)}")
+    if imported.defaults:
+        echo("Megatron's defaults, written where mtk's differ:")
+        for item in imported.defaults:
+            echo(f"  {item}")
+    for note in imported.notes:
+        echo(f"note: {note}")
+    preset = f"./{output}" if not output.is_absolute() and "/" not in str(output) else str(output)
+    data = "--retro-project DIR" if imported.family == "retro" else "--data PREFIX"
+    echo(f"train it: mtk train --preset {preset} {data} --save DIR")

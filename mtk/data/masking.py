@@ -7,6 +7,11 @@ of up to ``max_ngram`` candidates (n drawn with probability 1/n, or from SpanBER
 distribution with p = 0.2), shortened until it fits the budget of ``probability`` x the length,
 and skipped when it overlaps one already chosen. The caller decides what replaces a chosen token
 (BERT: [MASK] 80%, a random token 10%, itself 10%; T5: always [MASK], then a sentinel per span).
+
+T5 also gives a room (:class:`SpanRoom`): its decoder holds <bos>, then a sentinel and the tokens
+of each span, and there are only so many sentinels. Choosing stops at the first chosen span that
+would overflow the room, so a sample always fits its decoder. Megatron has no such stop and asserts
+instead; wherever its sample fits, the choice here is its choice, draw for draw.
 """
 
 from __future__ import annotations
@@ -44,6 +49,15 @@ BERT_MASKING = Masking(max_ngram=3)
 T5_MASKING = Masking(max_ngram=10, geometric=True)
 
 
+@dataclass(frozen=True)
+class SpanRoom:
+    """Where T5 puts the chosen spans: ``tokens`` decoder places, each span taking one for its
+    sentinel and one per token, and at most ``spans`` spans (one sentinel each)."""
+
+    tokens: int
+    spans: int
+
+
 @dataclass
 class Masked:
     tokens: list[int]  # the sample with its chosen tokens replaced
@@ -60,10 +74,12 @@ def mask_tokens(
     continues_word: np.ndarray,
     never: Sequence[int],
     replace: Callable[[np.random.RandomState], int | None],
+    room: SpanRoom | None = None,
 ) -> Masked:
     """Choose and replace tokens of one sample. ``continues_word[id]`` is True for ``##`` pieces;
     ``never`` are ids that are not candidates ([CLS], [SEP]); ``replace(rng)`` gives the id a
-    chosen token becomes (None: it stays)."""
+    chosen token becomes (None: it stays). With ``room``, choosing stops before the first span
+    that would not fit it: the spans are the longest prefix, in the order chosen, that fits."""
     candidates: list[list[int]] = []
     excluded = set(never)
     for position, token in enumerate(tokens):
@@ -104,6 +120,10 @@ def mask_tokens(
                 break
         if positions is None or any(position in taken for position in positions):
             continue
+        if room is not None and (
+            len(spans) == room.spans or len(chosen) + len(spans) + 1 + len(positions) > room.tokens
+        ):
+            break  # the room is used; Megatron's sample would not fit and it would assert
         for position in positions:
             taken.add(position)
             replacement = replace(rng)

@@ -58,16 +58,6 @@ class Embedding(nn.Embedding):
         return {"weight": Init(self.std)}
 
 
-class LayerNorm(nn.LayerNorm):
-    def parameter_inits(self) -> dict[str, Init]:
-        return {"weight": ONES, "bias": ZEROS}
-
-
-class RMSNorm(nn.RMSNorm):
-    def parameter_inits(self) -> dict[str, Init]:
-        return {"weight": ONES}
-
-
 def initial_values(model: nn.Module) -> dict[str, Init]:
     """Every parameter's declared initial value, by its name in ``model``."""
     table = {}

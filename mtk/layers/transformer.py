@@ -11,7 +11,7 @@ from mtk.config import ModelConfig
 from mtk.layers.attention import Attention, KVCache
 from mtk.layers.mlp import MLP
 from mtk.layers.norms import build_norm
-from mtk.layers.rotary import RotaryEmbedding
+from mtk.layers.rotary import RotaryEmbedding, build_rotary
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
@@ -116,11 +116,7 @@ class TransformerBlock(nn.Module):
 
     def __init__(self, config: ModelConfig, num_layers: int, cross_attention: bool = False) -> None:
         super().__init__()
-        self.rotary = (
-            RotaryEmbedding(config.kv_channels, config.max_position_embeddings, config.rotary_base)
-            if config.position_embedding_type == "rope"
-            else None
-        )
+        self.rotary = build_rotary(config) if config.position_embedding_type == "rope" else None
         output_std = scaled_output_std(config, num_layers)
         self.layers = nn.ModuleDict(
             {

@@ -9,10 +9,12 @@ decoder chunk the neighbours were retrieved for; its output is the context of ev
 Causality: a token attends to the neighbours of the last complete chunk before or at it, so the first
 m - 1 tokens see none.
 
-Where Megatron's code reshapes the encoder output (r, k * chunks, d) to (r * k, chunks, d) without a
-permutation, which hands a chunk other chunks' (and other samples') neighbours, mtk gives each chunk
-its own k neighbours, as the paper means. The encoder's cross-attention residual is the usual pre-norm
-one. Missing neighbours (fewer than k survived filtering) are end-of-document tokens.
+Each chunk attends to its own k neighbours, as in Megatron: its encoder stacks the per-neighbour
+outputs neighbour by neighbour, (r, k * chunks, d), so that its reshape to (r * k, chunks, d) gives
+every chunk its own; here the encoded neighbours stay grouped by chunk, and the order of a chunk's
+keys does not change attention. The encoder's cross-attention residual is the usual pre-norm one
+(Megatron adds to the normed input). Missing neighbours (fewer than k survived filtering) are
+end-of-document tokens. The deliberate differences from Megatron, with their reasons: docs/retro.md.
 """
 
 from __future__ import annotations

@@ -123,12 +123,15 @@ class T5Family(MaskedLMFamily):
         found = []
         model = config.model
         decoder_length = self._decoder_length(model)
-        worst = 1 + 2 * math.floor(config.data.mask_prob * (model.seq_length - 2))
-        if decoder_length < worst:
+        # A sample's spans stop where its decoder is full (mtk.data.masking.SpanRoom); this length
+        # holds <bos>, one sentinel and the longest span the masking budget allows, so a sample's
+        # first span always fits.
+        one_span = 2 + math.floor(config.data.mask_prob * (model.seq_length - 2))
+        if decoder_length < one_span:
             found.append(
-                f"decoder_seq_length {decoder_length} cannot hold the spans of a {model.seq_length}-token "
-                f"sample masked at {config.data.mask_prob}: up to {worst} decoder tokens (<bos>, a "
-                f"sentinel per span, each masked token); set decoder_seq_length >= {worst}"
+                f"decoder_seq_length {decoder_length} cannot hold one span of a {model.seq_length}-token "
+                f"sample masked at {config.data.mask_prob}: <bos>, a sentinel and up to "
+                f"{one_span - 2} masked tokens; set decoder_seq_length >= {one_span}"
             )
         if max(model.seq_length, decoder_length) > model.max_position_embeddings:
             found.append(

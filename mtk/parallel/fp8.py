@@ -10,7 +10,9 @@ cannot run (delayed or blockwise scaling: Transformer Engine's) falls back to te
 Engine installed (CUDA only), its ``Linear`` replaces the same linears and the forward runs under
 ``fp8_autocast`` with Megatron's recipe mapping (delayed -> DelayedScaling, tensorwise ->
 Float8CurrentScaling, blockwise -> Float8BlockScaling); the CUDA-only lines are ``_plan_te``,
-``te_recipe``, ``_swap_te_linears`` and ``FP8Plan.autocast``. Off CUDA (or below
+``te_recipe``, ``_swap_te_linears`` and ``FP8Plan.autocast``. ``--fp8-backend auto`` takes Transformer
+Engine only where it can run the run (installed, a CUDA device, no tensor parallelism, a recipe it
+has), torchao otherwise, and says which and why (``FP8Plan.backend_reason``). Off CUDA (or below
 compute capability 8.9) the FP8 casts are emulated: the numerics are FP8's, the speed is not.
 """
 
@@ -43,6 +45,7 @@ class FP8Plan:
     requested_recipe: str
     backend: str
     emulated: bool
+    backend_reason: str = ""  # why this backend: asked for, or what ``auto`` saw
     linears: list[str] = field(default_factory=list)  # module names converted
     fsdp_all_gather: bool = False  # FSDP2 all-gathers the weights in FP8
     note: str | None = None  # a fallback or an ignored setting, said out loud
@@ -69,7 +72,7 @@ class FP8Plan:
         text = (
             f"FP8 {self.format}, {self.recipe} scaling, {self.backend}{emulated}, {len(self.linears)} linears"
         )
-        return text + (f"; {self.note}" if self.note else "")
+        return "; ".join(part for part in (text, self.backend_reason, self.note) if part)
 
 
 def fp8_linears(model: nn.Module, blocks: list[nn.ModuleDict], config: RunConfig) -> list[str]:
@@ -104,8 +107,48 @@ def plan_fp8(config: RunConfig, device: str) -> FP8Plan | None:
     train = config.train
     if train.fp8 is None:
         return None
-    if train.fp8_backend == "te" or (train.fp8_backend == "auto" and _te_available()):
-        return _plan_te(config, device)
+    backend, reason = choose_backend(config, device)
+    plan = _plan_te(config, device) if backend == "te" else _plan_torchao(config, device)
+    plan.backend_reason = reason
+    return plan
+
+
+TE_MISSING = "Transformer Engine is not installed"
+
+
+def te_problems(config: RunConfig, device: str) -> list[str]:
+    """Why Transformer Engine cannot run ``config`` on ``device`` (nothing when it can)."""
+    if importlib.util.find_spec("transformer_engine") is None:
+        return [TE_MISSING]  # the rest is moot
+    problems = []
+    tp = config.parallel.tensor_model_parallel_size
+    if tp > 1:
+        problems.append(
+            f"Transformer Engine's linears do their own tensor parallelism, which mtk's DTensor plans "
+            f"(--tp {tp}) do not drive"
+        )
+    if not device.startswith("cuda"):
+        problems.append(f"Transformer Engine runs on CUDA devices only, not {device}")
+    return problems
+
+
+def choose_backend(config: RunConfig, device: str) -> tuple[str, str]:
+    """The FP8 backend of ``config`` on ``device`` and why: the one asked for, or for ``auto``
+    Transformer Engine where it runs this layout and recipe, else torchao."""
+    train = config.train
+    if train.fp8_backend != "auto":
+        return train.fp8_backend, f"--fp8-backend {train.fp8_backend}"
+    problems = te_problems(config, device)
+    if train.fp8_recipe not in TE_RECIPES:
+        problems.append(f"Transformer Engine has no {train.fp8_recipe} scaling")
+    if not problems:
+        return "te", "auto chose Transformer Engine: installed, a CUDA device, no tensor parallelism"
+    return "torchao", f"auto chose torchao: {'; '.join(problems)}"
+
+
+def _plan_torchao(config: RunConfig, device: str) -> FP8Plan:
+    """torchao's Float8Linear: current scaling, any device (emulated off FP8 hardware)."""
+    train = config.train
     if importlib.util.find_spec("torchao") is None:
         raise ConfigError("FP8 needs torchao: pip install torchao (or mtk's 'fp8' extra)")
     notes = []
@@ -149,20 +192,11 @@ def plan_fp8(config: RunConfig, device: str) -> FP8Plan | None:
 def _plan_te(config: RunConfig, device: str) -> FP8Plan:
     """Transformer Engine: Megatron's recipe mapping, under ``fp8_autocast``; CUDA only."""
     train = config.train
-    if importlib.util.find_spec("transformer_engine") is None:
-        raise ConfigError(
-            "--fp8-backend te: Transformer Engine is not installed (pip install 'mtk[te]' on a CUDA machine); "
-            "or use --fp8-backend torchao"
-        )
-    if not device.startswith("cuda"):
-        raise ConfigError(
-            f"--fp8-backend te runs on CUDA devices only, not {device}; use --fp8-backend torchao"
-        )
-    if config.parallel.tensor_model_parallel_size > 1:
-        raise ConfigError(
-            "--fp8-backend te with --tp > 1: Transformer Engine's linears do their own tensor parallelism, "
-            "which mtk's DTensor plans do not drive; use --fp8-backend torchao for TP"
-        )
+    problems = te_problems(config, device)
+    if problems == [TE_MISSING]:
+        problems = [f"{TE_MISSING} (pip install 'mtk[te]' on a CUDA machine)"]
+    if problems:
+        raise ConfigError(f"--fp8-backend te: {'; '.join(problems)}; use --fp8-backend torchao or auto")
     notes, recipe = [], train.fp8_recipe
     if recipe not in TE_RECIPES:
         if train.fp8_strict:
@@ -191,10 +225,6 @@ def te_recipe(config: RunConfig, recipe: str) -> Any:
             amax_compute_algo=train.fp8_amax_compute_algo,
         )
     return getattr(te, TE_RECIPES[recipe])(fp8_format=fp8_format)
-
-
-def _te_available() -> bool:
-    return importlib.util.find_spec("transformer_engine") is not None and torch.cuda.is_available()
 
 
 def _quiet_torchao() -> None:

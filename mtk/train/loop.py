@@ -1,8 +1,9 @@
 """The training loop: micro-batch accumulation, precision, clipping, schedules, eval, checkpoints, signals.
 
 Everything that changes during a run lives in the checkpoint (model, optimizer, loss scaler, RNG
-states, iteration, consumed samples), and data order is a pure function of consumed samples, so a
-resumed run continues exactly as the uninterrupted one would have.
+states, iteration, consumed samples, the schedule's position, the validation position), and data
+order is a pure function of consumed samples, so a resumed run continues exactly as the uninterrupted
+one would have.
 """
 
 from __future__ import annotations
@@ -13,21 +14,22 @@ import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from mtk.checkpoint import Checkpointer, RunDir, rng_state, set_rng_state
 from mtk.config import RunConfig, micro_batches_per_step
-from mtk.data.loader import build_loader
+from mtk.data.loader import PretrainingSampler, build_loader
 from mtk.models import family_spec
 from mtk.parallel.apply import ParallelModel
-from mtk.parallel.distributed import any_rank, gather_objects, global_rank, is_distributed
+from mtk.parallel.distributed import any_rank, gather_objects, global_rank
 from mtk.train.metrics import MetricsLogger
 from mtk.train.optim import build_optimizer
+from mtk.train.scaler import LossScaler
 from mtk.train.schedule import global_batch_size, learning_rate, total_iterations
 from mtk.train.step import StepRunner
 
@@ -40,6 +42,18 @@ def mean_terms(steps: list[dict[str, float]]) -> dict[str, float]:
         finite = [step[name] for step in steps if math.isfinite(step[name])]
         means[name.replace(" ", "_")] = sum(finite) / len(finite) if finite else float("nan")
     return means
+
+
+def _wrapping_loader(
+    dataset: Any, start: int, samples: int, micro_batch_size: int, dp_rank: int, dp_size: int
+) -> DataLoader:
+    """This rank's micro-batches of ``samples`` samples of ``dataset`` from sample ``start`` on, the
+    dataset read as if repeated end to end (Megatron sizes the valid split so that a run never wraps)."""
+    size = len(dataset)
+    start %= size
+    sampler = PretrainingSampler(start + samples, start, micro_batch_size, dp_rank, dp_size)
+    batches = [[index % size for index in batch] for batch in sampler]
+    return DataLoader(dataset, batch_sampler=batches, num_workers=0, pin_memory=torch.cuda.is_available())
 
 
 class TrainingError(RuntimeError):
@@ -71,6 +85,11 @@ class TrainState:
     consumed_samples: int = 0
     consumed_tokens: int = 0
     skipped_iterations: int = 0
+    # the schedule's position: the updates applied (a skipped step is not one) and their samples, as
+    # Megatron steps its opt_param_scheduler only after a successful update
+    schedule_steps: int = 0
+    schedule_samples: int = 0
+    consumed_valid_samples: int = 0  # where the next validation reads the valid split (Megatron's)
     losses: list[float] = field(default_factory=list)  # per iteration, of this process's run
 
 
@@ -116,18 +135,8 @@ class Trainer:
         self.steps = StepRunner(model, self.family, config.model)
         self.train_data, self.valid_data, self.test_data = datasets
         self.optimizers = [build_optimizer(part, config.train) for part in model.parts]
-        precision = config.train.precision
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-        # sharded gradients: the scaler all-reduces "found inf" so every rank skips the same steps
-        scaler_type = torch.amp.GradScaler
-        if is_distributed():
-            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler as scaler_type
-        self.scaler = scaler_type(
-            options.device.split(":")[0],
-            init_scale=2.0**16,
-            growth_interval=1000,
-            enabled=precision == "fp16",
-        )
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.train.precision)
+        self.scaler = LossScaler(config.train)
         self.state = TrainState()
         self._consecutive_skips = 0
         self.phase = "start-up"  # what the ranks are doing together: named when a collective times out
@@ -156,6 +165,9 @@ class Trainer:
             "consumed_samples": self.state.consumed_samples,
             "consumed_tokens": self.state.consumed_tokens,
             "skipped_iterations": self.state.skipped_iterations,
+            "schedule_steps": self.state.schedule_steps,
+            "schedule_samples": self.state.schedule_samples,
+            "consumed_valid_samples": self.state.consumed_valid_samples,
             "rng": gather_objects(rng_state()),  # every rank's, so dropout resumes exactly
             "config": self.config.to_dict(),
         }
@@ -171,6 +183,10 @@ class Trainer:
         self.state.consumed_samples = saved["consumed_samples"]
         self.state.consumed_tokens = saved["consumed_tokens"]
         self.state.skipped_iterations = saved["skipped_iterations"]
+        # checkpoints of earlier mtk: the schedule followed the iteration, validation read from the start
+        self.state.schedule_steps = saved.get("schedule_steps", saved["iteration"])
+        self.state.schedule_samples = saved.get("schedule_samples", saved["consumed_samples"])
+        self.state.consumed_valid_samples = saved.get("consumed_valid_samples", 0)
         rngs = saved["rng"]
         # the same layout continues each rank's stream; another layout restarts from rank 0's
         set_rng_state(rngs[global_rank()] if len(rngs) == self.model.dims.world_size else rngs[0])
@@ -195,7 +211,19 @@ class Trainer:
             stack.enter_context(self.model.fp8.autocast())  # Transformer Engine's fp8_autocast
         return stack
 
+    def scheduled_lr(self) -> float:
+        """The rate of the next update: the schedule after the samples of the updates applied so far
+        (``schedule_samples``; a skipped step is not an update)."""
+        return learning_rate(self.config.train, self.state.schedule_samples)
+
     def train_step(self, batches: Iterator[dict[str, torch.Tensor]], micro_batches: int) -> dict[str, float]:
+        """Forward and backward of one global batch, then the update unless the loss or a gradient is
+        not finite (``skipped``: with loss scaling an fp16 overflow, else an error or ``--skip-nan``).
+
+        The loss and the gradient norm are reduced over every rank (an inf or NaN in any rank's
+        gradients makes the norm non-finite everywhere): every rank takes the same branch, so all skip
+        the same steps and their loss scalers stay equal.
+        """
         train = self.config.train
         self.model.train()
         for optimizer in self.optimizers:
@@ -204,39 +232,36 @@ class Trainer:
             f"iteration {self.state.iteration + 1}: forward/backward "
             "(parameter all-gather, gradient reduce-scatter, tensor/pipeline/context exchanges)"
         )
+        scale = self.scaler.scale
         local = self.steps.run(
-            [next(batches) for _ in range(micro_batches)], self._autocast, self.scaler.scale
+            [next(batches) for _ in range(micro_batches)], self._autocast, self.scaler.scale_loss
         )
-        lr = learning_rate(train, self.state.iteration, self.iters)
+        lr = self.scheduled_lr()
         for optimizer in self.optimizers:
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            self.scaler.unscale_(optimizer)
+        self.scaler.unscale_(parameter for part in self.model.parts for parameter in part.parameters())
         self.phase = f"iteration {self.state.iteration + 1}: gradient-norm and loss all-reduce"
         grad_value = self.steps.clip_grad_norm(train.clip_grad or math.inf)
-        # every rank sees the same values, so all take the same branch below
         loss_value = self.steps.reduce_loss(local)
         terms = self.steps.reduce_terms()
-        scale = self.scaler.get_scale()
-        finite = math.isfinite(loss_value) and math.isfinite(grad_value)
-        if not finite and not self.scaler.is_enabled():
+        skipped = not (math.isfinite(loss_value) and math.isfinite(grad_value))
+        if skipped and not self.scaler.enabled and not self.options.skip_nan:
             what = "loss" if not math.isfinite(loss_value) else "gradient norm"
-            if not self.options.skip_nan:
-                where = ""
-                if self.amax is not None:  # an FP8 overflow: which linear saw the largest values
-                    largest = self.amax.take()
-                    where = f" (the largest FP8 amax: {largest['fp8_amax']:.3g} at {largest['fp8_amax_at']})"
-                raise TrainingError(
-                    f"iteration {self.state.iteration + 1}: {what} is {loss_value if what == 'loss' else grad_value}"
-                    f"{where}; lower the learning rate, check the data, or pass --skip-nan to skip such steps"
-                )
-            for optimizer in self.optimizers:
+            where = ""
+            if self.amax is not None:  # an FP8 overflow: which linear saw the largest values
+                largest = self.amax.take()
+                where = f" (the largest FP8 amax: {largest['fp8_amax']:.3g} at {largest['fp8_amax_at']})"
+            raise TrainingError(
+                f"iteration {self.state.iteration + 1}: {what} is {loss_value if what == 'loss' else grad_value}"
+                f"{where}; lower the learning rate, check the data, or pass --skip-nan to skip such steps"
+            )
+        for optimizer in self.optimizers:
+            if skipped:
                 optimizer.zero_grad(set_to_none=True)
-        else:
-            for optimizer in self.optimizers:
-                self.scaler.step(optimizer)  # with fp16, skipped by the scaler on overflow
-        self.scaler.update()
-        skipped = not finite
+            else:
+                optimizer.step()
+        self.scaler.update(found_inf=skipped)
         return {
             "loss": loss_value,
             "grad_norm": grad_value,
@@ -248,25 +273,32 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, dataset: Any, split: str) -> dict[str, float] | None:
-        if dataset is None or self.config.train.eval_iters == 0:
+        """The loss over ``eval_iters`` global batches of ``dataset`` (None without data or ``eval_iters``).
+
+        The valid split is read on from ``consumed_valid_samples``, as Megatron's validation iterator
+        walks forward, so each evaluation reads other samples (the split read as if repeated end to end);
+        the test split from its start.
+        """
+        train = self.config.train
+        if dataset is None or len(dataset) == 0 or train.eval_iters == 0:
             return None
+        samples = train.eval_iters * train.global_batch_size
+        start = self.state.consumed_valid_samples if split == "valid" else 0
         self.model.train(False)
         self.phase = f"{split} evaluation (parameter all-gather, loss all-reduce)"
-        train = self.config.train
         options = self.options
-        loader = iter(
-            build_loader(dataset, train.micro_batch_size, 0, options.dp_rank, options.dp_size, num_workers=0)
-        )
         per_step = micro_batches_per_step(train.global_batch_size, train.micro_batch_size, options.dp_size)
+        loader = iter(
+            _wrapping_loader(
+                dataset, start, samples, train.micro_batch_size, options.dp_rank, options.dp_size
+            )
+        )
         losses, terms = [], []
         for _ in range(train.eval_iters):
-            micro_batches = list(islice(loader, per_step))
-            if len(micro_batches) < per_step:
-                break
-            losses.append(self.steps.run(micro_batches, self._autocast))
+            losses.append(self.steps.run([next(loader) for _ in range(per_step)], self._autocast))
             terms.append(self.steps.reduce_terms())
-        if not losses:
-            return None
+        if split == "valid":
+            self.state.consumed_valid_samples += samples
         loss = self.steps.reduce_loss(torch.stack(losses).mean())
         means = mean_terms(terms)
         return {
@@ -302,13 +334,16 @@ class Trainer:
         interval_terms: list[dict[str, float]] = []
         with _Preemption() as preemption:
             while state.iteration < self.iters:
-                batch_size = global_batch_size(train, state.consumed_tokens)
+                batch_size = global_batch_size(self.config, state.consumed_samples)
                 micro_batches = micro_batches_per_step(batch_size, train.micro_batch_size, options.dp_size)
                 step = self.train_step(batches, micro_batches)
                 state.iteration += 1
                 state.consumed_samples += batch_size
                 state.consumed_tokens += batch_size * seq_length
                 state.skipped_iterations += int(step["skipped"])
+                if not step["skipped"]:  # Megatron steps its lr schedule only after a successful update
+                    state.schedule_steps += 1
+                    state.schedule_samples += batch_size
                 state.losses.append(step["loss"])
                 interval_losses.append(step["loss"])
                 interval_terms.append(step["terms"])
@@ -359,10 +394,16 @@ class Trainer:
             self.finish_save()
         ran = state.iteration - first_iteration
         if state.skipped_iterations - first_skips == ran:  # fewer than max_consecutive_skips, all skipped
+            scaled = (
+                f" (the fp16 loss scale came down to {self.scaler.scale:g}; a run this short may need a "
+                "lower --initial-loss-scale)"
+                if self.scaler.dynamic
+                else ""
+            )
             raise TrainingError(
                 f"iterations {first_iteration + 1} to {state.iteration}: every step of this run was skipped "
-                "for a non-finite loss or gradient, so the model did not change. Lower the learning rate, "
-                "check the data, or train in bf16"
+                f"for a non-finite loss or gradient{scaled}, so the model did not change. Lower the learning "
+                "rate, check the data, or train in bf16"
             )
         return state
 
@@ -372,7 +413,7 @@ class Trainer:
         limit = self.options.max_consecutive_skips
         if self._consecutive_skips >= limit:
             last = self.state.iteration
-            scale = f" (fp16 loss scale down to {loss_scale:g})" if self.scaler.is_enabled() else ""
+            scale = f" (fp16 loss scale down to {loss_scale:g})" if self.scaler.enabled else ""
             raise TrainingError(
                 f"iterations {last - limit + 1} to {last}: all {limit} steps were skipped for a non-finite loss "
                 f"or gradient{scale}; stopping. Lower the learning rate, check the data, or train in bf16"

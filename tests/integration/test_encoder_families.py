@@ -50,6 +50,7 @@ def test_the_prepared_data_carries_the_sentinels(sentences):
     assert ids.sentinels == tuple(range(2000, 2100)) and (ids.bos, ids.eos) == (ids.cls, ids.sep)
 
 
+@pytest.mark.slow  # 100+ steps of two families
 @pytest.mark.parametrize("preset", ["bert-tiny", "t5-tiny"])
 def test_encoder_families_learn_the_bundled_corpus(preset, sentences, tmp_path):
     invoke("train", *train_args(preset, sentences, 40), "--save", str(tmp_path / "run"))
@@ -61,6 +62,23 @@ def test_encoder_families_learn_the_bundled_corpus(preset, sentences, tmp_path):
         assert 0.5 < train[-1]["sop_loss"] < 0.9
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["model"]["vocab_size"] == 2100  # inherited from the data manifest
+
+
+@pytest.mark.slow  # encoder 512 / decoder 128 samples
+def test_t5_220m_trains_at_its_published_lengths_on_mock_data(tmp_path):
+    """The recipe's encoder 512 / decoder 128, vocabulary and schedule; layers, width and batch
+    shrunk to run on a CPU."""
+    shrunk = {"num_layers": 2, "decoder_num_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+              "kv_channels": 16, "ffn_hidden_size": 128}  # fmt: skip
+    sets = [arg for key, value in shrunk.items() for arg in ("--set", f"{key}={value}")]
+    invoke("train", "--preset", "t5-220m", "--mock-data", *sets, "--micro-batch-size", "2",
+           "--global-batch-size", "4", "--train-iters", "2", "--log-interval", "1", "--eval-interval", "0",
+           "--num-workers", "0", "--device", "cpu", "--save", str(tmp_path / "run"))  # fmt: skip
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (config["model"]["seq_length"], config["model"]["decoder_seq_length"]) == (512, 128)
+    assert config["model"]["vocab_size"] == 29096 and config["train"]["precision"] == "bf16"
+    train = [r for r in records(tmp_path / "run") if "split" not in r]
+    assert [r["iteration"] for r in train] == [1, 2] and all(8 < r["loss"] < 12 for r in train)
 
 
 def test_document_level_data_is_refused_before_training(tmp_path, sentences):

@@ -59,6 +59,7 @@ def mtk_bert(run: Path) -> BertModel:
     return model
 
 
+@pytest.mark.slow  # a real checkpoint against transformers
 def test_minilm_hidden_states_equal_transformers_on_real_text(minilm, imported):
     from transformers import BertModel as HFBertModel
 
@@ -76,6 +77,7 @@ def test_minilm_hidden_states_equal_transformers_on_real_text(minilm, imported):
     assert manifest["stage"] == "train"
 
 
+@pytest.mark.slow  # a real checkpoint out and back
 def test_export_to_hf_round_trips_the_weights(minilm, imported, tmp_path):
     from safetensors.torch import load_file
     from transformers import BertForPreTraining

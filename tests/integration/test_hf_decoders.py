@@ -95,6 +95,118 @@ def test_export_loads_in_transformers_with_the_same_logits(imported, tmp_path):
     assert result.exit_code == 0 and result.output.startswith("The import"), result.output
 
 
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 32}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def scaled(tmp_path_factory):
+    """A Llama 3.1-style model (RoPE scaled from 32 positions) imported into mtk."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("llama31")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=4096, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+                         rope_theta=10000.0, rms_norm_eps=1e-5, rope_scaling=dict(LLAMA3_SCALING))  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(root / "hf", safe_serialization=True)
+    write_tokenizer_json(root / "hf")
+    result = runner.invoke(app, ["checkpoint", "import-hf", str(root / "hf"), "--preset", "llama-tiny",
+                                 "--save", str(root / "run")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return model, root
+
+
+def test_llama3_rope_scaling_imports_with_the_same_logits_past_the_original_length(scaled):
+    hf, root = scaled
+    config = checkpoint_description(root / "run")["config"]["model"]
+    assert config["use_rope_scaling"] is True
+    assert (config["rope_scaling_factor"], config["rope_scaling_low_freq_factor"], config["rope_scaling_high_freq_factor"],
+            config["rope_scaling_original_max_position_embeddings"]) == (8.0, 1.0, 4.0, 32)  # fmt: skip
+    model, _ = load_run(root / "run")
+    tokens = torch.randint(0, 4096, (2, 96))  # three times the original 32 positions
+    with torch.no_grad():
+        assert (hf(tokens).logits - model(tokens)[..., :4096]).abs().max() <= 1e-5
+        prompt = tokens[0, :40]
+        expected = hf.generate(prompt[None], max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert generate(model, prompt.tolist(), 12, temperature=0) == expected[0, 40:].tolist()
+
+
+def test_llama3_rope_scaling_round_trips_through_convert_to_hf(scaled, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    hf, root = scaled
+    result = runner.invoke(
+        app, ["checkpoint", "convert", str(root / "run"), "--to", "hf", "-o", str(tmp_path)]
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "config.json").read_text())["rope_scaling"] == LLAMA3_SCALING
+    again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    tokens = torch.randint(0, 4096, (2, 96))
+    with torch.no_grad():
+        assert (again(tokens).logits - hf(tokens).logits).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize(
+    ("rope", "message"),
+    [
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}},
+         "RoPE scaling 'yarn': mtk's Llama takes plain RoPE or Llama 3.1's scaling (rope_type 'llama3')"),
+        ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "RoPE scaling 'dynamic'"),
+        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
+         "RoPE scaling 'llama3' without low_freq_factor, high_freq_factor, original_max_position_embeddings"),
+    ],
+)  # fmt: skip
+def test_other_rope_scalings_are_refused_with_the_reason(scaled, tmp_path, rope, message):
+    import shutil
+
+    _, root = scaled
+    folder = Path(shutil.copytree(root / "hf", tmp_path / "hf"))
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("rope_parameters", None)
+    (folder / "config.json").write_text(json.dumps({**config, "rope_theta": 10000.0, **rope}))
+    result = runner.invoke(app, ["checkpoint", "import-hf", str(folder), "--save", str(tmp_path / "run")])
+    assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
+
+
+def test_zero_centred_norms_export_as_gamma_and_import_back(tmp_path):
+    """A run with --apply-layernorm-1p (norm weights hold gamma - 1) exports Hugging Face's gamma:
+    transformers gives mtk's logits; imported back (plain norms) or into a zero-centred model, the
+    same function."""
+    from transformers import AutoModelForCausalLM
+
+    from mtk.hf import Llama, load_into, read_hf_weights
+    from mtk.models.gpt import GPTModel
+
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--preset", "llama-tiny", "--mock-data", "--train-iters", "2", "--seq-length", "32",
+                                 "--num-workers", "0", "--set", "apply_layernorm_1p=true", "--save", str(run)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    ours, _ = load_run(run)
+    assert ours.config.apply_layernorm_1p and ours.decoder.final_norm.weight.abs().max() < 0.5  # gamma - 1
+    result = runner.invoke(app, ["checkpoint", "convert", str(run), "--to", "hf", "-o", str(tmp_path / "hf")])
+    assert result.exit_code == 0, result.output
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    tokens = torch.randint(0, 4096, (2, 32))
+    with torch.no_grad():
+        expected = ours(tokens)[..., :4096]
+        assert (theirs(tokens).logits - expected).abs().max() <= 1e-5
+    result = runner.invoke(app, ["checkpoint", "import-hf", str(tmp_path / "hf"), "--preset", "llama-tiny",
+                                 "--save", str(tmp_path / "back"), "--no-tokenizer"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    back, _ = load_run(tmp_path / "back")
+    assert not back.config.apply_layernorm_1p
+    centred = GPTModel(ours.config)
+    load_into(centred, Llama(), read_hf_weights(tmp_path / "hf", "model."))
+    with torch.no_grad():
+        assert (back(tokens)[..., :4096] - expected).abs().max() <= 1e-5
+        # gamma - 1 read back from gamma: float32's spacing near 1 (2^-23), not gamma - 1's own
+        gammas = centred.decoder.final_norm.weight, ours.decoder.final_norm.weight
+        torch.testing.assert_close(*gammas, atol=2**-23, rtol=0)
+        assert (centred(tokens)[..., :4096] - expected).abs().max() <= 1e-5
+
+
 @pytest.mark.slow  # a real 135M-parameter model
 def test_a_real_llama_imports_with_the_same_logits_and_greedy_tokens(tmp_path):
     """SmolLM2-135M-Instruct (Llama architecture, GQA, tied embeddings), shipped as GGUF by the PyPI

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 import mtk.checkpoint as checkpoint
 from mtk.checkpoint import latest_iteration, load_checkpoint
 from mtk.config import apply_overrides
+from mtk.data.mock import MockGPTDataset
 from mtk.models.gpt import SPEC, GPTModel
 from mtk.presets import load_preset
 from mtk.train.loop import Trainer, TrainingError, TrainOptions
@@ -41,6 +42,12 @@ def losses(run: Path) -> dict[int, float]:
     """Train loss per iteration from metrics.jsonl (a resumed run's later records win)."""
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return {r["iteration"]: r["loss"] for r in records if "split" not in r}
+
+
+def eval_losses(run: Path) -> dict[tuple[str, int], float]:
+    """Evaluation loss per (split, iteration) from metrics.jsonl."""
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {(r["split"], r["iteration"]): r["loss"] for r in records if "split" in r}
 
 
 def test_loss_decreases_and_run_directory_describes_itself(tmp_path, counting_data):
@@ -85,15 +92,29 @@ def test_resume_is_exact(tmp_path, counting_data):
 
 @pytest.mark.slow  # a training subprocess, killed
 def test_resume_after_sigkill_between_saves_is_exact(tmp_path, counting_data, kill_during_training):
-    common = ["--data", counting_data, "--train-iters", "40", "--set", "hidden_dropout=0.1"]
+    """Train and validation losses bit for bit: each validation reads the next batch of the valid split
+    (Megatron's consumed_valid_samples, commit d98e8a64ddf34856e74b24714e3bedb2f5a39553), from the
+    position the checkpoint holds."""
+    common = ["--data", counting_data, "--train-iters", "40", "--set", "hidden_dropout=0.1",
+              "--eval-interval", "5", "--eval-iters", "1"]  # fmt: skip
     train(*common, "--save", str(tmp_path / "straight"))
     run = tmp_path / "killed"
     stopped_at = kill_during_training([*BASE, *common, "--save-interval", "5"], run, 10)
     assert stopped_at < 40
     train(*common, "--save", str(run), "--save-interval", "5")
     assert losses(tmp_path / "straight") == losses(run)
-    logged = [json.loads(line)["iteration"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert logged == list(range(1, 41)) + [40]  # replayed iterations logged once; the test evaluation at 40
+    assert eval_losses(tmp_path / "straight") == eval_losses(run)
+    valid = [loss for (split, _), loss in eval_losses(run).items() if split == "valid"]
+    assert len(set(valid)) == len(valid) == 8  # every 5 iterations and the final one, each on other samples
+    logged = [
+        (r.get("split", "train"), r["iteration"])
+        for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+    ]
+    expected = [("train", i) for i in range(1, 41)]
+    for i in range(35, 0, -5):
+        expected.insert(i, ("valid", i))
+    assert logged == [*expected, ("valid", 40), ("test", 40)]  # replayed iterations logged once
+    assert load_checkpoint(run)["consumed_valid_samples"] == 8 * 8  # 8 validations of one global batch
 
 
 @pytest.mark.slow  # a training subprocess, killed
@@ -159,33 +180,182 @@ def test_bad_settings_are_clear_errors(tmp_path, counting_data, args, message):
     assert message in " ".join(result.output.split())
 
 
-def _tiny_trainer(tmp_path, **train_overrides) -> Trainer:
-    from mtk.data.mock import MockGPTDataset
-
+def _tiny_trainer(tmp_path, valid=None, test=None, **train_overrides) -> Trainer:
     preset = load_preset("gpt-tiny")
     config = apply_overrides(
         preset.sections,
         {"seq_length": 16, "train_iters": 4, "global_batch_size": 4, "lr_warmup_iters": 0, **train_overrides},
     )
     data = MockGPTDataset(64, 16, config.model.vocab_size, 0)
-    return Trainer(config, GPTModel(config.model), (data, None, None), TrainOptions(save=tmp_path))
+    return Trainer(config, GPTModel(config.model), (data, valid, test), TrainOptions(save=tmp_path))
 
 
-def test_fp16_overflow_step_is_skipped_and_scale_backs_off(tmp_path):
-    trainer = _tiny_trainer(tmp_path, precision="fp16")
-    state = trainer.scaler.state_dict()
-    state["scale"] = 2.0**120  # far beyond fp16: the scaled gradients overflow
-    trainer.scaler.load_state_dict(state)
-    before = [p.detach().clone() for p in trainer.model.parameters()]
+def _inject_overflows(trainer: Trainer, iterations: set[int]) -> None:
+    """An inf in one gradient during the steps of ``iterations`` (counted from 1), as an fp16 overflow."""
+    weight = trainer.model.parts[0].embedding.weight
+
+    def overflow(grad: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(grad, math.inf) if trainer.state.iteration + 1 in iterations else grad
+
+    weight.register_hook(overflow)
+
+
+def _train_records(trainer: Trainer, tmp_path: Path) -> list[dict]:
+    """Run ``trainer`` to its end (or its stop) and return its train records of this run."""
+    from mtk.checkpoint import RunDir
+    from mtk.train.metrics import MetricsLogger
+
+    logger = MetricsLogger(RunDir(trainer.options.save), show=lambda line: None)
+    logger.forget_after(trainer.state.iteration)
+    trainer.run(logger)
+    records = [json.loads(line) for line in logger.path.read_text().splitlines()]
+    return [r for r in records if "split" not in r]
+
+
+FP16_SCALER = {"precision": "fp16", "initial_loss_scale": 1024.0, "hysteresis": 2, "loss_scale_window": 3,
+               "lr_warmup_iters": 10, "log_interval": 1, "eval_interval": 0, "train_iters": 8}  # fmt: skip
+
+
+def test_fp16_overflow_skips_the_step_and_scale_backs_off_after_the_hysteresis(tmp_path):
+    """Megatron's DynamicGradScaler (commit d98e8a64ddf34856e74b24714e3bedb2f5a39553,
+    megatron/core/optimizer/grad_scaler.py): the first overflow is tolerated, the second halves."""
+    trainer = _tiny_trainer(tmp_path, **{**FP16_SCALER, "lr_warmup_iters": 0})
+    _inject_overflows(trainer, {1, 2})
     batches = iter(torch.utils.data.DataLoader(trainer.train_data, batch_size=4))
-    step = trainer.train_step(batches, 1)
-    assert step["skipped"]
-    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters(), strict=True))
-    assert trainer.scaler.get_scale() == 2.0**119
-    trainer.scaler.update(new_scale=2.0**8)  # at a sane scale the next step goes through
-    step = trainer.train_step(batches, 1)
-    assert not step["skipped"]
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    for expected_scale in (1024.0, 512.0):
+        step = trainer.train_step(batches, 1)
+        trainer.state.iteration += 1
+        assert step["skipped"] and trainer.scaler.scale == expected_scale
+        assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters(), strict=True))
+    for expected_scale in (512.0, 512.0, 1024.0):  # doubled after 3 (the window) good steps
+        assert not trainer.train_step(batches, 1)["skipped"]
+        trainer.state.iteration += 1
+        assert trainer.scaler.scale == expected_scale
     assert not all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters(), strict=True))
+
+
+def test_a_skipped_step_does_not_advance_the_learning_rate_schedule(tmp_path):
+    """As Megatron's training.py (commit d98e8a64ddf34856e74b24714e3bedb2f5a39553) steps its
+    opt_param_scheduler only when the update was successful: the step after an overflow has the rate
+    the overflowing step had, which the uninterrupted schedule gives the next update."""
+    torch.manual_seed(0)
+    clean = _train_records(_tiny_trainer(tmp_path / "clean", **FP16_SCALER), tmp_path)
+    torch.manual_seed(0)
+    trainer = _tiny_trainer(tmp_path / "overflow", **FP16_SCALER)
+    _inject_overflows(trainer, {3, 4})
+    records = _train_records(trainer, tmp_path)
+    assert all(not r["skipped_iterations"] for r in clean) and [r["skipped_iterations"] for r in records] == [
+        0, 0, 1, 2, 2, 2, 2, 2,
+    ]  # fmt: skip
+    clean_lr = [r["lr"] for r in clean]
+    assert len(set(clean_lr)) == 8  # warmup: every update has its own rate
+    assert [r["lr"] for r in records] == clean_lr[:3] + clean_lr[2:3] * 2 + clean_lr[3:6]
+    assert [r["loss_scale"] for r in records] == [1024, 1024, 1024, 1024, 512, 512, 512, 1024]
+    assert trainer.state.iteration == 8 and trainer.state.consumed_samples == 32
+    assert trainer.state.schedule_steps == 6 and trainer.state.schedule_samples == 24
+
+
+def test_resume_after_overflows_is_exact(tmp_path):
+    """The scaler's trackers and the schedule's position are in the checkpoint: with an overflow before
+    the save and one after, the resumed run halves the scale and holds the rate as the straight one."""
+    overflows = {3, 5}
+    settings = {**FP16_SCALER, "loss_scale_window": 4, "train_iters": 10}
+    torch.manual_seed(0)
+    straight = _tiny_trainer(tmp_path / "straight", **settings)
+    _inject_overflows(straight, overflows)
+    expected = _train_records(straight, tmp_path)
+    torch.manual_seed(0)
+    first = _tiny_trainer(tmp_path / "resumed", **settings)
+    first.options.stop_after = 4
+    _inject_overflows(first, overflows)
+    _train_records(first, tmp_path)
+    torch.manual_seed(1)  # other initial weights: everything comes from the checkpoint
+    second = _tiny_trainer(tmp_path / "resumed", **settings)
+    _inject_overflows(second, overflows)
+    assert second.resume() and second.state.iteration == 4 and second.state.schedule_steps == 3
+    records = _train_records(second, tmp_path)
+    keys = ("iteration", "loss", "lr", "grad_norm", "loss_scale", "skipped_iterations")
+    assert [[r[k] for k in keys] for r in records] == [[r[k] for k in keys] for r in expected]
+    assert [r["loss_scale"] for r in expected] == [1024] * 5 + [512] * 4 + [1024]
+
+
+class _Recording:
+    """A dataset that records the samples read from it."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset, self.read = dataset, []
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        self.read.append(index)
+        return self.dataset[index]
+
+
+def test_each_validation_reads_the_next_batches_and_wraps_at_the_end_of_the_split(tmp_path):
+    """As Megatron's validation iterator (consumed_valid_samples; megatron/training/training.py at commit
+    d98e8a64ddf34856e74b24714e3bedb2f5a39553): the next eval_iters global batches each time; a split
+    shorter than the run needs is read as if repeated end to end. The test split starts at 0."""
+    valid = _Recording(MockGPTDataset(12, 16, 4096, 1))
+    test = _Recording(MockGPTDataset(12, 16, 4096, 2))
+    trainer = _tiny_trainer(tmp_path, valid, test, eval_iters=2, eval_interval=0)  # 8 samples per evaluation
+    reads, results = [], []
+    for _ in range(3):
+        valid.read = []
+        results.append(trainer.evaluate(trainer.valid_data, "valid")["loss"])
+        reads.append(valid.read)
+    assert reads == [list(range(8)), [8, 9, 10, 11, 0, 1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11]]
+    assert len(set(results)) == 3 and trainer.state.consumed_valid_samples == 24
+    trainer.state.consumed_valid_samples = 0  # the same samples, the same loss
+    assert trainer.evaluate(trainer.valid_data, "valid")["loss"] == results[0]
+    for _ in range(2):
+        test.read = []
+        trainer.evaluate(trainer.test_data, "test")
+        assert test.read == list(range(8))
+
+
+def test_validations_of_a_resumed_checkpoint_walk_on_from_its_position(tmp_path):
+    """The position is in the checkpoint: one checkpointed model, evaluated twice, gives two losses over
+    other samples, the first of them the one the uninterrupted trainer reads next."""
+    valid = MockGPTDataset(40, 16, 4096, 1)
+    trained = _tiny_trainer(tmp_path, valid, eval_iters=1, eval_interval=1, train_iters=2)
+    _train_records(trained, tmp_path)  # evaluations at iteration 1 and (the final one) 2
+    assert trained.state.consumed_valid_samples == 8
+    assert load_checkpoint(tmp_path)["consumed_valid_samples"] == 8
+    resumed = _tiny_trainer(tmp_path, valid, eval_iters=1, eval_interval=1, train_iters=2)
+    assert resumed.resume() and resumed.state.consumed_valid_samples == 8
+    first, second = (
+        resumed.evaluate(resumed.valid_data, "valid"),
+        resumed.evaluate(resumed.valid_data, "valid"),
+    )
+    assert (
+        first["loss"] == trained.evaluate(trained.valid_data, "valid")["loss"]
+        and first["loss"] != second["loss"]
+    )
+    assert resumed.state.consumed_valid_samples == 16
+
+
+def test_trainer_states_of_earlier_checkpoints_load_with_their_positions(tmp_path, monkeypatch):
+    """Without the schedule's or the validation's position (mtk before them), a checkpoint is valid, and
+    resumes its schedule at its iteration (what it followed then) and validation at the split's start."""
+    trainer = _tiny_trainer(tmp_path, precision="fp16", initial_loss_scale=1024.0, train_iters=2)
+    _train_records(trainer, tmp_path)
+    saved = load_checkpoint(tmp_path)
+    for key in ("schedule_steps", "schedule_samples", "consumed_valid_samples"):
+        assert checkpoint.trainer_state_problem({**saved, key: -1}) is not None
+        del saved[key]
+    assert checkpoint.trainer_state_problem(saved) is None
+    saved["iteration"], saved["consumed_samples"] = 2, 8
+    saved["scaler"] = {"scale": 64.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 1000,
+                       "_growth_tracker": 1}  # torch's GradScaler, as earlier mtk saved it  # fmt: skip
+    resumed = _tiny_trainer(tmp_path, precision="fp16", initial_loss_scale=1024.0, train_iters=2)
+    monkeypatch.setattr(resumed.checkpointer, "load", lambda: saved)
+    assert resumed.resume()
+    state = resumed.state
+    assert (state.schedule_steps, state.schedule_samples, state.consumed_valid_samples) == (2, 8, 0)
+    assert resumed.scaler.scale == 64.0 and resumed.scaler.hysteresis_tracker == 2
 
 
 def test_nan_loss_stops_with_the_iteration_or_is_skipped(tmp_path):

@@ -30,6 +30,7 @@ def records(run: Path) -> list[dict]:
     ]
 
 
+@pytest.mark.slow  # 100 steps twice, FP8 emulated
 def test_fp8_differs_from_fp32_yet_tracks_its_loss(tmp_path, counting_data):
     common = ["--data", counting_data, "--train-iters", "100", "--lr", "3e-3"]
     train(*common, "--save", str(tmp_path / "fp32"))

@@ -103,11 +103,24 @@ def test_fewer_micro_batches_than_stages_run_every_phase_of_the_gpt3_ramp():
         ({"mock_data": False}, "data", "give exactly one of --data PREFIX and --mock-data"),
         ({"data_path": "corpus_text_document"}, "data", "give exactly one of --data PREFIX and --mock-data"),
         ({"train_iters": None}, "length", "give --train-iters or --train-samples"),
-        ({"train_iters": None, "train_samples": 64, "batch_size_ramp": [[0, 4]]}, "length", "ramp needs"),
+        ({"train_iters": 10, "train_samples": 64}, "length", "not both"),
+        ({"lr_decay_iters": 10, "lr_decay_samples": 80}, "schedule", "decay is given in iterations and in"),
+        (
+            {"lr_warmup_iters": 10, "lr_warmup_samples": 80},
+            "schedule",
+            "warmup is given in iterations and in",
+        ),
+        ({"lr_warmup_fraction": 0.1, "lr_warmup_iters": 10}, "schedule", "give one warmup length"),
+        ({"lr_decay_style": "WSD"}, "schedule", "WSD needs the annealing length"),
+        ({"rampup_batch_size": [4, 4, 100], "batch_size_ramp": "0:4"}, "batch", "give one batch-size ramp"),
+        ({"rampup_batch_size": [4, 12, 100]}, "batch", "batch size 8 must be START plus a whole"),
+        ({"rampup_batch_size": [16, 4, 100]}, "batch", "batch size 8 must be START plus a whole"),
+        ({"rampup_batch_size": [2, 2, 100]}, "batch", "ramp reaches global batch size 2, not a"),
+        ({"batch_size_ramp": "0:4 1K:6 2K:8"}, "batch", "ramp reaches global batch size 6, not a"),
         ({"min_lr": 0.1}, "schedule", "min_lr 0.1 is above lr 0.001"),
         ({"fp8": "hybrid", "precision": "fp16"}, "precision", "FP8 runs with bf16 or fp32 weights, not fp16"),
         ({"family": "retro"}, "family", "has no chunked cross-attention layer"),
-        ({"family": "t5", "decoder_seq_length": 32}, "family", "set decoder_seq_length >= 37"),
+        ({"family": "t5", "decoder_seq_length": 16}, "family", "set decoder_seq_length >= 20"),
         ({"max_position_embeddings": 16}, "layout", "seq_length 128 exceeds max_position_embeddings 16"),
     ],
 )
@@ -174,3 +187,14 @@ def test_encoder_families_refuse_context_parallelism_and_t5_pipelines(family):
     assert any("pipeline parallelism would cut the encoder and the decoder" in m for m in messages) == (
         family == "t5"
     )
+
+
+def test_an_override_replaces_what_the_preset_gives_in_other_units():
+    """--train-samples turns a preset's run of train_iters sample-based, as one Megatron flag would."""
+    by_samples = config("gpt-tiny", train_samples=120, lr_warmup_fraction=0.1, rampup_batch_size=[4, 4, 24])
+    train = by_samples.train
+    assert (train.train_iters, train.train_samples, train.lr_warmup_iters, train.lr_warmup_fraction) == (
+        None, 120, 0, 0.1)  # fmt: skip
+    assert run_problems(by_samples, 1, family_spec("gpt")) == []
+    staircase = config("gpt3-175b", rampup_batch_size=[16, 16, 5859375])
+    assert staircase.train.batch_size_ramp is None

@@ -110,6 +110,20 @@ def test_t5_decoder_is_causal_and_encoder_padding_is_invisible():
     assert logits.shape == (2, 8, config.padded_vocab_size())
 
 
+def test_t5_220m_as_published_passes_the_checks_and_a_decoder_without_room_for_one_span_does_not():
+    """Samples stop their spans where the decoder is full, so the only length rule is that the first
+    span fits: <bos>, its sentinel and up to 15% of the 510 sample tokens = 2 + 76."""
+    from mtk.config import run_problems
+
+    sections = load_preset("t5-220m").sections
+    config = apply_overrides(sections, {"mock_data": True})
+    assert (config.model.seq_length, config.model.decoder_seq_length) == (512, 128)
+    assert run_problems(config, 1, T5) == []
+    assert T5.problems(apply_overrides(sections, {"decoder_seq_length": 78})) == []
+    (problem,) = T5.problems(apply_overrides(sections, {"decoder_seq_length": 77}))
+    assert "cannot hold one span" in problem and "set decoder_seq_length >= 78" in problem
+
+
 def test_t5_loss_counts_the_decoder_targets_only():
     config = tiny("t5-tiny", decoder_seq_length=8)
     labels = torch.tensor([[11, 12, 13, -1, -1, -1, -1, -1]])

@@ -212,3 +212,78 @@ def test_transformer_engine_linears_replace_the_layers_and_the_step_runs_in_its_
 
     trainer.train_step(iter(build_loader(data, 2, num_workers=0)), 2)
     assert fake_te.entered == [plan.te_recipe] * 2  # one fp8_autocast per micro-batch forward
+
+
+SHRUNK = {"num_layers": 40, "hidden_size": 64, "ffn_hidden_size": 128, "num_attention_heads": 8,
+          "num_query_groups": 4, "kv_channels": 8, "vocab_size": 256, "seq_length": 32}  # fmt: skip
+
+
+def seed_preset(name: str, **overrides):
+    return apply_overrides(load_preset(name).sections, {"mock_data": True, **SHRUNK, **overrides})
+
+
+def test_auto_takes_transformer_engine_only_where_it_runs_the_layout(fake_te):
+    """With Transformer Engine importable, auto picks it for a layout and recipe it runs, torchao for
+    the rest (the seed's TP 4 and TP 8 presets), and says which and why in the console and manifest."""
+    chosen = plan_fp8(config(), "cuda")
+    assert chosen.backend == "te" and chosen.backend_reason.startswith("auto chose Transformer Engine")
+    for name, tp in [("llama3-70b", 4), ("llama3-405b", 8)]:
+        plan = plan_fp8(load_preset(name).config, "cuda")
+        assert plan.backend == "torchao" and plan.recipe == "tensorwise"  # the preset's delayed, said
+        reason = (
+            "auto chose torchao: Transformer Engine's linears do their own tensor parallelism, which "
+            f"mtk's DTensor plans (--tp {tp}) do not drive"
+        )
+        assert plan.backend_reason == reason
+        assert reason in plan.summary() and plan.describe()["backend_reason"] == reason
+    with pytest.raises(ConfigError, match=r"--fp8-backend te: .*\(--tp 4\) do not drive; use --fp8-backend"):
+        plan_fp8(seed_preset("llama3-70b", fp8_backend="te"), "cuda")
+    rowwise = plan_fp8(config(fp8_recipe="rowwise"), "cuda")  # a recipe TE lacks and torchao has
+    assert (rowwise.backend, rowwise.recipe, rowwise.note) == ("torchao", "rowwise", None)
+    assert "Transformer Engine has no rowwise scaling" in rowwise.backend_reason
+    on_cpu = plan_fp8(config(), "cpu")
+    assert (
+        on_cpu.backend_reason == "auto chose torchao: Transformer Engine runs on CUDA devices only, not cpu"
+    )
+    assert plan_fp8(config(fp8_backend="torchao"), "cuda").backend_reason == "--fp8-backend torchao"
+
+
+def test_auto_without_transformer_engine_says_so():
+    plan = plan_fp8(config(), "cpu")
+    assert plan.backend == "torchao"
+    assert plan.backend_reason == "auto chose torchao: Transformer Engine is not installed"
+
+
+@pytest.fixture
+def fake_world():
+    """A process group of 32 ranks in this process (torch's fake backend: collectives do nothing),
+    this process rank 0: enough to build one rank's part of a parallel model."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", rank=0, world_size=32, store=FakeStore())
+    try:
+        yield 32
+    finally:
+        dist.destroy_process_group()
+
+
+def test_llama3_70b_with_fp8_plans_and_builds_at_tp4_beside_transformer_engine(fake_te, fake_world):
+    """The seed's 70B layout (TP 4, PP 8, VP 5) shrunk in width: check_run passes, auto picks torchao,
+    and rank 0 builds its five stages with FP8 linears sharded over TP."""
+    from torch.distributed.tensor import Shard
+
+    from mtk.config import check_run
+
+    cfg = seed_preset("llama3-70b", train_iters=1)
+    check_run(cfg, fake_world, SPEC)
+    dims = ParallelDims.from_config(cfg, fake_world)
+    assert (dims.tp, dims.pp, dims.vp) == (4, 8, 5)
+    with torch.device("meta"):
+        model = SPEC.build(cfg.model)
+    built = parallelize(model, SPEC, cfg, dims, dims.build_mesh("cpu"), "cpu")
+    assert built.fp8.backend == "torchao" and "(--tp 4)" in built.fp8.backend_reason
+    assert [list(part.decoder.layers) for part in built.parts] == [["0"], ["8"], ["16"], ["24"], ["32"]]
+    q_proj = built.parts[0].decoder.layers["0"].attention.q_proj
+    assert type(q_proj).__name__ == "Float8Linear" and q_proj.weight.placements == (Shard(0),)
+    assert q_proj.weight.to_local().shape == (8 * 8 // 4, 64)  # a quarter of the heads

@@ -76,3 +76,29 @@ def test_a_step_of_micro_batches_is_the_global_batch_loss_and_gradient():
     assert loss == pytest.approx(reference.item(), rel=1e-6)
     for got, want in zip(accumulated, (p.grad for p in model.parameters()), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_a_scaled_step_reports_the_loss_and_unscales_to_the_same_gradients():
+    """The loss scaler (mtk/train/scaler.py) multiplies what backward starts from, not the reported loss;
+    unscaling gives back the gradients of the plain step (a power-of-two scale: exactly)."""
+    from mtk.config import TrainConfig
+    from mtk.train.scaler import LossScaler
+
+    config = apply_overrides(load_preset("gpt-tiny").sections, {"seq_length": 16})
+    torch.manual_seed(0)
+    model = SPEC.build(config.model)
+    tokens = torch.randint(0, 4000, (4, 17))
+    batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(4, 16),
+             "position_ids": torch.arange(16).expand(4, 16)}  # fmt: skip
+    halves = [{k: v[i : i + 2] for k, v in batch.items()} for i in (0, 2)]
+    runner = StepRunner(ParallelModel([model]), SPEC, config.model)
+    plain = runner.reduce_loss(runner.run(halves, contextlib.nullcontext, lambda loss: loss))
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    scaler = LossScaler(TrainConfig(loss_scale=2.0**12))
+    scaled = runner.reduce_loss(runner.run(halves, contextlib.nullcontext, scaler.scale_loss))
+    assert [p.grad for p in model.parameters()][0].abs().max() > 2**11 * expected[0].abs().max()
+    scaler.unscale_(model.parameters())
+    assert scaled == plain
+    for got, want in zip((p.grad for p in model.parameters()), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -58,4 +58,4 @@ def test_data_prepared_elsewhere_needs_an_explicit_vocabulary(write_corpus):
     with pytest.raises(ConfigError, match="give --vocab-size"):
         resolve_vocab(RunConfig(), facts, None)
     assert resolve_vocab(RunConfig(), facts, 50).model.vocab_size == 50
-    assert json.loads(json.dumps(RunConfig().to_dict()))["data"]["split"] == "949,50,1"
+    assert json.loads(json.dumps(RunConfig().to_dict()))["data"]["split"] == "969,30,1"  # Megatron's default

@@ -13,7 +13,7 @@ from mtk.data.helpers import (
     _mt64_seed,
     build_sentence_samples,
 )
-from mtk.data.masking import BERT_MASKING, T5_MASKING, Masking, bert_replacement, mask_tokens
+from mtk.data.masking import BERT_MASKING, T5_MASKING, Masking, SpanRoom, bert_replacement, mask_tokens
 
 # ids 0-4 [PAD] [UNK] [CLS] [SEP] [MASK], 5-44 words w0..w39, 45-64 pieces ##p0..##p19
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(40)]
@@ -37,13 +37,15 @@ MEGATRON_CASES = [
 ]  # fmt: skip
 
 
-def run(kind, tokens, target, seed):
+def run(kind, tokens, target, seed, room=None):
     masking, replace = (
         (BERT_MASKING, bert_replacement(MASK, np.arange(len(VOCAB))))
         if kind == "bert"
         else (T5_MASKING, lambda rng: MASK)
     )
-    return mask_tokens(tokens, target, np.random.RandomState(seed), masking, CONTINUES, [CLS, SEP], replace)
+    return mask_tokens(
+        tokens, target, np.random.RandomState(seed), masking, CONTINUES, [CLS, SEP], replace, room
+    )
 
 
 @pytest.mark.parametrize("kind, tokens, target, seed, expected, positions, labels", MEGATRON_CASES)
@@ -84,6 +86,49 @@ def test_masking_invariants(kind):
         if kind == "t5":
             assert all(masked.tokens[p] == MASK for p in masked.positions)
     assert longest > (6 if kind == "t5" else 3)  # n-grams of words, geometric ones longer
+
+
+def span_cost(masked):
+    """Decoder places of T5's spans: a sentinel and the tokens of each."""
+    return len(masked.spans) + len(masked.positions)
+
+
+def check_room(masked, free, tokens, room):
+    """``masked`` is the choice ``free`` cut at ``room``: within it, made of ``free``'s spans with
+    the same replacements, and all of ``free`` when that fits."""
+    assert span_cost(masked) <= room.tokens and len(masked.spans) <= room.spans
+    assert all(span in free.spans for span in masked.spans)
+    assert all(masked.tokens[p] == free.tokens[p] for p in masked.positions)  # the same draws
+    unchanged = set(range(len(tokens))) - set(masked.positions)
+    assert all(masked.tokens[i] == tokens[i] for i in unchanged)
+    assert masked.labels == [tokens[p] for p in masked.positions]
+    assert [p for positions, _ in masked.spans for p in positions] == masked.positions
+    if span_cost(free) <= room.tokens and len(free.spans) <= room.spans:
+        assert (masked.tokens, masked.positions, masked.spans) == (free.tokens, free.positions, free.spans)
+        return False
+    return True
+
+
+@pytest.mark.parametrize("kind", ["bert", "t5"])
+def test_spans_stop_where_the_room_is_full(kind):
+    """A room cuts the choice before the first span that would overflow it: a smaller room keeps a
+    subset of what a larger one keeps, and a room the whole choice fits changes nothing (Megatron's
+    choice, draw for draw)."""
+    rng = np.random.default_rng(1)
+    cut = 0
+    for seed in range(150):
+        tokens = random_sample(rng, int(rng.integers(20, 120)))
+        free = run(kind, tokens, 256, seed)
+        smaller: list = []
+        for places in (6, 10, 18, 40, 10**6):
+            room = SpanRoom(tokens=places, spans=100)
+            masked = run(kind, tokens, 256, seed, room)
+            cut += check_room(masked, free, tokens, room)
+            assert all(span in masked.spans for span in smaller)
+            smaller = masked.spans
+        room = SpanRoom(tokens=10**6, spans=3)  # the sentinels run out
+        cut += check_room(run(kind, tokens, 256, seed, room), free, tokens, room)
+    assert cut > 300  # the small rooms did cut
 
 
 def test_bert_replacement_is_80_10_10():
@@ -245,6 +290,45 @@ def test_bert_samples(sentence_data, tmp_path):
     assert valid.sample_index[:, 0].min() >= indexed.document_indices[54]  # documents 54.. are valid
 
 
+def check_t5_sample(sample, source, sentinels, lengths=None):
+    """The sample is ``source`` with each span behind a sentinel, in order, and the decoder <bos>
+    (98), then each sentinel with its span, the labels the same shifted by one, ending in <eos> (99);
+    the masks mark the tokens. Returns ``source`` with every span token as [MASK]."""
+    if lengths is not None:
+        assert tuple(sample["text_enc"].shape) == (lengths[0],)
+        assert all(tuple(sample[k].shape) == (lengths[1],) for k in ("text_dec", "labels", "loss_mask"))
+    encoding, decoding = int(sample["enc_mask"].sum()), int(sample["dec_mask"].sum())
+    assert sample["enc_mask"][:encoding].all() and sample["dec_mask"][:decoding].all()
+    assert torch.equal(sample["loss_mask"], sample["dec_mask"])
+    assert torch.all(sample["text_enc"][encoding:] == 0) and torch.all(sample["text_dec"][decoding:] == 0)
+    assert torch.all(sample["labels"][decoding:] == -1)
+    encoder = sample["text_enc"][:encoding].tolist()
+    decoder = sample["text_dec"][:decoding].tolist()
+    labels = sample["labels"][:decoding].tolist()
+    assert decoder[0] == 98 and labels[-1] == 99 and decoder[1:] == labels[:-1]
+    rebuilt, spans = [], {}  # undo: every sentinel in the encoder stands for its decoder span
+    current = None
+    for token in labels[:-1]:
+        if token in sentinels:
+            current = spans.setdefault(token, [])
+        else:
+            current.append(token)
+    assert all(spans.values())  # no empty span
+    for token in encoder:
+        rebuilt += [MASK] * len(spans[token]) if token in sentinels else [token]
+    assert len(rebuilt) == len(source)
+    assert [s for t, s in zip(rebuilt, source, strict=True) if t != s] == [
+        t for span in spans.values() for t in span
+    ]
+    assert [sentinels.index(t) for t in encoder if t in sentinels] == list(range(len(spans)))
+    return rebuilt
+
+
+def source_of(data, indexed, index):
+    first, end, target = (int(v) for v in data.sample_index[index])
+    return [int(t) for s in range(first, end) for t in indexed[s]][:target]
+
+
 def test_t5_samples_put_each_span_behind_a_sentinel(sentence_data, tmp_path):
     from mtk.data.t5_dataset import T5Dataset
 
@@ -256,27 +340,62 @@ def test_t5_samples_put_each_span_behind_a_sentinel(sentence_data, tmp_path):
         indexed, "1,0,0", 0, 50, 64, 32, 1234, ids(bos=98, eos=99, sentinels=sentinels), cache_dir=tmp_path
     )
     for i in range(len(data)):
+        check_t5_sample(data[i], source_of(data, indexed, i), sentinels, (64, 32))
+
+
+@pytest.fixture
+def long_documents(tmp_path):
+    """12 documents of 30-60 sentences of 5-25 words (a word: a w-id and 0-2 ##pieces), so most
+    samples fill a 512-token encoder."""
+    rng = np.random.default_rng(4)
+    documents = []
+    for _ in range(12):
+        document = []
+        for _ in range(int(rng.integers(30, 61))):
+            sentence = []
+            for _ in range(int(rng.integers(5, 26))):
+                sentence += [int(rng.integers(5, 45))]
+                sentence += [int(t) for t in rng.integers(45, 65, rng.choice(3, p=[0.8, 0.15, 0.05]))]
+            document.append(sentence)
+        documents.append(document)
+    write_pair(tmp_path / "long", documents, np.uint16)
+    from mtk.data.indexed import IndexedDataset
+
+    return IndexedDataset(tmp_path / "long")
+
+
+@pytest.mark.parametrize("decoder_length", [128, 78])  # t5-220m's, and the least check_run accepts
+def test_every_t5_sample_fits_encoder_512_and_its_decoder(long_documents, tmp_path, decoder_length):
+    """Megatron's t5-220m samples (encoder 512, decoder 128) can need up to 153 decoder tokens; ours
+    stop their spans where the decoder is full, and are Megatron's choice wherever that fits."""
+    from mtk.data.t5_dataset import T5Dataset
+
+    sentinels = tuple(range(100, 200))
+    wordpiece = ids(bos=98, eos=99, sentinels=sentinels)
+    args = (long_documents, "1,0,0", 0, 120, 512, decoder_length, 1234, wordpiece)
+    data = T5Dataset(*args, cache_dir=tmp_path / "cache")
+    again = T5Dataset(*args, cache_dir=tmp_path / "cache")
+    full = cut = 0
+    for i in range(120):
         sample = data[i]
-        first, end, target = (int(v) for v in data.sample_index[i])
-        source = [int(t) for s in range(first, end) for t in indexed[s]][:target]
-        encoder = sample["text_enc"][: int(sample["enc_mask"].sum())].tolist()
-        decoder = sample["text_dec"][: int(sample["dec_mask"].sum())].tolist()
-        labels = sample["labels"][: int(sample["loss_mask"].sum())].tolist()
-        assert decoder[0] == 98 and labels[-1] == 99 and decoder[1:] == labels[:-1]
-        rebuilt, spans = [], {}  # undo: every sentinel in the encoder stands for its decoder span
-        current = None
-        for token in labels[:-1]:
-            if token in sentinels:
-                current = spans.setdefault(token, [])
-            else:
-                current.append(token)
-        for token in encoder:
-            rebuilt += [MASK] * len(spans[token]) if token in sentinels else [token]
-        assert len(rebuilt) == len(source)
-        assert [t for t, s in zip(rebuilt, source, strict=True) if t != s] == [MASK] * sum(
-            map(len, spans.values())
-        )
-        assert [sentinels.index(t) for t in encoder if t in sentinels] == list(range(len(spans)))
+        if i % 10 == 0:  # same seed, same sample
+            assert all(torch.equal(sample[k], again[i][k]) for k in sample)
+        source = source_of(data, long_documents, i)
+        full += len(source) == 510
+        rebuilt = check_t5_sample(sample, source, sentinels, (512, decoder_length))
+        free = mask_tokens(  # the choice without a decoder to fit (Megatron's)
+            source, int(data.sample_index[i][2]), np.random.RandomState(1234 + i), T5_MASKING,
+            wordpiece.continues_word, [CLS, SEP], lambda rng: MASK,
+        )  # fmt: skip
+        if 1 + len(free.spans) + len(free.positions) <= decoder_length:
+            assert rebuilt == free.tokens
+        else:  # cut: fewer spans, each one of the free choice's
+            cut += 1
+            assert rebuilt != free.tokens
+            assert all(free.tokens[p] == MASK for p, t in enumerate(rebuilt) if t == MASK)
+        assert int(sample["dec_mask"].sum()) > 1  # at least one span
+    assert full > 40  # the encoder was full
+    assert cut > 20 or decoder_length == 128
 
 
 def test_document_level_data_is_refused(tmp_path):

@@ -159,3 +159,43 @@ def test_recomputation_changes_neither_gradients_nor_parameter_names(granularity
     for a, b in zip(plain.parameters(), recomputed.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad)
     assert get_model_state_dict(recomputed).keys() == plain.state_dict().keys()
+
+
+@pytest.mark.parametrize("normalization", ["LayerNorm", "RMSNorm"])
+def test_a_zero_centred_norm_holds_gamma_minus_one(normalization):
+    """Megatron's --apply-layernorm-1p: the weight starts at 0 and is applied as 1 + weight, so a
+    zero-centred norm with weight w is the plain norm with weight 1 + w."""
+    from mtk.layers.norms import build_norm
+
+    sections = {"model": {"normalization": normalization, "hidden_size": 16, "num_attention_heads": 2}}
+    plain = build_norm(apply_overrides(sections, {}).model)
+    centred = build_norm(apply_overrides(sections, {"apply_layernorm_1p": True}).model)
+    assert [init.fill for init in initial_values(centred).values()] == [0.0] * len(list(centred.parameters()))
+    assert initial_values(plain)["weight"].fill == 1.0
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for param in centred.parameters():
+            param.normal_()
+        plain.load_state_dict(
+            {name: p + 1 if name == "weight" else p for name, p in centred.state_dict().items()}
+        )
+    x = torch.randn(3, 5, 16)
+    torch.testing.assert_close(centred(x), plain(x), atol=0, rtol=0)
+
+
+def test_a_zero_centred_model_starts_as_the_plain_one_and_trains_the_offset():
+    """The same seed gives the same function (norm weights 0 instead of 1, everything else equal),
+    and the gradients of the norm weights are those of the plain model's."""
+    plain_config = load_preset("llama-tiny").config.model
+    centred_config = apply_overrides(load_preset("llama-tiny").sections, {"apply_layernorm_1p": True}).model
+    plain, centred = GPTModel(plain_config), GPTModel(centred_config)
+    plain.init_weights(seed=3)
+    centred.init_weights(seed=3)
+    assert torch.all(centred.decoder.final_norm.weight == 0)
+    assert torch.all(plain.decoder.final_norm.weight == 1)
+    tokens = torch.randint(0, 4000, (2, 16))
+    for model in (plain, centred):
+        model(tokens).float().logsumexp(-1).mean().backward()
+    torch.testing.assert_close(centred(tokens), plain(tokens), atol=0, rtol=0)
+    for (name, a), b in zip(plain.named_parameters(), centred.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)

@@ -81,7 +81,10 @@ def test_sharding_and_parallel_sizes_divide_what_they_should():
     )
     # 1F1B: the first stage holds the activations of min(PP, micro-batches) micro-batches in flight
     gpt = load_preset("gpt3-175b").config
-    eight_micro_batches = apply_overrides(load_preset("gpt3-175b").sections, {"global_batch_size": 8})
+    # (the largest batch of a run counts: the ramp's too)
+    eight_micro_batches = apply_overrides(
+        load_preset("gpt3-175b").sections, {"global_batch_size": 8, "batch_size_ramp": None}
+    )
     pipelined = estimate_memory(gpt, Layout(tp=8, pp=16), 128)
     assert pipelined.activations == pytest.approx(
         2 * estimate_memory(eight_micro_batches, Layout(tp=8, pp=16), 128).activations

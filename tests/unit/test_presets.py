@@ -80,3 +80,85 @@ def test_padded_vocab_follows_megatron():
     model = ModelConfig(vocab_size=50257)
     assert model.padded_vocab_size(1) == 50304
     assert model.padded_vocab_size(8) == 51200
+
+
+# Megatron-LM's argument defaults at commit d98e8a64dd (megatron/training/arguments.py and the config
+# dataclasses it builds its arguments from: training/config/training_config.py, common_config.py,
+# core/transformer/transformer_config.py), for every mtk field that has a counterpart; RETRO's from
+# fc6969fbb3^, before Megatron removed RETRO
+MEGATRON_DEFAULTS = {
+    "model": {
+        "ffn_hidden_size": None, "num_query_groups": None, "kv_channels": None, "max_position_embeddings": None,
+        "make_vocab_size_divisible_by": 128, "normalization": "LayerNorm", "norm_epsilon": 1e-5,
+        "position_embedding_type": "learned_absolute", "rotary_base": 10000, "swiglu": False,
+        "openai_gelu": False, "add_bias_linear": True, "untie_embeddings_and_output_weights": False,
+        "init_method_std": 0.02, "hidden_dropout": 0.1, "attention_dropout": 0.1, "decoder_num_layers": None,
+        "decoder_seq_length": None, "bert_binary_head": True, "retro_encoder_num_layers": 2,
+        "retro_num_neighbors": 2,
+    },
+    "data": {"split": "969,30,1", "mask_prob": 0.15, "short_seq_prob": 0.1, "mock_data": False},
+    "train": {
+        "batch_size_ramp": None, "rampup_batch_size": None, "train_iters": None, "train_samples": None,
+        "min_lr": 0.0, "lr_decay_style": "linear", "lr_wsd_decay_style": "exponential", "lr_decay_iters": None,
+        "lr_decay_samples": None, "lr_wsd_decay_iters": None, "lr_wsd_decay_samples": None,
+        "lr_warmup_fraction": None, "lr_warmup_iters": 0, "weight_decay": 0.01, "adam_beta1": 0.9,
+        "adam_beta2": 0.999, "adam_eps": 1e-8, "clip_grad": 1.0, "precision": "fp32", "fp8": None,
+        "fp8_recipe": "delayed", "fp8_amax_history_len": 1, "fp8_amax_compute_algo": "most_recent",
+        "fp8_margin": 0, "first_last_layers_bf16": False, "num_layers_at_start_in_bf16": 1,
+        "num_layers_at_end_in_bf16": 1, "log_interval": 100, "save_interval": None, "eval_iters": 100,
+        "seed": 1234,
+    },
+    "parallel": {
+        "tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1, "context_parallel_size": 1,
+        "virtual_pipeline_model_parallel_size": None, "account_for_embedding_in_pipeline_split": False,
+        "account_for_loss_in_pipeline_split": False, "use_distributed_optimizer": False,
+        "grad_reduce_in_bf16": False, "recompute_granularity": None,
+    },
+}  # fmt: skip
+# where mtk's default differs, its help says so: Megatron requires the value, or has none that mtk can use
+DIFFERENT = {"num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size", "lr",
+             "global_batch_size", "eval_interval"}  # fmt: skip
+
+
+def test_defaults_are_megatrons():
+    import dataclasses
+
+    from mtk.config import SECTIONS, TrainConfig
+
+    defaults = RunConfig().to_dict()
+    derived = {"ffn_hidden_size", "num_query_groups", "kv_channels", "max_position_embeddings"}  # below
+    for section, values in MEGATRON_DEFAULTS.items():
+        for key, value in values.items():
+            if key not in derived:
+                assert defaults[section][key] == value, (section, key)
+        for item in dataclasses.fields(SECTIONS[section]):
+            if item.name in DIFFERENT:
+                assert "Megatron" in item.metadata["help"], item.name
+    assert TrainConfig().lr_warmup_samples in (None, 0)  # unset: no warmup by samples, as Megatron's 0
+    # derived as Megatron derives them: 4h, or 2/3 of it for SwiGLU in multiples of 64; heads; h / heads
+    model = ModelConfig(hidden_size=4096, num_attention_heads=32)
+    assert (model.ffn_hidden_size, model.num_query_groups, model.kv_channels) == (16384, 32, 128)
+    assert ModelConfig(hidden_size=4096, num_attention_heads=32, swiglu=True).ffn_hidden_size == 10880
+
+
+def test_recipe_rows_train_as_their_megatron_script():
+    """examples/gpt3 and examples/bert: the 345M/857M and 4B/20B rows change the model arguments of the
+    175B and 340M scripts, so they train with those scripts' settings."""
+    for rows, script in [(("gpt3-345m", "gpt3-857m"), "gpt3-175b"), (("bert-4b", "bert-20b"), "bert-340m")]:
+        reference = load_preset(script).config
+        for row in rows:
+            config = load_preset(row).config
+            assert config.train == reference.train and config.data == reference.data, row
+            assert config.model.init_method_std == reference.model.init_method_std, row
+    gpt3 = load_preset("gpt3-175b").config.train
+    assert (gpt3.lr_decay_style, gpt3.eval_iters, gpt3.eval_interval) == ("cosine", 10, 1000)
+    assert load_preset("bert-340m").config.train.eval_iters == 10
+
+
+def test_tiny_presets_keep_the_settings_their_tests_rely_on():
+    for name in TINY:
+        config = load_preset(name).config
+        assert config.data.split == "949,50,1", name
+        train = config.train
+        assert (train.lr_decay_style, train.eval_iters, train.eval_interval, train.lr_warmup_iters) == (
+            "cosine", 5, 100, 10), name  # fmt: skip
