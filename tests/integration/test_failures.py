@@ -14,18 +14,11 @@ from typer.testing import CliRunner
 from mtk.checkpoint import RunDir, latest_iteration
 from mtk.train.loop import Trainer
 from stages.main import app
+from tests.cli import run
 
 runner = CliRunner()
 T = ["train", "--preset", "gpt-tiny", "--mock-data", "--num-workers", "0", "--eval-interval", "0",
      "--seq-length", "16", "--log-interval", "1", "--device", "cpu"]  # fmt: skip
-
-
-def run(*args: str, code: int = 0) -> str:
-    result = runner.invoke(app, list(args))
-    output = " ".join(result.output.split())
-    assert result.exit_code == code, output
-    assert "Traceback" not in result.output
-    return output
 
 
 def records(run_dir: Path) -> list[dict]:

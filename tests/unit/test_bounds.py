@@ -10,26 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from mtk.checkpoint import RunDir
 from mtk.config import ConfigError, RunConfig
 from mtk.models import family_spec
 from mtk.presets import load_preset
-from stages.main import app
+from tests.cli import run
 
-runner = CliRunner()
 HUGE = str(10**30)
 T = ["train", "--preset", "gpt-tiny", "--mock-data", "--num-workers", "0", "--eval-interval", "0",
      "--seq-length", "16", "--log-interval", "1", "--device", "cpu", "--train-iters", "2"]  # fmt: skip
-
-
-def run(*args: str, code: int = 0) -> str:
-    result = runner.invoke(app, list(args))
-    output = " ".join(result.output.split())
-    assert result.exit_code == code, output
-    assert "Traceback" not in result.output
-    return output
 
 
 @pytest.mark.parametrize(

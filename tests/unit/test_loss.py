@@ -58,16 +58,21 @@ def test_context_parallel_losses_average_to_the_whole_sequence_loss(cp):
     torch.testing.assert_close(torch.stack(per_rank).mean(), whole)
 
 
-def test_a_step_of_micro_batches_is_the_global_batch_loss_and_gradient():
-    config = apply_overrides(load_preset("gpt-tiny").sections, {"seq_length": 16, "hidden_dropout": 0.0,
-                                                                "attention_dropout": 0.0})  # fmt: skip
+def two_micro_batches(config):
+    """A seeded GPT model, a batch of 4 sequences of 16 tokens, its two halves, and their step runner."""
     torch.manual_seed(0)
     model = SPEC.build(config.model)
     tokens = torch.randint(0, 4000, (4, 17))
     batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(4, 16),
              "position_ids": torch.arange(16).expand(4, 16)}  # fmt: skip
     halves = [{k: v[i : i + 2] for k, v in batch.items()} for i in (0, 2)]
-    runner = StepRunner(ParallelModel([model]), SPEC, config.model)
+    return model, batch, halves, StepRunner(ParallelModel([model]), SPEC, config.model)
+
+
+def test_a_step_of_micro_batches_is_the_global_batch_loss_and_gradient():
+    config = apply_overrides(load_preset("gpt-tiny").sections, {"seq_length": 16, "hidden_dropout": 0.0,
+                                                                "attention_dropout": 0.0})  # fmt: skip
+    model, batch, halves, runner = two_micro_batches(config)
     loss = runner.reduce_loss(runner.run(halves, contextlib.nullcontext, lambda loss: loss))
     accumulated = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
@@ -85,13 +90,7 @@ def test_a_scaled_step_reports_the_loss_and_unscales_to_the_same_gradients():
     from mtk.train.scaler import LossScaler
 
     config = apply_overrides(load_preset("gpt-tiny").sections, {"seq_length": 16})
-    torch.manual_seed(0)
-    model = SPEC.build(config.model)
-    tokens = torch.randint(0, 4000, (4, 17))
-    batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(4, 16),
-             "position_ids": torch.arange(16).expand(4, 16)}  # fmt: skip
-    halves = [{k: v[i : i + 2] for k, v in batch.items()} for i in (0, 2)]
-    runner = StepRunner(ParallelModel([model]), SPEC, config.model)
+    model, batch, halves, runner = two_micro_batches(config)
     plain = runner.reduce_loss(runner.run(halves, contextlib.nullcontext, lambda loss: loss))
     expected = [p.grad.clone() for p in model.parameters()]
     model.zero_grad(set_to_none=True)
