@@ -286,7 +286,7 @@ VOCABULARY = "Megatron reads the vocabulary from the tokenizer files, which a sc
 RETRO_PROJECT = (
     "pretrain_retro.py takes it from --retro-project-dir; the preset pins the preprocessing's value"
 )
-# config key -> why the imported script may differ from the preset there (README: Differences from Megatron-LM)
+# config key -> why the imported script may differ from the preset there (docs/megatron.md)
 DIFFERENCES = {
     "gpt3-175b": {"vocab_size": VOCABULARY},
     "bert-340m": {

@@ -1,4 +1,4 @@
-"""The package picture of the README holds: imports go one way, models know no ranks, nothing imports a stage."""
+"""The package picture of docs/architecture.md holds: imports go one way, models know no ranks, nothing imports a stage."""
 
 from __future__ import annotations
 
