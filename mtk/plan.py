@@ -24,6 +24,7 @@ from mtk.models.spec import GIB, available_memory
 from mtk.parallel.dims import ParallelDims
 
 MARGIN = 0.2  # the estimate lies within 20% of measured peaks (tests/unit/test_plan.py)
+HEADROOM = 0.9  # share of a GPU's memory a layout may plan to use (allocator fragmentation, workspaces)
 STRATEGIES = ("no_shard", "optim_grads", "optim_grads_params")
 # short names of the data-parallel sharding strategies, for one-line layouts
 SHARDING_NAMES = {"no_shard": "ddp", "optim_grads": "zero2", "optim_grads_params": "zero3"}
@@ -203,7 +204,11 @@ def valid(config: RunConfig, layout: Layout, world_size: int) -> bool:
 
 
 def suggest_layout(
-    config: RunConfig, world_size: int, gpu_memory_gib: float, gpus_per_node: int = 8, headroom: float = 0.9
+    config: RunConfig,
+    world_size: int,
+    gpu_memory_gib: float,
+    gpus_per_node: int = 8,
+    headroom: float = HEADROOM,
 ) -> tuple[Layout, MemoryEstimate] | None:
     """The cheapest layout that fits: least recomputation, then least model parallelism (TP within a
     node before CP, CP before PP), with Megatron's distributed optimizer whenever there is DP."""

@@ -50,7 +50,7 @@ def plan(
     Example: mtk plan --preset gpt3-175b --gpus 1024"""
     from rich.table import Table
 
-    from mtk.plan import GIB, estimate_memory, layout_problems, preset_layout, suggest_layout
+    from mtk.plan import GIB, HEADROOM, estimate_memory, layout_problems, preset_layout, suggest_layout
     from mtk.presets import load_preset, preset_names
 
     if all_presets == (preset is not None):
@@ -82,7 +82,7 @@ def plan(
     for column in ("preset", "GPUs", "preset layout", "GiB/GPU", "fits", "suggested layout", "GiB/GPU "):
         table.add_column(column, justify="right" if "GiB" in column or column == "GPUs" else "left")
     for name, world, layout, estimate, suggestion in rows:
-        fits = estimate.total <= 0.9 * gpu_mem * GIB
+        fits = estimate.total <= HEADROOM * gpu_mem * GIB
         suggested = (
             (suggestion[0].describe(world), f"{suggestion[1].total / GIB:,.1f}")
             if suggestion
