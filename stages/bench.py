@@ -36,10 +36,12 @@ def bench(
     fp8: Annotated[
         bool,
         typer.Option(
+            "--compare-fp8",
             "--fp8",
             help="Step the model without FP8 and with it (the preset's format, else hybrid) and compare, "
             "beside the seed's published FP8 table. Without FP8 hardware the FP8 run is emulated: a "
-            "numerics check, no speed-up claimed.",
+            "numerics check, no speed-up claimed. (--fp8, as the design card types it, is the same switch; "
+            "the FP8 format itself comes from the preset or --set fp8=e4m3.)",
         ),
     ] = False,
     fsdp: Annotated[

@@ -79,9 +79,12 @@ def test_fp8_resume_after_sigkill_is_exact(tmp_path, counting_data, kill_during_
     assert losses(tmp_path / "straight") == losses(tmp_path / "killed")
 
 
-def test_bench_fp8_compares_with_the_published_table_and_claims_no_emulated_speedup(tmp_path):
+@pytest.mark.parametrize(
+    "flag", ["--fp8", "--compare-fp8"]
+)  # the design card's name, and one that never clashes
+def test_bench_fp8_compares_with_the_published_table_and_claims_no_emulated_speedup(tmp_path, flag):
     out = tmp_path / "bench.json"
-    result = runner.invoke(app, ["bench", "--fp8", "--preset", "llama-tiny", "--iters", "2", "--warmup", "1",
+    result = runner.invoke(app, ["bench", flag, "--preset", "llama-tiny", "--iters", "2", "--warmup", "1",
                                  "--seq-length", "32", "--json", str(out)])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "FP8 (emulated)" in result.output and "no speed-up is claimed" in result.output
