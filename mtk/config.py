@@ -11,6 +11,7 @@ precision, run length).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -681,11 +682,18 @@ def _type_matches(value: Any, annotation: Any) -> bool:
     return isinstance(value, annotation)
 
 
+@functools.cache
+def field_types(cls: type) -> dict[str, Any]:
+    """The evaluated annotations of a config section (``typing.get_type_hints``, which compiles each
+    string annotation: done once per section, not per key or per config built)."""
+    return typing.get_type_hints(cls)
+
+
 def build_section(cls: type, values: dict[str, Any], where: str) -> Any:
     """Build one config dataclass from a dict, rejecting unknown keys, wrong types and values out of range."""
     if not isinstance(values, dict):
         raise ConfigError(f"{where}: expected a table of key = value, found {values!r}")
-    hints = typing.get_type_hints(cls)
+    hints = field_types(cls)
     known = field_names(cls)
     for key, value in values.items():
         if key not in known:

@@ -239,7 +239,7 @@ def mtk_default(key: str) -> Any:
 
 
 def _annotation(key: str) -> Any:
-    return typing.get_type_hints(cfg.SECTIONS[cfg.section_of(key)])[key]
+    return cfg.field_types(cfg.SECTIONS[cfg.section_of(key)])[key]
 
 
 def _get(config: cfg.RunConfig, key: str) -> Any:

@@ -60,7 +60,7 @@ def _field(key: str) -> tuple[dataclasses.Field, Any]:
         raise KeyError(f"no config key {key!r}")
     cls = cfg.SECTIONS[section]
     item = next(f for f in dataclasses.fields(cls) if f.name == key)
-    return item, typing.get_type_hints(cls)[key]
+    return item, cfg.field_types(cls)[key]
 
 
 def _option_type(annotation: Any, nargs: int | None = None) -> Any:
