@@ -549,21 +549,21 @@ def metadata_problem(metadata: Any, folder: Path) -> str | None:
     return None
 
 
-def _safe_reader(path: Path):
-    """DCP's file reader with its metadata read by ``read_metadata`` (checked here first, so that a
-    refusal is reported as such rather than through DCP's retries)."""
+def _safe_reader(path: Path, metadata: Any = None):
+    """DCP's file reader serving ``metadata`` (default: ``read_metadata(path)``), read and checked
+    here, before DCP asks for it, so that a refusal is reported as such rather than through DCP's
+    retries, and the file is unpickled once."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import StorageMeta
 
-    read_metadata(path)
+    checked = read_metadata(path) if metadata is None else metadata
 
     class SafeReader(FileSystemReader):
         def read_metadata(self, *args: Any, **kwargs: Any):
-            metadata = read_metadata(Path(self.path))
-            if getattr(metadata, "storage_meta", None) is None:
-                metadata.storage_meta = StorageMeta()
-            metadata.storage_meta.load_id = self.load_id
-            return metadata
+            if getattr(checked, "storage_meta", None) is None:
+                checked.storage_meta = StorageMeta()
+            checked.storage_meta.load_id = self.load_id
+            return checked
 
     return SafeReader(path)
 
@@ -843,7 +843,8 @@ class Checkpointer:
         if (folder / DESCRIPTION).is_file():
             read_description(folder / DESCRIPTION)  # a checkpoint that misdescribes itself is not resumed
         state, keys = self._sharded_state()
-        entries = read_metadata(folder).state_dict_metadata
+        metadata = read_metadata(folder)
+        entries = metadata.state_dict_metadata
         saved = {name: getattr(entries.get(f"model.{name}"), "size", None) for name in state["model"]}
         differences = [
             f"{name}: {'absent' if saved[name] is None else tuple(saved[name])} in the checkpoint, "
@@ -860,7 +861,7 @@ class Checkpointer:
         with single_process_quietly():
             dcp.load(
                 state,
-                storage_reader=_safe_reader(folder),
+                storage_reader=_safe_reader(folder, metadata),
                 planner=_safe_planner(),
                 no_dist=not _distributed(),
             )
