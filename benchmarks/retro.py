@@ -79,7 +79,7 @@ def main() -> None:
     project = RetroProject(args.out / "project")
     report: dict = {"chunk_length": args.chunk_length, "embedder": str(args.embedder)}
 
-    settings = dict(data=data, chunk_length=args.chunk_length, seq_length=8 * args.chunk_length, split="95,5,0",
+    settings = dict(data_path=data, retro_chunk_length=args.chunk_length, seq_length=8 * args.chunk_length, split="95,5,0",
                     seed=1234, train_samples=2000, global_batch_size=8, eval_interval=0, eval_iters=0,
                     data_cache_path=None)  # fmt: skip
     if not project.chunks_path.is_file():
@@ -161,8 +161,8 @@ def project_valid_queries(project, settings: dict, count: int) -> list[str]:
     from mtk.data.splits import split_indices
     from mtk.retro.db import document_chunks, gpt_tokenizer
 
-    gpt = gpt_tokenizer(settings["data"])
-    dataset = IndexedDataset(settings["data"])
+    gpt = gpt_tokenizer(settings["data_path"])
+    dataset = IndexedDataset(settings["data_path"])
     texts = []
     for doc in split_indices(settings["split"], len(dataset))[1]:
         tokens = dataset.get(int(doc))

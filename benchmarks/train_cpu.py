@@ -66,7 +66,10 @@ def main() -> None:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as scratch:
         trainer = Trainer(
-            config, GPTModel(config.model), (data, None, None), TrainOptions(save=Path(scratch))
+            config,
+            GPTModel(config.model),
+            (data, None, None),
+            TrainOptions(save=Path(scratch), num_workers=0, device="cpu"),
         )
         stream = iter(build_loader(data, args.batch, num_workers=0))
 

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mtk.collectives import barrier, gather_objects, is_distributed, rank_and_world
 from mtk.config import ConfigError, RunConfig
 from mtk.manifest import (
     atomic_output,
@@ -677,38 +678,6 @@ def damage(folder: Path, names: Sequence[str] | None = None) -> list[str]:
     return [f"{checksums} does not record {name}, which a load reads" for name in uncovered]
 
 
-# ---- collectives (none in a single process) ----------------------------------------------------------
-
-
-def _distributed() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _rank_and_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    return (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
-
-
-def _barrier() -> None:
-    if _distributed():
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-def _gather(value: Any) -> list[Any]:
-    if not _distributed():
-        return [value]
-    import torch.distributed as dist
-
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, value)
-    return gathered
-
-
 @contextlib.contextmanager
 def single_process_quietly():
     """DCP warns on every call without a process group; one process is a normal case here."""
@@ -740,13 +709,16 @@ class Checkpointer:
     checksums, rename into place, tracker, pruning to the newest ``keep_last`` (never the one the
     tracker names). ``load`` resumes from the newest intact checkpoint of ``save_dir``, else of
     ``load_dir``. Each iteration is saved once: saving the iteration just loaded or published does nothing.
+
+    Without ``optimizers`` it saves the weights alone (``mtk checkpoint import-hf``'s iteration-0
+    checkpoint); loading such a checkpoint sets the weights and leaves the optimizers as they are.
     """
 
     def __init__(
         self,
         save_dir: RunDir,
         parts: Sequence[nn.Module],
-        optimizers: Sequence[torch.optim.Optimizer],
+        optimizers: Sequence[torch.optim.Optimizer],  # empty: a weights-only checkpoint
         description: dict[str, Any],
         load_dir: RunDir | None = None,
         keep_last: int | None = None,
@@ -775,23 +747,28 @@ class Checkpointer:
         options = StateDictOptions(flatten_optimizer_state_dict=True)
         state: dict[str, Any] = {"model": {}, "optimizer": {}}
         keys = []
-        for part, optimizer in zip(self.parts, self.optimizers, strict=True):
+        optimizers = self.optimizers or [None] * len(self.parts)  # weights only: no optimizer state
+        for part, optimizer in zip(self.parts, optimizers, strict=True):
             model = get_model_state_dict(part, options=options)
-            optim = get_optimizer_state_dict(part, optimizer, options=options)
+            optim = {} if optimizer is None else get_optimizer_state_dict(part, optimizer, options=options)
             state["model"].update(model)
             state["optimizer"].update(optim)
             keys.append((set(model), set(optim)))
+        if not self.optimizers:
+            del state["optimizer"]
         return state, keys
 
     # ---- load ----------------------------------------------------------------------------------
     def _damage(self, folder: Path) -> list[str]:
         """``damage`` of ``folder`` checked by all ranks together, each a share of the files."""
-        rank, world = _rank_and_world()
+        rank, world = rank_and_world()
         try:
             recorded = sorted(recorded_checksums(folder))
         except CheckpointError:
             return damage(folder)  # no or unreadable checksums: every rank finds the same
-        return sorted({p for problems in _gather(damage(folder, recorded[rank::world])) for p in problems})
+        return sorted(
+            {p for problems in gather_objects(damage(folder, recorded[rank::world])) for p in problems}
+        )
 
     def load(self) -> dict[str, Any] | None:
         """Load the newest intact checkpoint into the parts and optimizers and return its trainer
@@ -858,19 +835,26 @@ class Checkpointer:
                 f"{f'; {len(differences) - 3} more' if len(differences) > 3 else ''}); train with the "
                 f"model settings of its {DESCRIPTION}, or use a new --save directory"
             )
+        # a weights-only checkpoint (mtk checkpoint import-hf) holds no optimizer state: the optimizers
+        # keep theirs, as fresh as DCP's state-dict API made them above
+        with_optimizer = "optimizer" in state and any(name.startswith("optimizer.") for name in entries)
+        if not with_optimizer:
+            state.pop("optimizer", None)
         with single_process_quietly():
             dcp.load(
                 state,
                 storage_reader=_safe_reader(folder, metadata),
                 planner=_safe_planner(),
-                no_dist=not _distributed(),
+                no_dist=not is_distributed(),
             )
         options = StateDictOptions(flatten_optimizer_state_dict=True)
-        for part, optimizer, (model_keys, optim_keys) in zip(self.parts, self.optimizers, keys, strict=True):
+        optimizers = self.optimizers or [None] * len(self.parts)
+        for part, optimizer, (model_keys, optim_keys) in zip(self.parts, optimizers, keys, strict=True):
             set_model_state_dict(part, {k: state["model"][k] for k in model_keys}, options=options)
-            set_optimizer_state_dict(
-                part, optimizer, {k: state["optimizer"][k] for k in optim_keys}, options=options
-            )
+            if with_optimizer:
+                set_optimizer_state_dict(
+                    part, optimizer, {k: state["optimizer"][k] for k in optim_keys}, options=options
+                )
         return read_trainer_state(folder)
 
     # ---- save ----------------------------------------------------------------------------------
@@ -882,13 +866,13 @@ class Checkpointer:
         if iteration == self.current:
             return  # this state is already the checkpoint of this iteration
         staged = self.save_dir.staging(iteration)
-        rank, _ = _rank_and_world()
+        rank, _ = rank_and_world()
         if rank == 0:
             remove_path(staged)  # a folder left by a crash, or a link planted there: never written through
             staged.mkdir(parents=True)
-        _barrier()
+        barrier()
         state, _ = self._sharded_state()
-        no_dist = not _distributed()
+        no_dist = not is_distributed()
         try:
             with single_process_quietly():
                 if self.async_save:
@@ -916,14 +900,14 @@ class Checkpointer:
         try:
             if future is not None:
                 future.result()
-            _barrier()
-            rank, world = _rank_and_world()
+            barrier()
+            rank, world = rank_and_world()
             written = sorted(p.name for p in staged.iterdir())  # the shards and DCP's metadata
-            checksums = _gather(describe_files(staged, written[rank::world]))
+            checksums = gather_objects(describe_files(staged, written[rank::world]))
             if rank == 0:
                 files = {name: entry for share in checksums for name, entry in share.items()}
                 self._publish(iteration, trainer_state, files)
-            _barrier()
+            barrier()
         except BaseException as err:
             if isinstance(err, KeyboardInterrupt):
                 shutil.rmtree(staged, ignore_errors=True)
@@ -1027,10 +1011,16 @@ def _checked_description(description: Any, source: Path) -> dict[str, Any]:
         )
     if not isinstance(description.get("tokenizer"), (dict, type(None))):
         raise CheckpointError(f"{source}: 'tokenizer' is not a table")
+    from mtk.models import family_spec
+
     try:
-        RunConfig.from_dict(description["config"], where=str(source))
+        config = RunConfig.from_dict(description["config"], where=str(source))
     except ConfigError as err:
         raise CheckpointError(str(err)) from None
+    try:
+        family_spec(config.model.family)  # a family this installation knows (or one registered)
+    except ConfigError as err:
+        raise CheckpointError(f"{source}: {err}") from None
     return description
 
 

@@ -25,7 +25,10 @@ from typing import Any, Literal, Protocol
 
 
 class FamilyRules(Protocol):
-    """What validation needs of a model family (``mtk.models.spec.FamilySpec`` provides it)."""
+    """What validation needs of a model family (``mtk.models.spec.TrainableFamily`` provides it)."""
+
+    def complete(self, config: ModelConfig) -> None:
+        """Fill in the values this family derives from others."""
 
     def problems(self, config: RunConfig) -> list[str]:
         """What in ``config`` this family cannot run."""
@@ -117,7 +120,9 @@ def setting(
 
 @dataclass
 class ModelConfig:
-    family: Literal["gpt", "bert", "t5", "retro"] = setting("gpt", "Model family (mtk/models/<family>.py).")
+    family: str = setting(
+        "gpt", "Model family: a name registered in mtk.models (mtk/models/<family>.py, or register_family)."
+    )
     # the shape Megatron requires (num_layers, hidden_size, num_attention_heads, seq_length) defaults
     # to GPT-2 small's, so that every config is complete
     num_layers: int = setting(
@@ -243,8 +248,6 @@ class ModelConfig:
                 f"rope_scaling_high_freq_factor={high} must be above rope_scaling_low_freq_factor={low} "
                 "(the wavelengths between them are interpolated)"
             )
-        if self.family == "t5" and self.decoder_num_layers is None:
-            self.decoder_num_layers = self.num_layers
 
     def padded_vocab_size(self, tensor_parallel: int = 1) -> int:
         """Vocabulary padded as Megatron pads it: to a multiple of divisible_by * TP."""
@@ -845,7 +848,9 @@ def data_parallel_size(parallel: ParallelConfig, world_size: int) -> int:
 
 
 def run_problems(config: RunConfig, world_size: int, family: FamilyRules) -> list[Problem]:
-    """Every rule ``config`` breaks on ``world_size`` processes; ``family`` is its model family's spec."""
+    """Every rule ``config`` breaks on ``world_size`` processes; ``family`` is its model family's spec,
+    which first completes ``config.model`` (the values the family derives, ``complete``)."""
+    family.complete(config.model)
     model, train, parallel = config.model, config.train, config.parallel
     problems: list[Problem] = []
 

@@ -1,4 +1,9 @@
-"""Text generation from a trained run: greedy, top-k and top-p (nucleus) sampling with a KV cache."""
+"""Text generation from a trained run: greedy, top-k and top-p (nucleus) sampling.
+
+The sampling loop is the same for every family; how the model runs at each step (a KV cache, the whole
+sequence with retrieved neighbours, an encoder-decoder) is its family's generation strategy
+(``TrainableFamily.generation``, ``mtk.models.generation``).
+"""
 
 from __future__ import annotations
 
@@ -10,8 +15,9 @@ import torch
 from torch import nn
 
 from mtk.checkpoint import checkpoint_description, load_checkpoint
-from mtk.config import ConfigError, RunConfig
+from mtk.config import ConfigError, ModelConfig, RunConfig
 from mtk.models import family_spec
+from mtk.models.generation import GenerationStrategy, Retrieve, Step
 
 
 def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[nn.Module, Any]:
@@ -22,9 +28,12 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[nn.Module, Any]:
     description = checkpoint_description(run_dir)
     config = RunConfig.from_dict(description["config"], where=f"{run_dir} (checkpoint config)")
     family = family_spec(config.model.family)
-    model = family.build(config.model) if family.trainable else None
-    if not hasattr(model, "new_kv_caches"):
+    if family.generation is None or not family.generation.continues_text:
         raise ConfigError(f"{run_dir}: a {config.model.family} model does not generate text token by token")
+    from mtk.train.build import build_model
+
+    # as every command builds it (mtk.train.build), for forward use: no FP8, recomputation or sharding
+    model = build_model(config, device, training=False).module
     model.load_state_dict(load_checkpoint(run_dir)["model"])
     entry = description.get("tokenizer")
     tokenizer = tokenizer_from_manifest(entry) if entry else None
@@ -45,6 +54,42 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
+def generation_strategy(config: ModelConfig) -> GenerationStrategy:
+    """How a model of ``config`` generates (its family's strategy); ConfigError for a family that does
+    not generate."""
+    strategy = family_spec(config.family).generation
+    if strategy is None:
+        raise ConfigError(f"a {config.family} model does not generate text token by token")
+    return strategy
+
+
+def _decode(
+    step: Step,
+    start: torch.Tensor,
+    steps: int,
+    choose: Callable[[torch.Tensor], torch.Tensor],
+    end: int | None,
+) -> list[list[int]]:
+    """The sampling loop: up to ``steps`` tokens after each row of ``start`` (batch, tokens), each the
+    one ``choose`` picks from the row's next-token logits (float32, padded vocabulary); a row ends with
+    its ``end`` token (kept), the loop when every row has ended."""
+    sequence = new = start
+    done = torch.zeros(start.shape[0], dtype=torch.bool, device=start.device)
+    produced: list[list[int]] = [[] for _ in range(start.shape[0])]
+    for _ in range(steps):
+        token = choose(step(new, sequence).float())
+        for row, value in enumerate(token.tolist()):
+            if not done[row]:
+                produced[row].append(value)
+        if end is not None:
+            done = done | (token == end)
+        if bool(done.all()):
+            break
+        new = token[:, None]
+        sequence = torch.cat([sequence, new], dim=1)
+    return produced
+
+
 @torch.no_grad()
 def generate(
     model: nn.Module,
@@ -55,12 +100,16 @@ def generate(
     top_p: float = 1.0,
     eod: int | None = None,
     seed: int | None = None,
-    retrieve: Callable[[list[int]], torch.Tensor] | None = None,
+    retrieve: Retrieve | None = None,
 ) -> list[int]:
     """Continue ``prompt``; ``temperature=0`` is greedy. Stops at ``eod`` or the model's context length.
 
-    ``retrieve`` (RETRO): the neighbour tokens of a sequence; the model then runs on the whole
-    sequence at each step (no KV cache), with the neighbours of its complete chunks."""
+    How the model runs each step is its family's strategy: a KV cache (GPT), or (RETRO, which needs
+    ``retrieve``: the neighbour tokens of a sequence) the whole sequence at each step with the
+    neighbours of its complete chunks."""
+    strategy = generation_strategy(model.config)
+    if not strategy.continues_text:
+        raise ValueError(f"a {model.config.family} model generates from an encoder input, not a prompt")
     if not prompt:
         raise ValueError("the prompt is empty")
     vocab = model.config.vocab_size
@@ -72,38 +121,23 @@ def generate(
     limit = model.config.max_position_embeddings
     if len(prompt) >= limit:
         raise ValueError(f"the prompt has {len(prompt)} tokens; the model's context is {limit}")
-    generator = torch.Generator(device=model.embedding.weight.device)
+    if retrieve is not None and not strategy.needs_retrieval:
+        raise ValueError(f"a {model.config.family} model does not retrieve neighbours")
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device)
     if seed is not None:
         generator.manual_seed(seed)
     total = min(len(prompt) + max_new_tokens, limit)
-    device = model.embedding.weight.device
-    sequence = list(prompt)
-    if retrieve is None:
-        caches = model.new_kv_caches(1, total)
+    step = strategy.start(model, 1, total, retrieve=retrieve)
 
-        def step(new: list[int]) -> torch.Tensor:
-            return model(torch.tensor([new], device=device), kv_caches=caches)[0, -1]
-    else:
-
-        def step(new: list[int]) -> torch.Tensor:
-            neighbours = retrieve(sequence).to(device)
-            return model(torch.tensor([sequence], device=device), neighbours=neighbours)[0, -1]
-
-    logits = step(prompt)
-    produced: list[int] = []
-    for _ in range(total - len(prompt)):
-        logits = logits[: model.config.vocab_size].float()  # never sample vocabulary padding
+    def choose(logits: torch.Tensor) -> torch.Tensor:
+        logits = logits[:, :vocab]  # never sample vocabulary padding
         if temperature == 0:
-            token = int(logits.argmax())
-        else:
-            probabilities = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
-            token = int(torch.multinomial(probabilities, 1, generator=generator))
-        produced.append(token)
-        sequence.append(token)
-        if token == eod or len(prompt) + len(produced) == total:
-            break
-        logits = step([token])
-    return produced
+            return logits.argmax(-1)
+        probabilities = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
+        return torch.multinomial(probabilities, 1, generator=generator)[:, 0]
+
+    return _decode(step, torch.tensor([prompt], device=device), total - len(prompt), choose, eod)[0]
 
 
 @torch.no_grad()
@@ -115,24 +149,16 @@ def generate_seq2seq(
     eos: int,
     max_new_tokens: int,
 ) -> list[list[int]]:
-    """Greedy answers of an encoder-decoder (T5) for a batch: the encoder runs once, the decoder
-    token by token on a KV cache; each answer ends before its ``eos`` (or after ``max_new_tokens``)."""
+    """Greedy answers of an encoder-decoder (T5) for a batch, through its family's strategy (the
+    encoder runs once, the decoder token by token on a KV cache); each answer ends before its ``eos``
+    (or after ``max_new_tokens``)."""
+    strategy = generation_strategy(model.config)
+    if strategy.continues_text:
+        raise ValueError(f"a {model.config.family} model continues a prompt; it has no encoder input")
     batch = encoder_tokens.shape[0]
     limit = min(max_new_tokens, model.config.max_position_embeddings - 1)
-    encoded = model.encode(encoder_tokens, encoder_mask)
-    caches = model.new_decoder_caches(batch, limit + 1)
-    token = torch.full((batch, 1), bos, device=encoder_tokens.device)
-    answers: list[list[int]] = [[] for _ in range(batch)]
-    done = torch.zeros(batch, dtype=torch.bool, device=encoder_tokens.device)
-    for _ in range(limit):
-        logits = model.decode(encoded, token, encoder_mask, kv_caches=caches)[
-            :, -1, : model.config.vocab_size
-        ]
-        token = logits.float().argmax(-1, keepdim=True)
-        done_now = done | (token[:, 0] == eos)
-        for row in (~done_now).nonzero()[:, 0].tolist():
-            answers[row].append(int(token[row, 0]))
-        done = done_now
-        if bool(done.all()):
-            break
-    return answers
+    step = strategy.start(model, batch, limit + 1, encoder_tokens=encoder_tokens, encoder_mask=encoder_mask)
+    vocab = model.config.vocab_size
+    start = torch.full((batch, 1), bos, device=encoder_tokens.device)
+    answers = _decode(step, start, limit, lambda logits: logits[:, :vocab].argmax(-1), eos)
+    return [answer[:-1] if answer and answer[-1] == eos else answer for answer in answers]

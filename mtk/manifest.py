@@ -231,13 +231,27 @@ def data_manifest_path(prefix: str | os.PathLike) -> Path:
     return Path(f"{prefix}{MANIFEST_SUFFIX}")
 
 
-def inherit(name: str, inherited: Any, explicit: Any, source: str) -> Any:
-    """The explicit value if given, else the inherited one; both given and different is an error."""
+def inherit(
+    name: str,
+    inherited: Any,
+    explicit: Any,
+    source: str,
+    *,
+    instead: str | None = None,
+    unset_is_recorded: bool = False,
+) -> Any:
+    """The explicit value if given, else the inherited one; both given and different is an error.
+
+    Every stage that takes a value an earlier stage recorded goes through here (the vocabulary of
+    prepared data, the settings of a RETRO project). ``instead`` says what to do to use the explicit
+    value (default: prepare the data with it); ``unset_is_recorded``: an inherited None is a recorded
+    value too (the source fixes the key unset), not a missing one.
+    """
     if explicit is None:
         return inherited
-    if inherited is not None and inherited != explicit:
+    if (inherited is not None or unset_is_recorded) and inherited != explicit:
         raise ManifestError(
             f"{name}: the explicit value {explicit!r} conflicts with {inherited!r} recorded in {source}; "
-            f"drop the option to inherit it, or use data prepared with {explicit!r}"
+            f"drop the option to inherit it, or {instead or f'use data prepared with {explicit!r}'}"
         )
     return explicit

@@ -30,21 +30,35 @@ from mtk import config as cfg
 from mtk.presets import preset_toml
 from mtk.shell_script import find_command, is_script_word
 
-SCRIPTS = {
-    "gpt": "pretrain_gpt.py",
-    "bert": "pretrain_bert.py",
-    "t5": "pretrain_t5.py",
-    "retro": "pretrain_retro.py",
-}
 PROGRAM = r"pretrain_\w+\.py"
-# the inputs each family's script needs: the machine's files, never part of a preset
-INPUT_FLAGS = {
-    "gpt": "--data-path PREFIX (or --mock-data) and the tokenizer's files: --vocab-file and --merge-file "
-    "(GPT-2 BPE), or --tokenizer-type and --tokenizer-model",
-    "bert": "--data-path PREFIX and --vocab-file with --tokenizer-type BertWordPieceLowerCase (or BertWordPieceCase)",
-    "t5": "--data-path PREFIX and --vocab-file with --tokenizer-type BertWordPieceCase --vocab-extra-ids 100",
-    "retro": "--retro-project-dir DIR (it holds the data, the tokenizer and the sample counts)",
-}
+
+
+# Each family's facts about Megatron-LM (its pretrain_*.py script, the inputs that script needs, the
+# switches it needs, the flags it names differently) are attributes of its spec (mtk/models/spec.py),
+# looked up through the registry: a registered family with a script has its export and import too.
+def _families() -> list[Any]:
+    """The registered family specs (mtk.models imports torch: only when a command is converted)."""
+    from mtk.models import family_names, family_spec
+
+    return [family_spec(name) for name in family_names()]
+
+
+def _family(name: str) -> Any:
+    from mtk.models import family_spec
+
+    return family_spec(name)
+
+
+def _script(spec: Any) -> str:
+    if spec.megatron_script is None:
+        raise MegatronError(f"family '{spec.name}' has no Megatron-LM script to convert to or from")
+    return spec.megatron_script
+
+
+def _renamed(flag: str) -> tuple[str, ...]:
+    """The names some family's script gives ``flag`` (pretrain_t5.py: --encoder-num-layers)."""
+    names = (spec.megatron_flag_names.get(flag) for spec in _families())
+    return tuple(dict.fromkeys(name for name in names if name))
 
 
 class MegatronError(cfg.ConfigError):
@@ -138,10 +152,9 @@ SAME_NAME: dict[str, Any] = {
     "use_distributed_optimizer": False,
     "grad_reduce_in_bf16": False,
 }
-# tweaks of same-name entries: T5's scripts name the encoder's depth and length
+# tweaks of same-name entries (the flags a family's script names differently: its spec's
+# megatron_flag_names)
 SAME_NAME_OPTIONS: dict[str, dict[str, Any]] = {
-    "num_layers": {"t5_flag": "--encoder-num-layers"},
-    "seq_length": {"t5_flag": "--encoder-seq-length"},
     "split": {"always": True},
     "fp8_recipe": {"choices": ("tensorwise", "delayed", "mxfp8", "blockwise", "custom")},
 }
@@ -202,12 +215,6 @@ MACHINE: dict[str, tuple[str, ...]] = {
         "--no-async-tensor-model-parallel-allreduce", "--delay-wgrad-compute",
     ),
 }  # fmt: skip
-
-# what pretrain_retro.py reads from --retro-project-dir, whatever the script says (as mtk train --retro-project)
-RETRO_PROJECT_KEYS = (
-    "seq_length", "max_position_embeddings", "global_batch_size", "train_samples", "eval_interval", "eval_iters",
-    "seed", "retro_chunk_length",
-)  # fmt: skip
 
 # Megatron arguments at the value mtk always uses: accepted without a setting; any other value is listed
 IMPLIED: dict[str, tuple[str, Any, str]] = {
@@ -446,7 +453,6 @@ class Value:
     flag: str
     megatron_default: Any = NO_DEFAULT
     aliases: tuple[str, ...] = ()
-    t5_flag: str | None = None  # pretrain_t5.py's name for it
     choices: tuple[Any, ...] | None = None  # what Megatron accepts, where mtk accepts others
     always: bool = False  # written even at Megatron's default (Megatron warns without it)
     late = False
@@ -457,7 +463,7 @@ class Value:
 
     @property
     def flags(self) -> tuple[str, ...]:
-        return (self.flag, *self.aliases, *([self.t5_flag] if self.t5_flag else []))
+        return (self.flag, *self.aliases, *_renamed(self.flag))  # renamed: by some family's script
 
     def to_megatron(self, config: cfg.RunConfig, notes: list[str]) -> list[list[str]]:
         value = _get(config, self.key)
@@ -466,7 +472,7 @@ class Value:
         if self.choices is not None and value not in self.choices:
             notes.append(f"{self.key} = {value!r}: Megatron's {self.flag} takes {', '.join(self.choices)}")
             return []
-        flag = self.t5_flag if self.t5_flag and config.model.family == "t5" else self.flag
+        flag = _family(config.model.family).megatron_flag_names.get(self.flag, self.flag)
         return [[flag, *_words(value)]]
 
     def from_megatron(self, given: Given, values: dict[str, Any]) -> None:
@@ -511,25 +517,33 @@ class Switch:
 
 @dataclass(frozen=True)
 class Family:
-    """The model family: which script runs it, and pretrain_retro.py's --retro-add-retriever."""
+    """The model family: which script runs it, and the switches that script needs to train it
+    (pretrain_retro.py's --retro-add-retriever), from the family specs."""
 
     keys = ("family",)
-    flags = ("--retro-add-retriever",)
     late = False
 
+    @property
+    def flags(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(switch for spec in _families() for switch in spec.megatron_switches))
+
     def to_megatron(self, config: cfg.RunConfig, notes: list[str]) -> list[list[str]]:
-        return [["--retro-add-retriever"]] if config.model.family == "retro" else []
+        return [[switch] for switch in _family(config.model.family).megatron_switches]
 
     def from_megatron(self, given: Given, values: dict[str, Any]) -> None:
-        retriever = given.take("--retro-add-retriever") is not None
-        family = given.family
-        if family == "retro" and not retriever:
-            family = "gpt"
-            given.notes.append("pretrain_retro.py without --retro-add-retriever trains a GPT: family gpt")
-        elif retriever and family != "retro":
-            given.unknown.append(
-                f"--retro-add-retriever (only pretrain_retro.py reads it; this runs {SCRIPTS[family]})"
+        present = [switch for switch in self.flags if given.take(switch) is not None]
+        spec = _family(given.family)
+        family = spec.name
+        if spec.megatron_without_switches and not set(spec.megatron_switches) <= set(present):
+            family = spec.megatron_without_switches
+            given.notes.append(
+                f"{spec.megatron_script} without {' '.join(spec.megatron_switches)} trains a "
+                f"{family.upper()}: family {family}"
             )
+        for switch in present:
+            if switch not in spec.megatron_switches:
+                readers = ", ".join(s.megatron_script for s in _families() if switch in s.megatron_switches)
+                given.unknown.append(f"{switch} (only {readers} reads it; this runs {spec.megatron_script})")
         values["family"] = family
 
 
@@ -805,6 +819,9 @@ class MegatronCommand:
 
 def megatron_command(config: cfg.RunConfig) -> MegatronCommand:
     """The pretrain_*.py script and arguments that train ``config``'s model on ``config``'s schedule."""
+    family = _family(config.model.family)
+    script = _script(family)
+    family.complete(config.model)
     notes: list[str] = []
     arguments = [
         argument for entry in TABLE if available(entry) for argument in entry.to_megatron(config, notes)
@@ -815,7 +832,7 @@ def megatron_command(config: cfg.RunConfig) -> MegatronCommand:
         value = _get(config, key)
         if (value not in behaves_as) if behaves_as is not None else value != mtk_default(key):
             notes.append(f"{key} = {value!r}: {why}")
-    return MegatronCommand(SCRIPTS[config.model.family], arguments, notes)
+    return MegatronCommand(script, arguments, notes)
 
 
 def render_command(
@@ -832,7 +849,7 @@ def render_command(
         f"mtk preset {name} as Megatron-LM arguments" + (f": {description}" if description else ""),
         f"Run from a Megatron-LM checkout, with the machine's own flags added: torchrun's (a model replica "
         f"takes TP x PP x CP = {gpus} GPU{'s' if gpus > 1 else ''}), --save and --load DIR, "
-        f"{INPUT_FLAGS[config.model.family]}"
+        f"{_family(config.model.family).megatron_inputs}"
         + (f"; this preset's tokenizer: {tokenizer}" if tokenizer else "")
         + ".",
     ]
@@ -886,10 +903,13 @@ def _machine_reason(flag: str) -> str | None:
 def read_arguments(script: str, arguments: list[str], where: str = "arguments") -> Imported:
     """The preset that Megatron's ``script`` (pretrain_gpt.py ...) with ``arguments`` trains."""
     base = script.rsplit("/", 1)[-1]
-    family = next((name for name, known in SCRIPTS.items() if known == base), None)
+    families = _families()
+    family = next((spec.name for spec in families if spec.megatron_script == base), None)
     if family is None:
+        scripts = dict.fromkeys(spec.megatron_script for spec in families if spec.megatron_script)
         raise MegatronError(
-            f"{where}: runs {base}; mtk trains what {', '.join(SCRIPTS.values())} train (GPT and Llama, BERT, T5, RETRO)"
+            f"{where}: runs {base}; mtk trains what {', '.join(scripts)} train "
+            f"(families {', '.join(spec.name for spec in families if spec.megatron_script)})"
         )
     given = Given(arguments, family)
     values: dict[str, Any] = {}
@@ -912,14 +932,16 @@ def read_arguments(script: str, arguments: list[str], where: str = "arguments") 
             skipped.setdefault(reason, []).append(flag)
         else:
             given.unknown.append(given.text(flag))
-    if values.get("family") == "retro" and "--retro-project-dir" in given.words:
-        fixed = [key for key in RETRO_PROJECT_KEYS if key in given.explicit]
+    trained = _family(values["family"])
+    if trained.megatron_project and trained.megatron_project[0] in given.words:
+        project, project_keys = trained.megatron_project
+        fixed = [key for key in project_keys if key in given.explicit]
         given.notes.append(
-            "pretrain_retro.py takes "
-            + ", ".join(RETRO_PROJECT_KEYS)
-            + " from --retro-project-dir"
+            f"{trained.megatron_script} takes "
+            + ", ".join(project_keys)
+            + f" from {project}"
             + (f", over the script's {', '.join(fixed)}" if fixed else "")
-            + "; so does `mtk train --retro-project`"
+            + f"; so does `mtk train {trained.train_inputs.split()[0]}`"
         )
     if given.stray:
         given.problems.append(f"words before the first flag: {' '.join(given.stray)}")
@@ -929,6 +951,7 @@ def read_arguments(script: str, arguments: list[str], where: str = "arguments") 
         config = cfg.RunConfig.from_dict(_sections(values), where=where)
     except cfg.ConfigError as err:
         raise MegatronError(str(err)) from None
+    trained.complete(config.model)
     unknown_flags = {item.split()[0] for item in given.unknown}
     read = [
         flag

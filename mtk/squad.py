@@ -9,16 +9,20 @@ the cut cannot be found: ``SquadExamples.truncated`` counts such questions.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import os
 import re
 import string
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from mtk.config import RunConfig
 
 
 class SquadError(ValueError):
@@ -239,7 +243,6 @@ def evaluate_squad(load: str | os.PathLike, train_file: str | None, dev_file: st
     from mtk.data.masking import WordPieceIds
     from mtk.data.tokenizer import tokenizer_from_manifest
     from mtk.manifest import atomic_write_text, describe_file, write_manifest
-    from mtk.models import family_spec
 
     description = checkpoint_description(load)
     config = RunConfig.from_dict(description["config"], where=f"{load} (checkpoint config)")
@@ -256,45 +259,34 @@ def evaluate_squad(load: str | os.PathLike, train_file: str | None, dev_file: st
         raise ConfigError(
             "fine-tuning needs --train-file (or --no-finetune to evaluate the checkpoint as it is)"
         )
+    from mtk.train.build import build_model, check_config
+
     model_config = config.model
-    encoder_length, decoder_length = (
-        model_config.seq_length,
-        model_config.decoder_seq_length or model_config.seq_length,
-    )
-    family = family_spec("t5")
-    model = family.build(model_config)
     out, iteration = Path(options.out), description["iteration"]
     if train is not None:
-        config.train.train_iters, config.train.train_samples = options.finetune_iters, None
-        config.train.micro_batch_size, config.train.global_batch_size = (
-            options.micro_batch_size,
-            options.global_batch_size,
-        )
-        config.train.batch_size_ramp, config.train.rampup_batch_size = None, None
-        config.train.lr, config.train.min_lr = options.lr, 0.0
-        config.train.lr_decay_style, config.train.lr_decay_iters, config.train.lr_decay_samples = (
-            "linear",
-            None,
-            None,
-        )
-        config.train.lr_wsd_decay_iters, config.train.lr_wsd_decay_samples = None, None
-        config.train.lr_warmup_iters, config.train.lr_warmup_fraction, config.train.lr_warmup_samples = (
-            0,
-            None,
-            None,
-        )
-        config.train.eval_interval, config.train.save_interval = 0, None
-        config.train.log_interval = max(1, min(options.log_interval, options.finetune_iters))
-        config.data.data_path, config.data.mock_data = None, False
+        tuned = finetune_config(config, options)
+        check_config(tuned, 1, options.device, ignore=("data",))  # SQuAD is neither --data nor mock data
+        model_config = tuned.model  # completed by the family (T5: the decoder depth)
+        encoder_length = model_config.seq_length
+        decoder_length = model_config.decoder_seq_length or model_config.seq_length
         samples = options.finetune_iters * options.global_batch_size
         examples = SquadExamples(
-            train, tokenizer, ids, encoder_length, decoder_length, samples, config.train.seed
+            train, tokenizer, ids, encoder_length, decoder_length, samples, tuned.train.seed
         )
+        # built as `mtk train` builds it (FP8, recomputation ... of the run), on one process
+        built = build_model(tuned, options.device, check=False)
         if not RunDir(out).checkpoints():  # a fresh fine-tuning starts from the weights of --load
-            model.load_state_dict(load_checkpoint(load)["model"])
-        model, iteration = _finetune(config, model, examples, entry, options, show)
+            built.module.load_state_dict(load_checkpoint(load)["model"])
+        finetuned, iteration = _finetune(tuned, built.model, examples, entry, options, show)
+        weights = finetuned.state_dict()  # plain parameter names, through recomputation wrappers
+        model = build_model(tuned, options.device, training=False).module  # answers as generate does
+        model.load_state_dict(weights)
     else:
+        model = build_model(config, options.device, training=False).module
         model.load_state_dict(load_checkpoint(load)["model"])
+        model_config = model.config
+        encoder_length = model_config.seq_length
+        decoder_length = model_config.decoder_seq_length or model_config.seq_length
     model = model.to(options.device)
     dev_examples = SquadExamples(dev, tokenizer, ids, encoder_length, decoder_length)
     predictions = answer_questions(
@@ -328,6 +320,43 @@ def evaluate_squad(load: str | os.PathLike, train_file: str | None, dev_file: st
         outputs=[describe_file(folder / "predictions.json"), describe_file(folder / "metrics.json")],
     )
     return metrics
+
+
+def finetune_config(config: RunConfig, options: SquadOptions) -> RunConfig:
+    """The config of the fine-tuning of run ``config`` on SQuAD: its model, ``options``' batches and
+    length, a linear decay from ``options.lr`` to 0 without warm-up, no evaluation, one save at the
+    end, one process (the run's FP8 and recomputation kept; its data replaced by SQuAD's)."""
+    train = dataclasses.replace(
+        config.train,
+        train_iters=options.finetune_iters,
+        train_samples=None,
+        micro_batch_size=options.micro_batch_size,
+        global_batch_size=options.global_batch_size,
+        batch_size_ramp=None,
+        rampup_batch_size=None,
+        lr=options.lr,
+        min_lr=0.0,
+        lr_decay_style="linear",
+        lr_decay_iters=None,
+        lr_decay_samples=None,
+        lr_wsd_decay_iters=None,
+        lr_wsd_decay_samples=None,
+        lr_warmup_iters=0,
+        lr_warmup_fraction=None,
+        lr_warmup_samples=None,
+        eval_interval=0,
+        save_interval=None,
+        log_interval=max(1, min(options.log_interval, options.finetune_iters)),
+    )
+    parallel = dataclasses.replace(
+        config.parallel,
+        tensor_model_parallel_size=1,
+        pipeline_model_parallel_size=1,
+        virtual_pipeline_model_parallel_size=None,
+        context_parallel_size=1,
+    )
+    data = dataclasses.replace(config.data, data_path=None, mock_data=False)
+    return dataclasses.replace(config, train=train, data=data, parallel=parallel)
 
 
 def _finetune(config, model, examples, tokenizer_entry, options: SquadOptions, show):

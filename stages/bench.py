@@ -94,6 +94,7 @@ def bench(
         )
         table.add_row(key, shown)
     console.print(table)
+    console.print(f"model built as `mtk train` builds it: {result.built}", highlight=False)
     _write_json(json_out, rows)
 
 
@@ -127,6 +128,8 @@ def _show_fp8(comparison, preset: str, json_out: Path | None) -> None:
     table.add_row("MFU (%, of the device's peak for it)", number(mfu[0]), number(mfu[1]))
     table.add_row("peak memory (GiB)", number(base.peak_memory_gib), number(low.peak_memory_gib))
     console.print(table)
+    for run in (base, low):
+        console.print(f"model built as `mtk train` builds it: {run.built}", highlight=False)
     console.print(low.fp8)
     if comparison.emulated:
         console.print(

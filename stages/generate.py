@@ -71,8 +71,10 @@ def generate(
 
 
 def _retriever(model, retro_project: Path | None):
-    """The neighbour lookup a RETRO model needs (None for other families)."""
-    if model.config.family != "retro":
+    """The neighbour lookup the model's generation strategy needs (RETRO's; None when it needs none)."""
+    from mtk.generate import generation_strategy
+
+    if not generation_strategy(model.config).needs_retrieval:
         if retro_project is not None:
             fail(f"--retro-project is for RETRO runs; this run is a {model.config.family} model")
         return None

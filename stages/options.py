@@ -1,7 +1,7 @@
 """Command-line options, declared once: config flags derive from the config dataclasses' fields.
 
 ``with_config_options(*keys)`` gives a command one option per config key, named by the field's
-``flag`` and explained by its ``help``, typed by its annotation (a Literal lists its choices; an
+``flag`` (``flag_of``: else the key with dashes) and explained by its ``help``, typed by its annotation (a Literal lists its choices; an
 optional Literal also takes ``none``). The command receives the values given on the command line as
 ``config_values`` (config key -> value); options left out keep the preset's value.
 """
@@ -54,6 +54,14 @@ def check_option(flag: str, value: float | None, allowed: cfg.Range) -> None:
         fail(f"{flag} {value} is out of range: it must be {allowed}")
 
 
+def flag_of(key: str) -> str:
+    """The command-line flag of config key ``key``: its field's ``flag``, else ``--`` and the key with
+    dashes (``retro_chunk_length`` -> ``--retro-chunk-length``), for a command that offers a key
+    ``mtk train`` does not."""
+    item, _ = _field(key)
+    return item.metadata.get("flag") or "--" + key.replace("_", "-")
+
+
 def _field(key: str) -> tuple[dataclasses.Field, Any]:
     section = cfg.section_of(key)
     if section is None:
@@ -102,7 +110,7 @@ def with_config_options(*keys: str) -> Callable[[Callable], Callable]:
             if name != "config_values"
         ]
         for key, (item, annotation) in declared.items():
-            option = typer.Option(item.metadata["flag"], help=item.metadata["help"], show_default=False)
+            option = typer.Option(flag_of(key), help=item.metadata["help"], show_default=False)
             params.append(
                 inspect.Parameter(
                     key,
@@ -133,8 +141,10 @@ def with_config_options(*keys: str) -> Callable[[Callable], Callable]:
 
 
 def _inherit_retro_project(values: dict[str, Any]) -> dict[str, Any]:
-    """``values`` with what the RETRO project fixes; a value given with another one is an error."""
+    """``values`` with what the RETRO project fixes (``manifest.inherit``: a value given with another
+    one is an error)."""
     from mtk.data.retro_project import RetroProject
+    from mtk.manifest import ManifestError, inherit
     from mtk.retro.query import training_values, verified_neighbours
 
     project = values["retro_project"]
@@ -142,15 +152,20 @@ def _inherit_retro_project(values: dict[str, Any]) -> dict[str, Any]:
         inherited = training_values(verified_neighbours(RetroProject(project))[0])
     except (ValueError, OSError) as err:
         fail(str(err))
-    for key, value in inherited.items():
-        given = next(
-            (v for k, v in values.items() if k.rpartition(".")[2] == key), None
-        )  # also --set section.key
-        if given is not None and given != value:
-            what = "the run length is its train_samples" if key == "train_iters" else f"it holds {value!r}"
-            fail(
-                f"{key}: {given!r} given, but the RETRO project {project} fixes it ({what}); drop the option"
+    source = f"the RETRO project {project} (build-db)"
+    try:
+        for key, value in inherited.items():
+            given = next(
+                (v for k, v in values.items() if k.rpartition(".")[2] == key), None
+            )  # also --set section.key
+            instead = (
+                f"train for the project's train_samples ({inherited['train_samples']})"
+                if key == "train_iters"
+                else "build a project with it (`mtk retro build-db`)"
             )
+            inherit(key, value, given, source, instead=instead, unset_is_recorded=True)
+    except ManifestError as err:
+        fail(str(err))
     return values | inherited
 
 

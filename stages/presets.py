@@ -42,14 +42,12 @@ def list_presets() -> None:
     for name in preset_names():
         preset = load_preset(name)
         model, parallel = preset.config.model, preset.config.parallel
-        layers = str(model.num_layers)
-        if model.family == "t5":
-            layers = f"{model.num_layers}+{model.decoder_num_layers}"
-        params = family_spec(model.family).num_parameters(model, parallel.tensor_model_parallel_size)
+        family = family_spec(model.family)
+        params = family.num_parameters(model, parallel.tensor_model_parallel_size)
         table.add_row(
             name,
             model.family,
-            layers,
+            family.layers_label(model),
             str(model.hidden_size),
             str(model.num_attention_heads),
             str(model.seq_length),
@@ -85,18 +83,23 @@ def show_preset(
 
     try:
         preset = load_preset(name)
+        family = family_spec(preset.config.model.family)
     except ConfigError as err:
         fail(str(err))
+    family.complete(preset.config.model)
     if megatron:
         from mtk.megatron import megatron_command, render_command
 
-        command = megatron_command(preset.config)
+        try:
+            command = megatron_command(preset.config)
+        except ConfigError as err:
+            fail(str(err))
         text = render_command(command, preset.name, preset.config, preset.description, preset.tokenizer)
         typer.echo(text, nl=False)
         return
     model, parallel = preset.config.model, preset.config.parallel
     tp = parallel.tensor_model_parallel_size
-    params = family_spec(model.family).num_parameters(model, tp)
+    params = family.num_parameters(model, tp)
     if as_json:
         payload = {
             "name": preset.name,
@@ -195,5 +198,7 @@ def import_megatron(
     for note in imported.notes:
         echo(f"note: {note}")
     preset = f"./{output}" if not output.is_absolute() and "/" not in str(output) else str(output)
-    data = "--retro-project DIR" if imported.family == "retro" else "--data PREFIX"
+    from mtk.models import family_spec
+
+    data = family_spec(imported.family).train_inputs
     echo(f"train it: mtk train --preset {preset} {data} --save DIR")

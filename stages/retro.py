@@ -5,11 +5,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from .common import console, fail, reports_file_errors
+from .options import flag_of, with_config_options
 
 SUMMARY = "RETRO retrieval: chunk database, faiss index, neighbours of every training sample."
 app = typer.Typer(no_args_is_help=True, help=SUMMARY)
@@ -71,63 +72,67 @@ def _errors():
     return (RetroProjectError, ManifestError, TokenizerError, HFError, ConfigError, ValueError)
 
 
+# the config keys build-db fixes for the project (its record holds them under these names, as a run's
+# config.json does); `mtk train --retro-project` inherits them (mtk/data/retro_project.py INHERITED)
+BUILD_DB_KEYS = ("data_path", "retro_chunk_length", "seq_length", "split", "seed", "train_samples",
+                 "global_batch_size", "eval_interval", "eval_iters", "data_cache_path")  # fmt: skip
+RetroPreset = Annotated[
+    str | None,
+    typer.Option(
+        "--preset",
+        "-p",
+        help="Preset (`mtk presets list`) or preset file whose values of these keys are the defaults: "
+        "retro-857m, retro-2b and retro-4b give Megatron's RETRO project (seq_length 2048, chunks of 64, "
+        "split 98,2,0, seed 1234, 200,000 train samples, global batch 256, eval every 2000 steps for 50 "
+        "batches); flags override it. Left out: the config's defaults, and --train-samples is required.",
+        show_default=False,
+    ),
+]
+
+
+@with_config_options(*BUILD_DB_KEYS)
 def build_db(
     project: Project,
-    data: Annotated[
-        str, typer.Option("--data", help="Prepared GPT data: PREFIX or a blend.", show_default=False)
-    ],
     bert_tokenizer: Annotated[
         Path,
         typer.Option(
             "--bert-tokenizer", help="BERT WordPiece folder (vocab.txt) or file.", show_default=False
         ),
     ],
-    chunk_length: Annotated[int, typer.Option("--chunk-length", min=1, help="GPT tokens per chunk.")] = 64,
-    seq_length: Annotated[
-        int, typer.Option("--seq-length", min=1, help="GPT tokens per training sample.")
-    ] = 2048,
-    split: Annotated[
-        str, typer.Option("--split", help="Train/valid/test split; the database holds train.")
-    ] = "98,2,0",
-    seed: Annotated[
-        int, typer.Option("--seed", help="Seed of the samples and the index-training order.")
-    ] = 1234,
-    train_samples: Annotated[
-        int, typer.Option("--train-samples", min=1, help="Training samples of the run.")
-    ] = 200000,
-    global_batch_size: Annotated[
-        int, typer.Option("--global-batch-size", min=1, help="Samples per step.")
-    ] = 256,
-    eval_interval: Annotated[
-        int, typer.Option("--eval-interval", min=0, help="Steps between evaluations.")
-    ] = 2000,
-    eval_iters: Annotated[int, typer.Option("--eval-iters", min=0, help="Batches per evaluation.")] = 50,
-    data_cache_path: Annotated[
-        Path | None, typer.Option("--data-cache-path", help="Where sample indices are cached.")
-    ] = None,
+    config_values: dict[str, Any],
+    preset: RetroPreset = None,
 ) -> None:
-    """Cut the train split into chunks that never cross documents, keep those BERT sees as text."""
+    """Cut the train split into chunks that never cross documents, keep those BERT sees as text.
+
+    The project records these config keys by their config.json names; `mtk train --retro-project` inherits them."""
+    from mtk import config as cfg
+    from mtk.data.blended import parse_blend
     from mtk.data.retro_project import RetroProject
-    from mtk.data.splits import parse_split
+    from mtk.presets import load_preset
     from mtk.retro.db import build_db as build
 
-    if seq_length % chunk_length:
-        fail(f"--seq-length {seq_length} is not a multiple of --chunk-length {chunk_length}")
-    try:  # absolute prefixes: later stages and training may run from elsewhere
-        from mtk.data.blended import parse_blend
-
-        blend = parse_blend(data)
+    try:
+        config = cfg.apply_overrides(load_preset(preset).sections if preset else {}, config_values)
+    except cfg.ConfigError as err:
+        fail(str(err))
+    settings = {key: getattr(getattr(config, cfg.section_of(key)), key) for key in BUILD_DB_KEYS}
+    for key in ("data_path", "train_samples"):
+        if settings[key] is None:
+            fail(f"build-db needs {flag_of(key)}" + (f" (the preset {preset} sets none)" if preset else ""))
+    if settings["seq_length"] % settings["retro_chunk_length"]:
+        fail(f"{flag_of('seq_length')} {settings['seq_length']} is not a multiple of "
+             f"{flag_of('retro_chunk_length')} {settings['retro_chunk_length']}")  # fmt: skip
+    try:  # absolute paths: later stages and training may run from elsewhere
+        blend = parse_blend(settings["data_path"])
     except (ValueError, FileNotFoundError) as err:
         fail(str(err))
-    data = " ".join(
+    settings["data_path"] = " ".join(
         str(Path(prefix).resolve()) if len(blend) == 1 else f"{weight} {Path(prefix).resolve()}"
         for weight, prefix in blend
     )
-    settings = dict(data=data, chunk_length=chunk_length, seq_length=seq_length, split=split, seed=seed,
-                    train_samples=train_samples, global_batch_size=global_batch_size, eval_interval=eval_interval,
-                    eval_iters=eval_iters, data_cache_path=str(data_cache_path.resolve()) if data_cache_path else None)  # fmt: skip
+    if settings["data_cache_path"] is not None:
+        settings["data_cache_path"] = str(Path(settings["data_cache_path"]).resolve())
     try:
-        parse_split(split)
         with _progress() as update:
             record = build(
                 RetroProject(project), settings, bert_tokenizer, lambda d, t: update("documents", d, t)

@@ -1,4 +1,6 @@
-"""Fixtures shared by several test folders."""
+"""Fixtures and helpers shared by every test folder: ``mtk`` run in-process as a user runs it
+(``invoke``, ``run``) and a run directory's metrics read back (``read_metrics``, ``train_losses``,
+``eval_losses``). Test files import the helpers: ``from tests.conftest import run, read_metrics``."""
 
 from __future__ import annotations
 
@@ -18,6 +20,49 @@ from mtk.data.prepare import prepare_data
 from mtk.data.tokenizer import load_tokenizer
 
 COUNTING_VOCAB = 64
+
+
+def invoke(*args: str | os.PathLike, code: int | None = 0, **kwargs):
+    """``mtk ARGS`` run in-process (typer's CliRunner; ``kwargs`` go to its ``invoke``); its result,
+    after checking the exit code (``code=None``: not checked)."""
+    from typer.testing import CliRunner
+
+    from stages.main import app
+
+    result = CliRunner().invoke(app, [str(arg) for arg in args], **kwargs)
+    if code is not None:
+        assert result.exit_code == code, result.output or repr(result.exception)
+    return result
+
+
+def run(*args: str | os.PathLike, code: int = 0) -> str:
+    """The output of ``mtk ARGS`` on one line (wrapping undone), after checking its exit code; no
+    traceback shown."""
+    result = invoke(*args, code=None)
+    output = " ".join(result.output.split())
+    assert result.exit_code == code, output
+    assert "Traceback" not in result.output
+    return output
+
+
+def read_metrics(run_dir: str | os.PathLike, split: str | None = None) -> list[dict]:
+    """The records of ``RUN_DIR/metrics.jsonl`` in order: all of them (``split=None``), the training
+    records (``"train"``: those without a split) or one evaluation split's (``"valid"``, ``"test"``)."""
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    if split is None:
+        return records
+    return [r for r in records if r.get("split", "train") == split]
+
+
+def train_losses(run_dir: str | os.PathLike) -> dict[int, float]:
+    """Training loss per iteration (a resumed run's later records win)."""
+    return {r["iteration"]: r["loss"] for r in read_metrics(run_dir, "train")}
+
+
+def eval_losses(run_dir: str | os.PathLike) -> dict[tuple[str, int], float]:
+    """Evaluation loss per (split, iteration)."""
+    return {(r["split"], r["iteration"]): r["loss"] for r in read_metrics(run_dir) if "split" in r}
 
 
 @pytest.fixture
@@ -89,16 +134,11 @@ BUNDLED_CORPUS = Path(__file__).resolve().parents[1] / "mtk" / "assets" / "sampl
 def wordpiece_sentences(tmp_path_factory) -> str:
     """The bundled corpus, one sequence per sentence, with a 2,000-token WordPiece vocabulary trained
     on it (by the CLI, as a user does) and T5's 100 sentinels after it; its prefix."""
-    from typer.testing import CliRunner
-
-    from stages.main import app
-
     root = tmp_path_factory.mktemp("wordpiece")
     for command in (
         ["tokenizer", "train", str(BUNDLED_CORPUS), "--kind", "wordpiece", "--vocab-size", "2000", "-o", str(root / "tok")],
         ["prepare-data", str(BUNDLED_CORPUS), "-o", str(root / "sample"), "-t", str(root / "tok"),
          "--split-sentences", "--vocab-extra-ids", "100", "--workers", "1"],
     ):  # fmt: skip
-        result = CliRunner().invoke(app, command)
-        assert result.exit_code == 0, result.output
+        invoke(*command)
     return str(root / "sample_text_sentence")

@@ -34,20 +34,11 @@ from mtk.manifest import (
 STAGES = ("build-db", "index", "query-neighbours")
 FOLDERS = {"build-db": "db", "index": "index", "query-neighbours": "query"}
 SPLITS = ("train", "valid", "test")
-# what `mtk train --retro-project` inherits from build-db: config key -> build-db setting
-INHERITED = {
-    "data_path": "data",
-    "data_cache_path": "data_cache_path",
-    "split": "split",
-    "seq_length": "seq_length",
-    "max_position_embeddings": "seq_length",
-    "seed": "seed",
-    "train_samples": "train_samples",
-    "global_batch_size": "global_batch_size",
-    "eval_interval": "eval_interval",
-    "eval_iters": "eval_iters",
-    "retro_chunk_length": "chunk_length",
-}
+# the config keys build-db records (under their config.json names) and `mtk train --retro-project`
+# inherits, with the one key derived from them: config key -> build-db record key
+SETTINGS = ("data_path", "retro_chunk_length", "seq_length", "split", "seed", "train_samples",
+            "global_batch_size", "eval_interval", "eval_iters", "data_cache_path")  # fmt: skip
+INHERITED = {key: key for key in SETTINGS} | {"max_position_embeddings": "seq_length"}
 
 
 class RetroProjectError(ValueError):
@@ -89,7 +80,7 @@ EMBEDDER: Field = (
 )  # fmt: skip
 FIELDS: dict[str, dict[str, Field]] = {
     "build-db": {
-        "data": TEXT, "chunk_length": _integer(1), "seq_length": _integer(1), "split": TEXT,
+        "data_path": TEXT, "retro_chunk_length": _integer(1), "seq_length": _integer(1), "split": TEXT,
         "seed": _integer(0), "train_samples": _integer(1), "global_batch_size": _integer(1),
         "eval_interval": _integer(0), "eval_iters": _integer(0),
         "data_cache_path": ("a string or null", lambda v: v is None or isinstance(v, str)),
@@ -192,10 +183,10 @@ class RetroProject:
                     f"{where}.{key} is {_shown(record[key])}, expected {expected}; restore config.json or "
                     f"{self.rerun(name)}"
                 )
-        if name == "build-db" and record["seq_length"] % record["chunk_length"]:
+        if name == "build-db" and record["seq_length"] % record["retro_chunk_length"]:
             raise RetroProjectError(
-                f"{where}.seq_length {record['seq_length']} is not a multiple of chunk_length "
-                f"{record['chunk_length']}; restore config.json or {self.rerun(name)}"
+                f"{where}.seq_length {record['seq_length']} is not a multiple of retro_chunk_length "
+                f"{record['retro_chunk_length']}; restore config.json or {self.rerun(name)}"
             )
         if name == "query-neighbours" and record["query_k"] < record["num_neighbours"]:
             raise RetroProjectError(

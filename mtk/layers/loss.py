@@ -1,16 +1,20 @@
-"""Cross-entropy terms of the losses: a sum and a count, which the training step reduces over ranks.
+"""Cross-entropy terms of the losses, and the one convention that turns terms into the loss.
 
-A family's loss is a set of named terms ``(sum, count)``; its value is the sum over terms of
-``sum / count`` (``mtk.train.loss``). Keeping the count apart lets context parallelism count the
+A family's loss is a set of named terms ``(summed loss, count)`` (``token_cross_entropy``);
+``loss_value`` makes them the loss. Keeping the count apart lets context parallelism count the
 positions of the whole sequence, spread over ranks, without the model knowing about ranks.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+
 import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100  # a target the loss skips
+
+LossTerm = tuple[torch.Tensor, torch.Tensor]  # (summed loss, the count it averages over)
 
 
 def loss_targets(labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
@@ -18,7 +22,7 @@ def loss_targets(labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
     return labels.masked_fill(loss_mask == 0, IGNORE_INDEX)
 
 
-def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> LossTerm:
     """Summed fp32 cross-entropy of ``logits`` (..., vocab) against ``targets`` (...), and the count of
     targets that are not ``IGNORE_INDEX``. Logits sharded over the vocabulary (a DTensor under
     ``loss_parallel``) are never gathered."""
@@ -26,3 +30,30 @@ def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[to
         logits.float().flatten(0, -2), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
     )
     return total, (targets != IGNORE_INDEX).sum()
+
+
+def loss_value(
+    terms: Mapping[str, LossTerm],
+    factor: float = 1.0,
+    total_count: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss convention, stated and computed here only: each term ``(sum, count)`` is worth
+    ``sum * factor / count`` (a count of 0 counts as 1: a term with nothing to average adds 0), and
+    the loss is the sum of the terms' values. Returns the loss and each term's value.
+
+    ``total_count`` (default: the count as it is) gives the count over the ranks that share a
+    sequence (context parallelism sums it over the cp ranks). ``factor`` is what the training step
+    multiplies by (``mtk.train.loss.LossReduction``): 1 / micro-batches, so that a step's loss is
+    the mean of its micro-batches', times the cp size, because gradients are averaged over the cp
+    ranks together with the data-parallel ones. The step's loss is then averaged over the
+    data-parallel ranks (``mtk.train.step.StepRunner.reduce_loss``).
+    """
+    loss, values = None, {}
+    for name, (total, count) in terms.items():
+        if total_count is not None:
+            count = total_count(count)
+        values[name] = total * factor / count.clamp(min=1)
+        loss = values[name] if loss is None else loss + values[name]
+    if loss is None:
+        raise ValueError("a loss needs at least one (sum, count) term")
+    return loss, values

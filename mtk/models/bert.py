@@ -19,6 +19,7 @@ from mtk.layers.init import Embedding, Linear, SeededModule
 from mtk.layers.loss import loss_targets, token_cross_entropy
 from mtk.layers.norms import build_norm
 from mtk.layers.transformer import TransformerBlock, embedding_parameters, layer_parameters, norm_parameters
+from mtk.models.bert_hf import Bert, MegatronBert
 from mtk.models.masked import MaskedLMFamily
 from mtk.models.spec import LossTerms, ModelBatch, PipelinedFamily
 
@@ -98,6 +99,13 @@ class BertModel(SeededModule):
 
 class BertFamily(MaskedLMFamily, PipelinedFamily):
     name = "bert"
+    hf_adapters = (Bert(), MegatronBert())  # mtk/models/bert_hf.py; no generation: an encoder
+    tiny_preset = "bert-tiny"
+    megatron_script = "pretrain_bert.py"
+    megatron_inputs = (
+        "--data-path PREFIX and --vocab-file with --tokenizer-type BertWordPieceLowerCase "
+        "(or BertWordPieceCase)"
+    )
 
     def num_parameters(self, config: ModelConfig, tensor_parallel: int = 1) -> int:
         hidden, norm = config.hidden_size, norm_parameters(config)
@@ -130,9 +138,6 @@ class BertFamily(MaskedLMFamily, PipelinedFamily):
                 plan["pooler"] = "replicate"
                 plan["binary_head"] = "replicate_local_output"
         return plan
-
-    def pipeline_layers(self, config: ModelConfig) -> int:
-        return config.num_layers
 
     def pipeline_stage(self, model: BertModel, layers: range, first: bool, last: bool) -> BertModel:
         return model.pipeline_stage(layers, first, last)

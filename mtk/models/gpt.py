@@ -10,6 +10,7 @@ import functools
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mtk.config import ModelConfig, RunConfig
@@ -17,22 +18,22 @@ from mtk.layers.attention import KVCache
 from mtk.layers.init import Embedding, Linear, SeededModule
 from mtk.layers.loss import loss_targets
 from mtk.layers.transformer import TransformerBlock, embedding_parameters, layer_parameters, norm_parameters
+from mtk.models.generation import CachedDecoding
+from mtk.models.gpt_hf import GPT2, Llama
 from mtk.models.spec import ModelBatch, PipelinedFamily
 
 
-class GPTModel(SeededModule):
-    """tokens (batch, seq) -> logits (batch, seq, padded vocab).
+class DecoderLM(SeededModule):
+    """A decoder language model around its ``decoder`` stack: token (and learned position) embeddings
+    in, logits (batch, seq, padded vocab) out, projected by ``output`` or, tied, by the word embedding.
 
-    A pipeline stage of it (``pipeline_stage``) embeds tokens only when ``pre_process`` (Megatron's
-    name), else takes the previous stage's hidden states; it ends with the final norm and the output
-    layer only when ``post_process``, else returns hidden states. With tied embeddings the last stage
-    keeps ``embedding`` for the output projection.
+    What GPT and RETRO share; each model's ``forward`` says how its stack runs (GPT's on a KV cache
+    and in pipeline stages, RETRO's with the neighbours).
     """
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, decoder: nn.Module) -> None:
         super().__init__()
         self.config = config
-        self.pre_process = self.post_process = True
         vocab, std = config.padded_vocab_size(), config.init_method_std
         self.embedding = Embedding(vocab, config.hidden_size, std)
         self.position_embedding = (
@@ -41,13 +42,40 @@ class GPTModel(SeededModule):
             else None
         )
         self.embedding_dropout = nn.Dropout(config.hidden_dropout)
-        self.decoder = self.build_decoder(config)
+        self.decoder = decoder
         self.output = (
             Linear(config.hidden_size, vocab, bias=False, std=std)
             if config.untie_embeddings_and_output_weights
             else None
         )
         self.init_unless_meta()
+
+    def embed(self, tokens: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Token (and learned position) embeddings, then dropout."""
+        x = self.embedding(tokens)
+        if self.position_embedding is not None:
+            x = x + self.position_embedding(position_ids)
+        return self.embedding_dropout(x)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The output projection: by ``output``, or by the word embedding when they are tied."""
+        return self.output(x) if self.output is not None else F.linear(x, self.embedding.weight)
+
+
+class GPTModel(DecoderLM):
+    """tokens (batch, seq) -> logits (batch, seq, padded vocab); with ``kv_caches``
+    (``new_kv_caches``) the tokens continue the ones run before.
+
+    A pipeline stage (``pipeline_stage``) holds only the modules it runs, the others None. It embeds
+    tokens only when ``pre_process`` (Megatron's name), else takes the previous stage's hidden
+    states; it ends with the output projection only when ``post_process``, else returns hidden
+    states. Two flags rather than None alone because of tying: a tied last stage keeps ``embedding``
+    for its projection but does not embed, a tied first stage holds it but does not project.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config, TransformerBlock(config, config.num_layers))
+        self.pre_process = self.post_process = True
 
     def forward(
         self,
@@ -61,22 +89,11 @@ class GPTModel(SeededModule):
             position_ids = torch.arange(start, start + length, device=tokens.device).expand(batch, length)
         x = self.embed(tokens, position_ids) if self.pre_process else tokens
         x = self.decoder(x, kv_caches=kv_caches, position_ids=position_ids)
-        if not self.post_process:
-            return x
-        return self.output(x) if self.output is not None else nn.functional.linear(x, self.embedding.weight)
-
-    def build_decoder(self, config: ModelConfig) -> nn.Module:
-        return TransformerBlock(config, config.num_layers)
-
-    def embed(self, tokens: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """Token (and learned position) embeddings, then dropout."""
-        x = self.embedding(tokens)
-        if self.position_embedding is not None:
-            x = x + self.position_embedding(position_ids)
-        return self.embedding_dropout(x)
+        return self.logits(x) if self.post_process else x
 
     def pipeline_stage(self, layers: range, first: bool, last: bool) -> GPTModel:
-        """A copy keeping only what one pipeline stage runs; parameter names stay the whole model's."""
+        """A copy keeping only what one pipeline stage runs (the rest None, the layers of other stages
+        deleted); parameter names stay the whole model's."""
         stage = copy.deepcopy(self)
         stage.pre_process, stage.post_process = first, last
         for name in list(stage.decoder.layers.keys()):
@@ -101,7 +118,14 @@ class GPTModel(SeededModule):
 
 class GPTFamily(PipelinedFamily):
     name = "gpt"
-    flops_convention = "6 * parameters + 12 * layers * hidden * seq per token (PaLM), no recompute"
+    hf_adapters = (Llama(), GPT2())  # mtk/models/gpt_hf.py
+    generation = CachedDecoding()
+    tiny_preset = "gpt-tiny"
+    megatron_script = "pretrain_gpt.py"
+    megatron_inputs = (
+        "--data-path PREFIX (or --mock-data) and the tokenizer's files: --vocab-file and --merge-file "
+        "(GPT-2 BPE), or --tokenizer-type and --tokenizer-model"
+    )
 
     def num_parameters(self, config: ModelConfig, tensor_parallel: int = 1) -> int:
         total = embedding_parameters(config, tensor_parallel)
@@ -109,12 +133,6 @@ class GPTFamily(PipelinedFamily):
         if config.untie_embeddings_and_output_weights:
             total += config.padded_vocab_size(tensor_parallel) * config.hidden_size
         return total
-
-    def flops_per_token(self, config: ModelConfig) -> float:
-        """6 x parameters (forward + backward matmuls) + 12 x layers x hidden x seq (attention), as
-        PaLM counts them (Chowdhery et al., 2022, appendix B)."""
-        attention = 12.0 * config.num_layers * config.hidden_size * config.seq_length
-        return 6.0 * self.num_parameters(config) + attention
 
     def new_model(self, config: ModelConfig) -> GPTModel:
         return GPTModel(config)
@@ -134,9 +152,6 @@ class GPTFamily(PipelinedFamily):
             if model.output is not None:
                 plan["output"] = "vocab_output"
         return plan
-
-    def pipeline_layers(self, config: ModelConfig) -> int:
-        return config.num_layers
 
     def pipeline_stage(self, model: GPTModel, layers: range, first: bool, last: bool) -> GPTModel:
         return model.pipeline_stage(layers, first, last)

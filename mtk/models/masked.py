@@ -13,7 +13,6 @@ from mtk.models.spec import TrainableFamily
 class MaskedLMFamily(TrainableFamily):
     """A family trained on masked sentence groups (``mtk.data.masking``) of WordPiece data."""
 
-    flops_convention = "6 * parameters + 12 * layers * hidden * seq per token (PaLM), no recompute"
     needs_sentinels: ClassVar[bool] = False  # T5: the data needs --vocab-extra-ids
 
     def layout_problems(self, config: RunConfig) -> list[str]:
@@ -63,8 +62,3 @@ class MaskedLMFamily(TrainableFamily):
             lambda *args, **kwargs: make(*args, ids=ids, **kwargs),
             data.data_cache_path,
         )
-
-    def flops_per_token(self, config) -> float:
-        """6 x parameters + 12 x layers x hidden x seq, as the decoder counts (PaLM, appendix B)."""
-        attention = 12.0 * config.num_layers * config.hidden_size * config.seq_length
-        return 6.0 * self.num_parameters(config) + attention

@@ -27,25 +27,33 @@ from torch import nn
 from mtk.config import ModelConfig, RunConfig
 from mtk.layers.attention import Attention
 from mtk.layers.loss import loss_targets
+from mtk.layers.mlp import MLP
 from mtk.layers.norms import build_norm
-from mtk.layers.rotary import RotaryEmbedding
+from mtk.layers.rotary import RotaryEmbedding, build_rotary
 from mtk.layers.transformer import (
     PROJECTIONS,
-    TransformerBlock,
+    CrossAttentionLayer,
     TransformerLayer,
     embedding_parameters,
     layer_parameters,
+    layer_plan,
     norm_parameters,
     scaled_output_std,
 )
-from mtk.models.gpt import GPTModel
-from mtk.models.spec import ModelBatch, TrainableFamily
+from mtk.models.generation import RetrievalDecoding
+from mtk.models.gpt import SPEC as GPT
+from mtk.models.gpt import DecoderLM
+from mtk.models.spec import PALM_FLOPS, ModelBatch, TrainableFamily
+
+
+def first_retro_layer(config: ModelConfig) -> int:
+    """The 1-based decoder layer of the first chunked cross-attention (Megatron's rule)."""
+    return 6 if config.num_layers <= 15 else 9
 
 
 def retro_layer_numbers(config: ModelConfig) -> list[int]:
     """1-based decoder layers that carry chunked cross-attention (Megatron's rule)."""
-    start = 6 if config.num_layers <= 15 else 9
-    return list(range(start, config.num_layers + 1, 3))
+    return list(range(first_retro_layer(config), config.num_layers + 1, 3))
 
 
 def num_chunks(tokens: int, chunk_length: int) -> int:
@@ -55,7 +63,8 @@ def num_chunks(tokens: int, chunk_length: int) -> int:
 
 class RetrievalEncoder(nn.Module):
     """Neighbour states (chunks * k, r, d) and their decoder chunks (chunks, m, d) -> encoded
-    neighbours (chunks * k, r, d). Bidirectional; no final norm (Megatron's encoder has none)."""
+    neighbours (chunks * k, r, d). Bidirectional; the first layer cross-attends to the decoder chunk;
+    no final norm (Megatron's encoder has none)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -63,16 +72,17 @@ class RetrievalEncoder(nn.Module):
         std = scaled_output_std(config, config.num_layers)
         self.layers = nn.ModuleDict(
             {
-                str(i): TransformerLayer(config, std, cross_attention=i == 0)
+                str(i): CrossAttentionLayer(config, std) if i == 0 else TransformerLayer(config, std)
                 for i in range(config.retro_encoder_num_layers)
             }
         )
 
     def forward(self, neighbours: torch.Tensor, chunks: torch.Tensor) -> torch.Tensor:
         context = chunks.repeat_interleave(self.num_neighbors, dim=0)  # each neighbour reads its chunk
-        x = neighbours
-        for i, layer in enumerate(self.layers.values()):
-            x = layer(x, causal=False, context=context if i == 0 else None)
+        first, *rest = self.layers.values()
+        x = first(neighbours, context, causal=False)
+        for layer in rest:
+            x = layer(x, causal=False)
         return x
 
 
@@ -105,8 +115,15 @@ class ChunkedCrossAttention(nn.Module):
         return F.pad(out, (0, 0, m - 1, 0))[:, :n], context
 
 
-class RetroDecoderLayer(TransformerLayer):
-    """A decoder layer with chunked cross-attention between self-attention and the MLP."""
+class RetroDecoderLayer(nn.Module):
+    """A decoder layer with chunked cross-attention (CCA) to the neighbours between self-attention and
+    the MLP; it passes the encoded neighbours on to the next RETRO layer::
+
+        x = x + dropout(attention(norm(x)))
+        update, context = cca(norm(x), context)
+        x = x + dropout(update)
+        x = x + dropout(mlp(norm(x)))
+    """
 
     def __init__(
         self,
@@ -115,23 +132,29 @@ class RetroDecoderLayer(TransformerLayer):
         rotary: RotaryEmbedding | None,
         encoder: RetrievalEncoder | None,
     ) -> None:
-        super().__init__(config, output_std, rotary)
+        super().__init__()
+        self.attention_norm = build_norm(config)
+        self.attention = Attention(config, output_std, rotary)
+        self.mlp_norm = build_norm(config)
+        self.mlp = MLP(config, output_std)
+        # registered after the MLP: the parameter order of the models trained before
         self.cross_norm = build_norm(config)
         self.cross_attention = ChunkedCrossAttention(config, output_std, encoder)
+        self.dropout = nn.Dropout(config.hidden_dropout)
 
-    def forward(  # type: ignore[override]
+    def forward(
         self, x: torch.Tensor, context: torch.Tensor, position_ids: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self._residual(x, self.attention_norm, lambda h: self.attention(h, position_ids=position_ids))
+        x = x + self.dropout(self.attention(self.attention_norm(x), position_ids=position_ids))
         update, context = self.cross_attention(self.cross_norm(x), context)
         x = x + self.dropout(update)
-        return self._residual(x, self.mlp_norm, self.mlp), context
+        return x + self.dropout(self.mlp(self.mlp_norm(x))), context
 
     def tp_plan(self) -> dict[str, str]:
         """As a decoder layer's, and: the CCA gathers the sequence whole (chunks need all of it), its
         output projection all-reduces, and the update is cut back to this rank's slice. The encoder
         runs its layers on slices of the neighbour tokens and hands the CCA whole ones."""
-        plan = super().tp_plan()
+        plan = layer_plan(self)
         plan["cross_norm"] = "sequence"
         plan["cross_attention"] = "chunked_cross_attention"
         for name in PROJECTIONS:
@@ -150,35 +173,54 @@ class RetroDecoderLayer(TransformerLayer):
         return plan
 
 
-class RetroDecoder(TransformerBlock):
-    """The decoder stack: GPT layers, and RETRO layers that pass the encoded neighbours on."""
+class RetroDecoder(nn.Module):
+    """The decoder stack: GPT's layers, RETRO layers (``retro_layer_numbers``) that pass the encoded
+    neighbours on, and a final norm. Pre-norm only, as Megatron's RETRO."""
 
     def __init__(self, config: ModelConfig) -> None:
-        super().__init__(config, config.num_layers)
+        super().__init__()
+        if config.post_norm:
+            raise ValueError("retro: the RETRO decoder is pre-norm; post_norm is for BERT")
+        self.rotary = build_rotary(config) if config.position_embedding_type == "rope" else None
         self.retro_layers = [number - 1 for number in retro_layer_numbers(config)]
         output_std = scaled_output_std(config, config.num_layers)
-        for index in self.retro_layers:
-            encoder = RetrievalEncoder(config) if index == self.retro_layers[0] else None
-            self.layers[str(index)] = RetroDecoderLayer(config, output_std, self.rotary, encoder)
 
-    def forward(  # type: ignore[override]
-        self, x: torch.Tensor, context: torch.Tensor, position_ids: torch.Tensor
-    ) -> torch.Tensor:
-        retro = set(self.retro_layers)
-        for index, layer in enumerate(self.layers.values()):
-            if index in retro:
+        def layer(index: int) -> nn.Module:
+            if index not in self.retro_layers:
+                return TransformerLayer(config, output_std, self.rotary)
+            encoder = RetrievalEncoder(config) if index == self.retro_layers[0] else None
+            return RetroDecoderLayer(config, output_std, self.rotary, encoder)
+
+        self.layers = nn.ModuleDict({str(i): layer(i) for i in range(config.num_layers)})
+        self.final_norm = build_norm(config)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """``context``: the embedded neighbours, encoded by the first RETRO layer for the others."""
+        for name, layer in self.layers.items():
+            if int(name) in self.retro_layers:
                 x, context = layer(x, context, position_ids=position_ids)
             else:
                 x = layer(x, position_ids=position_ids)
         return self.final_norm(x)
 
+    def tp_plan(self, prefix: str) -> dict[str, str]:
+        """The plan of every layer and the final norm under ``prefix`` (this stack's path)."""
+        plan = {
+            f"{prefix}.layers.{name}.{path}": style
+            for name, layer in self.layers.items()
+            for path, style in layer.tp_plan().items()
+        }
+        plan[f"{prefix}.final_norm"] = "sequence"
+        return plan
 
-class RetroModel(GPTModel):
+
+class RetroModel(DecoderLM):
     """tokens (batch, n) and neighbour tokens (batch, chunks, k, r) -> logits (batch, n, padded vocab):
-    the GPT model with the RETRO decoder; the neighbours are embedded by its embedding."""
+    GPT's embeddings and output around the RETRO decoder; the neighbours are embedded by the same
+    embedding. It runs the whole sequence each time (no KV cache)."""
 
-    def build_decoder(self, config: ModelConfig) -> nn.Module:
-        return RetroDecoder(config)
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config, RetroDecoder(config))
 
     def forward(
         self,
@@ -195,16 +237,29 @@ class RetroModel(GPTModel):
         r = neighbours.shape[-1]
         flat = neighbours.reshape(-1, r)  # row (sample * chunks + chunk) * k + neighbour
         context = self.embed(flat, torch.arange(r, device=flat.device).expand(flat.shape[0], r))
-        x = self.decoder(x, context, position_ids)
-        return self.output(x) if self.output is not None else F.linear(x, self.embedding.weight)
+        return self.logits(self.decoder(x, context, position_ids))
 
 
 class RetroFamily(TrainableFamily):
     name = "retro"
-    flops_convention = (
-        "6 * parameters + 12 * layers * hidden * seq per token (PaLM), the encoder counted for the "
-        "2k neighbour tokens it encodes per decoder token, no recompute"
+    generation = RetrievalDecoding()
+    flops_convention = PALM_FLOPS.replace(
+        " per token (PaLM)",
+        " per token (PaLM), the encoder counted for the 2k neighbour tokens it encodes per decoder token",
     )
+    tiny_preset = "retro-tiny"
+    train_inputs = "--retro-project DIR"
+    megatron_script = "pretrain_retro.py"
+    megatron_inputs = "--retro-project-dir DIR (it holds the data, the tokenizer and the sample counts)"
+    megatron_switches = ("--retro-add-retriever",)
+    megatron_without_switches = GPT.name  # pretrain_retro.py without --retro-add-retriever trains a GPT
+    # what pretrain_retro.py reads from --retro-project-dir, whatever the script says (as mtk train
+    # --retro-project)
+    megatron_project = (
+        "--retro-project-dir",
+        ("seq_length", "max_position_embeddings", "global_batch_size", "train_samples", "eval_interval",
+         "eval_iters", "seed", "retro_chunk_length"),
+    )  # fmt: skip
     pipeline_refusal = (
         "Megatron trains RETRO without pipeline stages (the first retrieval layer's encoder output feeds "
         "every later one); use --tp and data parallelism"
@@ -212,7 +267,7 @@ class RetroFamily(TrainableFamily):
 
     def problems(self, config: RunConfig) -> list[str]:
         model, found = config.model, []
-        first = 6 if model.num_layers <= 15 else 9
+        first = first_retro_layer(model)
         if model.num_layers < first:
             found.append(
                 f"retro: num_layers {model.num_layers} has no chunked cross-attention layer (the first is "
@@ -252,8 +307,7 @@ class RetroFamily(TrainableFamily):
 
     def flops_per_token(self, config: ModelConfig) -> float:
         encoder = 6.0 * self.encoder_parameters(config) * (2 * config.retro_num_neighbors - 1)
-        attention = 12.0 * config.num_layers * config.hidden_size * config.seq_length
-        return 6.0 * self.num_parameters(config) + encoder + attention
+        return super().flops_per_token(config) + encoder
 
     def new_model(self, config: ModelConfig) -> RetroModel:
         return RetroModel(config)

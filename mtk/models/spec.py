@@ -1,14 +1,15 @@
 """The family seam: what the rest of mtk knows about a model family, and nothing more.
 
 Each family file ``mtk/models/<family>.py`` holds its ``nn.Module`` and a spec object ``SPEC``;
-``mtk.models.family_spec(name)`` looks it up by ``ModelConfig.family``. Training, benchmarking,
-planning, generation and the presets go through the spec only:
+the registry of ``mtk.models`` (``register_family``, ``family_spec(name)``, ``family_names()``) maps
+``ModelConfig.family`` to it. Training, benchmarking, planning, generation and the presets go through
+the spec only:
 
-- ``FamilySpec``: what any family can say from its config alone (parameter count, its own rules).
-- ``TrainableFamily``: everything ``mtk train`` needs: build the model, its transformer blocks (the
-  units of recomputation and FSDP), its tensor-parallel plan as plain data, batch -> model inputs
-  and targets, its loss terms, its datasets, FLOPs per token.
-- ``PipelinedFamily``: a trainable family that can also be cut into pipeline stages.
+- ``TrainableFamily``: what a family says from its config alone (parameter count, its own rules, how
+  the presets show it, its Megatron-LM script) and everything ``mtk train`` needs: build the model,
+  its transformer blocks (the units of recomputation and FSDP), its tensor-parallel plan as plain
+  data, batch -> model inputs and targets, its loss terms, its datasets, FLOPs per token.
+- ``PipelinedFamily``: a family that can also be cut into pipeline stages.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from mtk.config import ConfigError, ModelConfig, RunConfig
 
 if TYPE_CHECKING:
     from mtk.data.prepared import DataFacts
+    from mtk.models.generation import GenerationStrategy
+    from mtk.models.hf_adapter import HFAdapter
 
 LossTerms = dict[str, tuple[torch.Tensor, torch.Tensor]]  # name -> (summed loss, count it averages over)
 
@@ -51,37 +54,6 @@ class ModelBatch:
         )
 
 
-class FamilySpec(ABC):
-    """A model family as its config describes it."""
-
-    name: ClassVar[str]
-    trainable: ClassVar[bool] = False
-
-    @abstractmethod
-    def num_parameters(self, config: ModelConfig, tensor_parallel: int = 1) -> int:
-        """Parameters of the whole model from its config alone (no allocation), vocabulary padded for TP."""
-
-    def problems(self, config: RunConfig) -> list[str]:
-        """What in ``config`` this family cannot run (``mtk.config.check_run`` reports it)."""
-        if not self.trainable:
-            return [
-                f"family '{self.name}': mtk cannot build and train this family yet; its presets are there "
-                "for `mtk presets` and `mtk plan`"
-            ]
-        return []
-
-    def layout_problems(self, config: RunConfig) -> list[str]:
-        """The parallel layouts of ``config`` this family cannot run (``mtk plan`` skips them)."""
-        return []
-
-    def stacks(self, config: ModelConfig) -> list[tuple[int, int, int]]:
-        """Its transformer stacks as (layers, parameters per layer, tokens per sample): what the
-        memory plan counts. One decoder or encoder stack unless the family says otherwise."""
-        from mtk.layers.transformer import layer_parameters
-
-        return [(config.num_layers, layer_parameters(config), config.seq_length)]
-
-
 GIB = 2**30
 
 
@@ -103,7 +75,7 @@ def available_memory(device: torch.device) -> int | None:
         return None
 
 
-def check_model_fits(family: FamilySpec, config: ModelConfig, device: torch.device) -> None:
+def check_model_fits(family: TrainableFamily, config: ModelConfig, device: torch.device) -> None:
     """ConfigError naming the model's size and the memory available when its parameters alone do not
     fit in what ``device`` can still allocate; nothing is checked on the meta device."""
     if device.type == "meta":
@@ -120,26 +92,73 @@ def check_model_fits(family: FamilySpec, config: ModelConfig, device: torch.devi
         )
 
 
-class TrainableFamily(FamilySpec):
-    """A family that ``mtk train`` builds, parallelises and trains (without pipeline stages unless it
-    is a ``PipelinedFamily``).
+PALM_FLOPS = "6 * parameters + 12 * layers * hidden * seq per token (PaLM), no recompute"
+
+
+class TrainableFamily(ABC):
+    """A model family: what its config says (parameters, rules, display, Megatron-LM's script), and how
+    ``mtk train`` builds, parallelises and trains it (without pipeline stages unless it is a
+    ``PipelinedFamily``). Registered by name in ``mtk.models`` (``register_family``).
 
     ``build`` first checks that the model fits the device it is built on (``check_model_fits``): a
     model too large for this machine is refused, naming its size, before anything is allocated,
     whoever builds it (train, bench, generate, import-hf, eval-squad)."""
 
-    trainable: ClassVar[bool] = True
-    flops_convention: ClassVar[str]  # how ``flops_per_token`` counts, for reports
+    name: ClassVar[str]  # ModelConfig.family
+    flops_convention: ClassVar[str] = PALM_FLOPS  # how ``flops_per_token`` counts, for reports
     pipeline_refusal: ClassVar[str] = "it cannot be cut into pipeline stages"  # why, for --pp > 1
+    tiny_preset: ClassVar[str | None] = None  # the preset (name or path) the layout tests train it with
+    train_inputs: ClassVar[str] = "--data PREFIX"  # what `mtk train` needs besides the preset
+    # the Hugging Face model types it imports and exports as (mtk.hf looks here; the first match exports)
+    hf_adapters: ClassVar[tuple[HFAdapter, ...]] = ()
+    # how its model produces text token by token (mtk.generate); None: it does not generate
+    generation: ClassVar[GenerationStrategy | None] = None
+    # Megatron-LM (mtk/megatron.py): the pretrain_*.py script that trains the family (None: none does),
+    # the inputs that script needs (the machine's files, never part of a preset), the switches it needs
+    # to train this family and the family it trains without them, the flags it names differently
+    # (Megatron's usual flag -> this script's), and the run inputs' flag with the keys the script reads
+    # from it rather than from its own arguments
+    megatron_script: ClassVar[str | None] = None
+    megatron_inputs: ClassVar[str] = ""
+    megatron_switches: ClassVar[tuple[str, ...]] = ()
+    megatron_without_switches: ClassVar[str | None] = None
+    megatron_flag_names: ClassVar[dict[str, str]] = {}
+    megatron_project: ClassVar[tuple[str, tuple[str, ...]] | None] = None
+
+    @abstractmethod
+    def num_parameters(self, config: ModelConfig, tensor_parallel: int = 1) -> int:
+        """Parameters of the whole model from its config alone (no allocation), vocabulary padded for TP."""
+
+    def complete(self, config: ModelConfig) -> None:
+        """Fill in ``config`` the values this family derives from others (T5: the decoder depth);
+        ``check_run`` and ``build`` call it. By default nothing."""
+        return
+
+    def problems(self, config: RunConfig) -> list[str]:
+        """What in ``config`` this family cannot run (``mtk.config.check_run`` reports it)."""
+        return []
 
     def layout_problems(self, config: RunConfig) -> list[str]:
+        """The parallel layouts of ``config`` this family cannot run (``mtk plan`` skips them)."""
         if config.parallel.pipeline_model_parallel_size > 1 and not isinstance(self, PipelinedFamily):
             return [f"family '{self.name}': {self.pipeline_refusal}"]
         return []
 
+    def stacks(self, config: ModelConfig) -> list[tuple[int, int, int]]:
+        """Its transformer stacks as (layers, parameters per layer, tokens per sample): what the
+        memory plan counts. One decoder or encoder stack unless the family says otherwise."""
+        from mtk.layers.transformer import layer_parameters
+
+        return [(config.num_layers, layer_parameters(config), config.seq_length)]
+
+    def layers_label(self, config: ModelConfig) -> str:
+        """The layers column of `mtk presets list`: the depth of each stack."""
+        return "+".join(str(layers) for layers, _, _ in self.stacks(config))
+
     def build(self, config: ModelConfig) -> nn.Module:
         """The whole model on the current default device (``torch.device("meta")`` allocates nothing);
         ConfigError when it does not fit there."""
+        self.complete(config)
         check_model_fits(self, config, torch.get_default_device())
         return self.new_model(config)
 
@@ -183,17 +202,20 @@ class TrainableFamily(FamilySpec):
         """Train, valid and test datasets of ``num_samples`` samples each (None where a split has none);
         mock data when ``config.data.mock_data``, else ``config.data.data_path`` (described by ``facts``)."""
 
-    @abstractmethod
     def flops_per_token(self, config: ModelConfig) -> float:
-        """Training FLOPs per token, the model-FLOPs convention of MFU (no recomputation)."""
+        """Training FLOPs per token, the model-FLOPs convention of MFU (no recomputation). By default
+        6 x parameters (forward + backward matmuls) + 12 x layers x hidden x seq (attention), as PaLM
+        counts them (Chowdhery et al., 2022, appendix B); a family adds its own terms to it."""
+        attention = 12.0 * config.num_layers * config.hidden_size * config.seq_length
+        return 6.0 * self.num_parameters(config) + attention
 
 
 class PipelinedFamily(TrainableFamily):
-    """A trainable family that pipeline parallelism can cut into stages by layer ranges."""
+    """A family that pipeline parallelism can cut into stages by layer ranges."""
 
-    @abstractmethod
     def pipeline_layers(self, config: ModelConfig) -> int:
-        """How many layers the pipeline split distributes over stages."""
+        """How many layers the pipeline split distributes over stages (by default ``num_layers``)."""
+        return config.num_layers
 
     @abstractmethod
     def pipeline_stage(self, model: nn.Module, layers: range, first: bool, last: bool) -> nn.Module:

@@ -19,6 +19,7 @@ from mtk.layers.heads import LMHead
 from mtk.layers.init import Embedding, SeededModule
 from mtk.layers.loss import loss_targets
 from mtk.layers.transformer import TransformerBlock, embedding_parameters, layer_parameters, norm_parameters
+from mtk.models.generation import EncoderDecoderDecoding
 from mtk.models.masked import MaskedLMFamily
 from mtk.models.spec import ModelBatch
 
@@ -90,7 +91,15 @@ def _key_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
 
 class T5Family(MaskedLMFamily):
     name = "t5"
+    generation = EncoderDecoderDecoding()  # greedy answers (mtk eval-squad)
     needs_sentinels = True
+    tiny_preset = "t5-tiny"
+    megatron_script = "pretrain_t5.py"
+    megatron_inputs = (
+        "--data-path PREFIX and --vocab-file with --tokenizer-type BertWordPieceCase --vocab-extra-ids 100"
+    )
+    # pretrain_t5.py names the encoder's depth and length
+    megatron_flag_names = {"--num-layers": "--encoder-num-layers", "--seq-length": "--encoder-seq-length"}
     pipeline_refusal = (
         "pipeline parallelism would cut the encoder and the decoder, whose every layer needs the "
         "encoder's output; t5-220m fits one device: use --tp and data parallelism (--pp 1)"
@@ -100,16 +109,26 @@ class T5Family(MaskedLMFamily):
         "decoder_seq_length) + attention, per encoder token, no recompute"
     )
 
+    def complete(self, config: ModelConfig) -> None:
+        """The decoder is as deep as the encoder unless ``decoder_num_layers`` says otherwise."""
+        if config.decoder_num_layers is None:
+            config.decoder_num_layers = config.num_layers
+
+    @staticmethod
+    def _decoder_layers(config: ModelConfig) -> int:
+        return config.num_layers if config.decoder_num_layers is None else config.decoder_num_layers
+
     def num_parameters(self, config: ModelConfig, tensor_parallel: int = 1) -> int:
         norm = norm_parameters(config)
         total = embedding_parameters(config, tensor_parallel)
         total += config.num_layers * layer_parameters(config) + norm  # encoder
-        total += config.decoder_num_layers * layer_parameters(config, cross_attention=True) + norm  # decoder
+        decoder = layer_parameters(config, cross_attention=True)
+        total += self._decoder_layers(config) * decoder + norm  # decoder
         return total + config.padded_vocab_size(tensor_parallel)  # LM head bias; weights tied
 
     def stacks(self, config: ModelConfig) -> list[tuple[int, int, int]]:
         decoder = (
-            config.decoder_num_layers,
+            self._decoder_layers(config),
             layer_parameters(config, cross_attention=True),
             self._decoder_length(config),
         )
@@ -146,12 +165,11 @@ class T5Family(MaskedLMFamily):
             config.seq_length,
             config.decoder_seq_length or config.seq_length,
         )
+        decoder_layers = self._decoder_layers(config)
         encoder = config.num_layers * layer_parameters(config)
-        decoder = config.decoder_num_layers * layer_parameters(config, cross_attention=True)
+        decoder = decoder_layers * layer_parameters(config, cross_attention=True)
         head = config.padded_vocab_size() * hidden
-        attention = (
-            12.0 * hidden * (config.num_layers * enc + config.decoder_num_layers * (dec + enc) * dec / enc)
-        )
+        attention = 12.0 * hidden * (config.num_layers * enc + decoder_layers * (dec + enc) * dec / enc)
         return 6.0 * (encoder + (decoder + head) * dec / enc) + attention
 
     def new_model(self, config: ModelConfig) -> T5Model:

@@ -93,9 +93,12 @@ def parallelize(
     dims: ParallelDims,
     mesh,
     device: str,
+    wrap_alone: bool = False,
 ) -> ParallelModel:
     """This rank's part of ``model`` (configured by ``config``) under the layout ``dims`` (``mesh``
-    None for a single process).
+    None for a single process). ``wrap_alone``: wrap data parallelism (the sharding strategy of
+    ``config``) even when this is the only data-parallel rank (``mtk bench --fsdp`` measures the
+    wrappers' cost on one process; a training run wraps only with two or more).
 
     A model built on the meta device is split and sharded first, then only this rank's part is
     allocated and initialised from ``config.train.seed`` (the same weights as a single-process
@@ -127,7 +130,10 @@ def parallelize(
         parts, indices = split_model(model, family, config, mesh["pp"].get_local_rank(), dims.pp, dims.vp)
     else:
         parts, indices = [model], [0]
-    data_mesh = mesh["dp", "cp"]._flatten("dp_cp") if dims.dp * dims.cp > 1 else None
+    if dims.dp * dims.cp > 1:
+        data_mesh = mesh["dp", "cp"]._flatten("dp_cp")
+    else:
+        data_mesh = mesh["dp"] if wrap_alone else None
     for part in parts:
         if not on_meta:
             part.to(device)
@@ -139,7 +145,7 @@ def parallelize(
         if data_mesh is not None:
             apply_data_parallel(part, family.blocks(part), data_mesh, parallel)
         materialise(part)
-    return ParallelModel(parts, dims, mesh, device, indices, fp8)
+    return ParallelModel(parts, dims, mesh, device, indices, fp8, data_parallel=data_mesh is not None)
 
 
 @dataclass
@@ -152,6 +158,7 @@ class ParallelModel:
     device: str = "cpu"
     stage_indices: list[int] = field(default_factory=lambda: [0])
     fp8: Any = None  # mtk.parallel.fp8.FP8Plan when FP8 is on
+    data_parallel: bool = False  # the parts are wrapped by FSDP2 / replicate
 
     @property
     def cp_group(self):

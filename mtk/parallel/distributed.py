@@ -1,4 +1,5 @@
-"""Process-group set-up from torchrun's environment, and the few collectives the training loop needs."""
+"""Process-group set-up from torchrun's environment; the collectives themselves are ``mtk.collectives``
+(re-exported here for the callers that import them from this module)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from mtk.collectives import any_rank, barrier, gather_objects, global_rank, is_distributed
 
 
 @dataclass(frozen=True)
@@ -41,43 +44,21 @@ def init_distributed(device: str | None = None, timeout_minutes: float = 10.0) -
     return DistributedEnv(world_size, rank, local_rank, device)
 
 
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def global_rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def any_rank(flag: bool) -> bool:
-    """True on every rank if it is True on any (e.g. one rank received SIGTERM)."""
-    if not is_distributed():
-        return flag
-    device = (
-        torch.cuda.current_device() if dist.get_backend() == "nccl" else "cpu"
-    )  # NCCL reduces GPU tensors
-    tensor = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return bool(tensor.item())
-
-
-def gather_objects(obj: object) -> list:
-    """Every rank's ``obj``, in rank order, on every rank."""
-    if not is_distributed():
-        return [obj]
-    objects: list = [None] * dist.get_world_size()
-    dist.all_gather_object(objects, obj)
-    return objects
-
-
-def barrier() -> None:
-    if is_distributed():
-        dist.barrier()
-
-
 def shutdown_distributed() -> None:
     """End the job's process group together: every rank waits for the others, then tears it down
     (a rank that exits while another still talks to it can abort the job)."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+__all__ = [
+    "DistributedEnv",
+    "any_rank",
+    "barrier",
+    "gather_objects",
+    "global_rank",
+    "init_distributed",
+    "is_distributed",
+    "shutdown_distributed",
+]

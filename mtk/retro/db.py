@@ -1,8 +1,8 @@
 """``build-db``: cut the documents of the train split into chunks of GPT tokens, as Megatron's RETRO
 does, and keep those that BERT sees as text.
 
-Each document loses its trailing end-of-document token, then is cut into chunks of ``chunk_length``
-tokens that never cross documents (the last one may be shorter). Each chunk is decoded with the GPT
+Each document loses its trailing end-of-document token, then is cut into chunks of
+``retro_chunk_length`` tokens that never cross documents (the last one may be shorter). Each chunk is decoded with the GPT
 tokenizer and re-encoded with the BERT tokenizer; chunks empty for BERT are dropped. The table holds
 (dataset, document, start, end, BERT length) per chunk; ``sampled.npy`` is a seeded order of the
 chunks, whose first ones train the index.
@@ -75,8 +75,10 @@ def build_db(
     bert: str | Path,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Build the chunk table of ``settings["data"]``; returns the stage record (also saved)."""
-    data, chunk_length = settings["data"], settings["chunk_length"]
+    """Build the chunk table of ``settings["data_path"]``; returns the stage record (also saved).
+    ``settings``: config keys (``data_path``, ``retro_chunk_length``, ``split``, ``seed``, ...), recorded
+    under their config.json names."""
+    data, chunk_length = settings["data_path"], settings["retro_chunk_length"]
     gpt = gpt_tokenizer(data)
     bert_tok = bert_tokenizer(bert)
     prefixes = [prefix for _, prefix in parse_blend(data)]
@@ -134,13 +136,13 @@ def build_db(
 def check_inputs(project: RetroProject) -> dict[str, Any]:
     """The build-db record, checked against what the project now holds: the data it was built from
     (``input_hashes``), the chunk table's sha256, and the table's chunks, which must be the ones
-    ``chunk_length`` cuts from those documents. Every stage, generation and training call it first."""
+    ``retro_chunk_length`` cuts from those documents. Every stage, generation and training call it first."""
     record = project.stage("build-db")
     try:
-        found = input_hashes(record["data"])
+        found = input_hashes(record["data_path"])
     except (ValueError, FileNotFoundError) as err:
         raise RetroProjectError(
-            f"{project.config_path}: build-db.data: {err}; {project.rerun('build-db')}"
+            f"{project.config_path}: build-db.data_path: {err}; {project.rerun('build-db')}"
         ) from None
     for path in sorted(found.keys() | record["inputs"].keys()):
         if found.get(path) != record["inputs"].get(path):
@@ -160,15 +162,15 @@ def check_inputs(project: RetroProject) -> dict[str, Any]:
 
 def check_chunk_table(project: RetroProject, record: dict[str, Any]) -> None:
     """Refuse a chunk table whose rows are not chunks of ``record``'s documents cut every
-    ``chunk_length`` tokens (e.g. config.json's chunk_length edited after build-db)."""
-    table, m = project.chunks(), record["chunk_length"]
-    datasets = [IndexedDataset(prefix) for _, prefix in parse_blend(record["data"])]
+    ``retro_chunk_length`` tokens (e.g. config.json's retro_chunk_length edited after build-db)."""
+    table, m = project.chunks(), record["retro_chunk_length"]
+    datasets = [IndexedDataset(prefix) for _, prefix in parse_blend(record["data_path"])]
     dataset, doc, start, end, bert_length = (table[:, i] for i in range(5))
 
     def refuse(what: str) -> RetroProjectError:
         return RetroProjectError(
             f"{project.chunks_path}: {what}; the table disagrees with build-db in {project.config_path} "
-            f"(chunk_length {m}, data {record['data']}): {project.rerun('build-db')}"
+            f"(retro_chunk_length {m}, data_path {record['data_path']}): {project.rerun('build-db')}"
         )
 
     if len(table) and (dataset.min() < 0 or dataset.max() >= len(datasets)):
@@ -214,8 +216,8 @@ class ChunkReader:
 
     def __init__(self, project: RetroProject) -> None:
         db = project.stage("build-db")
-        self.gpt, self.chunk_length = gpt_tokenizer(db["data"]), db["chunk_length"]
-        self.datasets = [IndexedDataset(prefix) for _, prefix in parse_blend(db["data"])]
+        self.gpt, self.chunk_length = gpt_tokenizer(db["data_path"]), db["retro_chunk_length"]
+        self.datasets = [IndexedDataset(prefix) for _, prefix in parse_blend(db["data_path"])]
         self.table = np.asarray(project.chunks())
 
     def texts(self, rows) -> list[str]:

@@ -43,11 +43,13 @@ def gpt_samples(db: dict[str, Any]) -> tuple:
     from mtk.data.prepared import data_facts
     from mtk.models.gpt import SPEC as GPT
 
-    return GPT.datasets(project_config(db), sample_counts(db), data_facts(db["data"]))
+    return GPT.datasets(project_config(db), sample_counts(db), data_facts(db["data_path"]))
 
 
 def project_config(db: dict[str, Any]) -> RunConfig:
-    return apply_overrides({}, training_values(db) | {"family": "gpt"})
+    from mtk.models.gpt import SPEC as GPT  # the samples RETRO's neighbours are found for are GPT's
+
+    return apply_overrides({}, training_values(db) | {"family": GPT.name})
 
 
 def sample_counts(db: dict[str, Any]) -> tuple[int, int, int]:
@@ -74,11 +76,11 @@ def verified_neighbours(project: RetroProject) -> tuple[dict[str, Any], dict[str
             f"{project.config_path}: query-neighbours.index_sha256 is not index.index_sha256: the neighbours "
             f"were found with another index; {rerun}"
         )
-    per_sample = db["seq_length"] // db["chunk_length"]
+    per_sample = db["seq_length"] // db["retro_chunk_length"]
     if query["chunks_per_sample"] != per_sample:
         raise RetroProjectError(
             f"{project.config_path}: query-neighbours.chunks_per_sample is {query['chunks_per_sample']}, but "
-            f"build-db's seq_length / chunk_length is {per_sample}; {rerun}"
+            f"build-db's seq_length / retro_chunk_length is {per_sample}; {rerun}"
         )
     chunks, k = len(project.chunks()), query["num_neighbours"]
     found = {
@@ -117,10 +119,10 @@ def query_neighbours(
     if not isinstance(previous, dict) or {k: previous.get(k) for k in settings} != settings:
         shutil.rmtree(folder, ignore_errors=True)  # blocks of other settings or another index
     project.record("query-neighbours", settings | {"complete": False, "db_sha256": db["db_sha256"]})
-    gpt = gpt_tokenizer(db["data"])
+    gpt = gpt_tokenizer(db["data_path"])
     table = project.chunks()
     keys = _key(table[:, 0], table[:, 1])
-    m = db["chunk_length"]
+    m = db["retro_chunk_length"]
     per_sample = db["seq_length"] // m
     counts = {}
     for split, samples, needed in zip(SPLITS, gpt_samples(db), sample_counts(db), strict=True):

@@ -12,10 +12,8 @@ import torch
 
 from mtk.config import RunConfig, micro_batches_per_step
 from mtk.data.loader import build_loader
-from mtk.models import family_spec
-from mtk.parallel.apply import ParallelModel, apply_recompute
-from mtk.parallel.fp8 import convert_to_fp8, plan_fp8
-from mtk.plan import check_fits
+from mtk.parallel.fp8 import plan_fp8
+from mtk.train.build import build_model, check_config
 from mtk.train.loop import Trainer, TrainOptions
 from mtk.train.metrics import device_peak_tflops, memory_gib
 
@@ -41,6 +39,8 @@ class BenchResult:
     recompute: str | None = None
     data_parallel_sharding: str | None = None  # wrapped as one data-parallel rank (wrapper cost)
     fp8: str | None = None  # the FP8 in effect (mtk.parallel.fp8.FP8Plan.summary), None without
+    # what was applied to the plain model, built as `mtk train` builds it (mtk.train.build.BuiltModel.describe)
+    built: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -52,24 +52,21 @@ def _sync(device: str) -> None:
 
 
 @contextlib.contextmanager
-def _data_parallel_wrapping(model, blocks, config: RunConfig, device: str):
-    """With a sharding strategy, wrap ``model`` as one rank of a data-parallel group (FSDP2 / replicate)
-    to measure what the wrappers cost; a one-process group exists for the duration."""
-    strategy = config.parallel.data_parallel_sharding_strategy
-    if strategy is None:
-        yield
+def _one_rank_group(config: RunConfig, device: str):
+    """With a sharding strategy, a one-process group for the duration and its mesh, so that the model is
+    wrapped as one rank of a data-parallel group (FSDP2 / replicate) to measure what the wrappers cost;
+    None (no group) without one."""
+    if config.parallel.data_parallel_sharding_strategy is None:
+        yield None
         return
     import torch.distributed as dist
 
-    from mtk.parallel.apply import apply_data_parallel
     from mtk.parallel.dims import ParallelDims
 
     backend = "nccl" if device.startswith("cuda") else "gloo"
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     try:
-        mesh = ParallelDims(world_size=1).build_mesh(device.split(":")[0])
-        apply_data_parallel(model, blocks, mesh["dp"], config.parallel)
-        yield
+        yield ParallelDims(world_size=1).build_mesh(device.split(":")[0])
     finally:
         dist.destroy_process_group()
 
@@ -79,23 +76,20 @@ def benchmark(
 ) -> BenchResult:
     """Time ``iters`` training steps of ``config`` (on mock data) after ``warmup`` untimed ones
     (compilation, allocator, caches). ConfigError, before anything is allocated, when the step cannot
-    fit ``device``."""
-    check_fits(config, 1, device)
-    train, family = config.train, family_spec(config.model.family)
+    fit ``device``.
+
+    The model is the one ``mtk train`` builds on one process (``mtk.train.build.build_model``: FP8,
+    recomputation, initial weights from the seed); with a data-parallel sharding strategy it is
+    also wrapped as the only rank of a data-parallel group."""
+    train = config.train
+    family = check_config(config, 1, device)
     torch.manual_seed(train.seed)
     samples = (iters + warmup) * train.global_batch_size
     data, _, _ = family.datasets(config, (samples, 0, 0), None)
-    with torch.device(device):
-        model = family.build(config.model)
-    fp8 = plan_fp8(config, device)
-    if fp8 is not None:
-        convert_to_fp8(model, family.blocks(model), config, fp8)
-    blocks = family.blocks(model)
-    apply_recompute(blocks, config.parallel.recompute_granularity)
-    with tempfile.TemporaryDirectory() as scratch, _data_parallel_wrapping(model, blocks, config, device):
-        wrapped = ParallelModel([model.to(device)], device=device, fp8=fp8)  # fp8: TE's autocast in the step
+    with tempfile.TemporaryDirectory() as scratch, _one_rank_group(config, device) as mesh:
+        built = build_model(config, device, 1, mesh, check=False, wrap_alone=mesh is not None)
         trainer = Trainer(
-            config, wrapped, (data, None, None), TrainOptions(save=Path(scratch), device=device)
+            config, built.model, (data, None, None), TrainOptions(save=Path(scratch), device=device)
         )
         batches = iter(build_loader(data, train.micro_batch_size, num_workers=0))
         micro_batches = micro_batches_per_step(train.global_batch_size, train.micro_batch_size, 1)
@@ -109,6 +103,7 @@ def benchmark(
             trainer.train_step(batches, micro_batches)
         _sync(device)
         seconds = (time.perf_counter() - start) / iters
+    fp8 = built.model.fp8
     tokens = train.global_batch_size * config.model.seq_length
     tflops = tokens * family.flops_per_token(config.model) / seconds / 1e12
     peak = peak_tflops or device_peak_tflops("fp8" if fp8 and not fp8.emulated else train.precision, device)
@@ -132,6 +127,7 @@ def benchmark(
         recompute=config.parallel.recompute_granularity,
         data_parallel_sharding=config.parallel.data_parallel_sharding_strategy,
         fp8=fp8.summary() if fp8 else None,
+        built=built.describe(),
     )
 
 

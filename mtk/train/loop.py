@@ -69,14 +69,18 @@ class TrainOptions:
     keep_last: int | None = None
     tensorboard_dir: Path | None = None
     skip_nan: bool = False
-    num_workers: int = 0
-    device: str | None = "cpu"  # None: cuda:LOCAL_RANK when CUDA is available, else cpu
+    num_workers: int = 2  # the defaults are `mtk train`'s (--num-workers, --device)
+    device: str | None = None  # None: cuda (cuda:LOCAL_RANK under torchrun) when CUDA is available, else cpu
     stop_after: int | None = None  # stop (and save) after this iteration, as if preempted
     dp_rank: int = 0  # this process's data-parallel rank ...
     dp_size: int = 1  # ... among this many (the model is sharded over them by mtk.parallel)
     timeout_minutes: float = 10.0  # a collective waiting longer than this aborts the job
     async_save: bool = False  # write checkpoints in the background while training goes on
     max_consecutive_skips: int = 100  # stop when this many steps in a row were skipped (NaN, fp16 overflow)
+
+    def __post_init__(self) -> None:
+        if self.device is None:  # what the process group set-up makes of None (mtk.parallel.distributed)
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @dataclass

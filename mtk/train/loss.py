@@ -7,16 +7,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mtk.layers.loss import loss_value
 from mtk.models.spec import LossTerms
-
-
-def _identity(count: torch.Tensor) -> torch.Tensor:
-    return count
 
 
 @dataclass
 class LossReduction:
-    """sum over terms of ``sum / count``, times ``scale`` (1 / micro-batches of the step).
+    """The loss of a micro-batch by ``mtk.layers.loss.loss_value`` (sum over terms of ``sum / count``),
+    times ``scale`` (1 / micro-batches of the step).
 
     Logits sharded over the vocabulary give a replicated DTensor sum, read whole. Under context
     parallelism each rank holds part of the sequence: ``total_count`` sums a count over the cp ranks,
@@ -25,21 +23,18 @@ class LossReduction:
     """
 
     scale: float = 1.0
-    total_count: Callable[[torch.Tensor], torch.Tensor] = _identity
+    total_count: Callable[[torch.Tensor], torch.Tensor] | None = None  # cp: the count over the cp ranks
     cp_size: int = 1
     # each call's terms (detached, scaled the same way): what metrics report
     calls: list[dict[str, torch.Tensor]] = field(default_factory=list)
 
     def __call__(self, terms: LossTerms) -> torch.Tensor:
-        loss, values = None, {}
-        factor = self.scale * self.cp_size
-        for name, (total, count) in terms.items():
-            if hasattr(total, "full_tensor"):
-                total = total.full_tensor()
-            value = total * factor / self.total_count(count).clamp(min=1)
-            values[name] = value.detach().float()
-            loss = value if loss is None else loss + value
-        self.calls.append(values)
+        whole = {
+            name: (total.full_tensor() if hasattr(total, "full_tensor") else total, count)
+            for name, (total, count) in terms.items()
+        }
+        loss, values = loss_value(whole, self.scale * self.cp_size, self.total_count)
+        self.calls.append({name: value.detach().float() for name, value in values.items()})
         return loss
 
     def terms(self, calls: int) -> dict[str, torch.Tensor]:

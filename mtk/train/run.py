@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import random
 from typing import Any
 
@@ -20,7 +21,7 @@ from mtk.config import MAX_SAMPLES, ConfigError, ModelConfig, RunConfig, check_r
 from mtk.data.prepared import DataFacts, check_token_ids, data_facts
 from mtk.manifest import atomic_write_text, inherit, write_manifest
 from mtk.models import family_spec
-from mtk.plan import check_fits
+from mtk.train.build import build_model, check_config
 from mtk.train.loop import Trainer, TrainingError, TrainOptions, TrainState
 from mtk.train.metrics import MetricsLogger, device_peak_tflops, plot_loss
 from mtk.train.schedule import split_sample_counts
@@ -75,7 +76,8 @@ def run_training(
     Under torchrun every rank calls this and holds its part of the model (``mtk.parallel``); every
     rank writes its checkpoint shards, only rank 0 the run description, metrics and plot.
     """
-    from mtk.parallel.distributed import any_rank, init_distributed, shutdown_distributed
+    from mtk.collectives import any_rank
+    from mtk.parallel.distributed import init_distributed, shutdown_distributed
 
     env = init_distributed(options.device, options.timeout_minutes)
     data = config.data
@@ -92,7 +94,7 @@ def run_training(
             f"more than {MAX_SAMPLES:,}; lower --train-iters or --train-samples, --global-batch-size, or "
             "--eval-iters"
         )
-    check_fits(config, env.world_size, env.device)
+    family = check_config(config, env.world_size, env.device)  # the builder's checks (check_fits ...)
     check_resumable(config, options)
     run_dir = RunDir(options.save)
     with contextlib.ExitStack() as held:
@@ -110,20 +112,15 @@ def run_training(
 
 
 def _train(config, options, env, family, facts, counts, run_dir: RunDir, show) -> TrainState:
-    from mtk.parallel.apply import parallelize
-    from mtk.parallel.dims import ParallelDims
-    from mtk.parallel.distributed import barrier
+    from mtk.collectives import barrier
 
-    dims = ParallelDims.from_config(config, env.world_size)
     seed_everything(config.train.seed)
     datasets = family.datasets(config, counts, facts)
-    mesh = dims.build_mesh(env.device.split(":")[0]) if env.world_size > 1 else None
     # described on the meta device, cut to this rank's stages and shards, then allocated: initial
-    # weights are drawn per parameter from the seed, the same in every layout
-    with torch.device("meta"):
-        model = family.build(config.model)
-    model = parallelize(model, family, config, dims, mesh, env.device)
-    options.device, options.dp_size = env.device, dims.dp
+    # weights are drawn per parameter from the seed, the same in every layout (checked above)
+    model = build_model(config, env.device, env.world_size, check=False).model
+    mesh = model.mesh
+    options.device, options.dp_size = env.device, model.dims.dp
     options.dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
     trainer = Trainer(config, model, datasets, options, tokenizer=facts.tokenizer if facts else None)
     if env.is_main:
@@ -185,4 +182,29 @@ def write_run_description(
     )
 
 
-__all__ = ["run_training", "TrainingError", "TrainOptions", "resolve_vocab"]
+def save_weights_checkpoint(
+    config: RunConfig, model: torch.nn.Module, save: str | os.PathLike, tokenizer: dict[str, Any] | None
+) -> None:
+    """An iteration-0 checkpoint of ``model``'s weights in run directory ``save`` (``mtk checkpoint
+    import-hf``), without building a trainer: no optimizer state (``Checkpointer`` without optimizers),
+    and the trainer state of a run that has not started (the loss scaler of ``config``, this process's
+    RNG). ``mtk train --load`` resumes from it with a fresh optimizer; generate and export read it as
+    any checkpoint."""
+    from mtk.checkpoint import Checkpointer, rng_state
+    from mtk.train.scaler import LossScaler
+
+    start = {name: value for name, value in dataclasses.asdict(TrainState()).items() if name != "losses"}
+    trainer_state = {
+        "scaler": LossScaler(config.train).state_dict(),
+        **start,
+        "rng": [rng_state()],  # as every rank's list (one rank)
+        "config": config.to_dict(),
+    }
+    checkpointer = Checkpointer(
+        RunDir(save), [model], [], {"config": config.to_dict(), "tokenizer": tokenizer}
+    )
+    checkpointer.save(0, trainer_state)
+    checkpointer.finish()
+
+
+__all__ = ["run_training", "save_weights_checkpoint", "TrainingError", "TrainOptions", "resolve_vocab"]

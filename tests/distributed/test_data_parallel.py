@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 from mtk.checkpoint import latest_iteration, load_checkpoint
-from stages.main import app
+from tests.conftest import invoke, read_metrics, train_losses
 
 pytestmark = pytest.mark.slow  # several processes under torchrun
 
@@ -22,13 +20,11 @@ ARGS = ["--preset", "gpt-tiny", "--seq-length", "32", "--micro-batch-size", "4",
 TOLERANCE = 1e-5  # relative: reduction order differs between one process and two
 
 
-def losses(run: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return {r["iteration"]: r["loss"] for r in records if "split" not in r}
+losses = train_losses
 
 
 def single(*args: str) -> None:
-    result = CliRunner().invoke(app, ["train", *ARGS, *args])
+    result = invoke("train", *ARGS, *args, code=None)
     assert result.exit_code == 0, result.output
 
 
@@ -46,8 +42,7 @@ def test_dp2_losses_match_one_process_and_checkpoints_move_between_layouts(tmp_p
     assert "2 x cpu" in output
     reference = losses(tmp_path / "one")
     assert losses(tmp_path / "two") == pytest.approx(reference, rel=TOLERANCE)
-    lines = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
-    assert len([line for line in lines if '"split"' not in line]) == 6  # only rank 0 writes metrics
+    assert len(read_metrics(tmp_path / "two", "train")) == 6  # only rank 0 writes metrics
     # the DP2 checkpoint holds whole tensors: same names and shapes as the single-process one
     sharded, plain = load_checkpoint(tmp_path / "two")["model"], load_checkpoint(tmp_path / "one")["model"]
     assert {k: tuple(v.shape) for k, v in sharded.items()} == {k: tuple(v.shape) for k, v in plain.items()}

@@ -15,10 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from mtk.checkpoint import latest_iteration, load_checkpoint
-from stages.main import app
+from mtk.config import apply_overrides
+from mtk.models import family_names, family_spec
+from mtk.presets import load_preset
+from tests.conftest import invoke, read_metrics
 
 pytestmark = pytest.mark.slow  # several processes under torchrun
 
@@ -30,8 +32,7 @@ TOLERANCE = 1e-5
 
 
 def losses(run: Path) -> list[float]:
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in records if "split" not in r]
+    return [r["loss"] for r in read_metrics(run, "train")]
 
 
 PRESET_ARGS = {
@@ -43,7 +44,7 @@ PRESET_ARGS = {
 def train(preset: str, save: Path, *args: str, ranks: int = 1) -> None:
     command = ["train", "--preset", preset, *COMMON, *PRESET_ARGS.get(preset, []), "--save", str(save), *args]
     if ranks == 1:
-        result = CliRunner().invoke(app, command)
+        result = invoke(*command, code=None)
         assert result.exit_code == 0, result.output
         return
     proc = subprocess.run(
@@ -62,7 +63,7 @@ def reference(tmp_path_factory) -> dict[str, list[float]]:
     GQA), bert-tiny (padding mask, token types, MLM + SOP heads), t5-tiny (cross-attention) and retro-tiny
     (chunked cross-attention, the retrieval encoder)."""
     runs = {}
-    for preset in ("gpt-tiny", "llama-tiny", "bert-tiny", "t5-tiny", "retro-tiny"):
+    for preset in dict.fromkeys(preset for _, preset in CASES):
         run = tmp_path_factory.mktemp(preset)
         train(preset, run)
         runs[preset] = losses(run)
@@ -88,11 +89,30 @@ LAYOUTS = {
 CASES = [(layout, "gpt-tiny") for layout in LAYOUTS if layout != "DP2 FSDP"] + [
     (layout, "llama-tiny") for layout in ("TP2", "PP2 1F1B", "CP2")
 ]
-# the other families: the layouts their own structure meets (tensor-parallel plans, pipeline cuts,
-# FSDP units); data parallelism alone is family-independent
-CASES += [(layout, "bert-tiny") for layout in ("TP2", "PP2 1F1B", "DP2 FSDP")]  # FSDP2 around its heads
-CASES += [(layout, "t5-tiny") for layout in ("TP2",)]
-CASES += [(layout, "retro-tiny") for layout in ("TP2", "DP2 FSDP")]
+# every other registered family, on its tiny preset (``tiny_preset``): the layouts its own structure
+# meets (tensor-parallel plans, pipeline cuts, context shards, FSDP units) and it can run (those its
+# ``layout_problems`` refuse are left out); data parallelism alone is family-independent
+FAMILY_LAYOUTS = {
+    "TP2": {"tensor_model_parallel_size": 2},
+    "PP2 1F1B": {"pipeline_model_parallel_size": 2},
+    "CP2": {"context_parallel_size": 2},
+    "DP2 FSDP": {"data_parallel_sharding_strategy": "optim_grads_params"},
+}
+
+
+def family_cases() -> list[tuple[str, str]]:
+    cases = []
+    for spec in map(family_spec, family_names()):
+        if spec.tiny_preset is None or spec.tiny_preset == "gpt-tiny":
+            continue
+        sections = load_preset(spec.tiny_preset).sections
+        for layout, overrides in FAMILY_LAYOUTS.items():
+            if not spec.layout_problems(apply_overrides(sections, overrides)):
+                cases.append((layout, spec.tiny_preset))
+    return cases
+
+
+CASES += family_cases()
 
 
 @pytest.mark.parametrize(("layout", "preset"), CASES)
@@ -130,9 +150,7 @@ def test_checkpoint_reshards_tp2_pp2_to_one_process(reference, tmp_path):
     # the tools see whole tensors, named as in a single-process model
     weights = load_checkpoint(run)["model"]
     assert weights["embedding.weight"].shape == (4096, 64) and "decoder.layers.3.mlp.fc1.weight" in weights
-    result = CliRunner().invoke(
-        app, ["checkpoint", "convert", str(run), "-o", str(tmp_path / "w.safetensors")]
-    )
+    result = invoke("checkpoint", "convert", str(run), "-o", str(tmp_path / "w.safetensors"), code=None)
     assert result.exit_code == 0, result.output
     from safetensors.torch import load_file
 
@@ -158,8 +176,7 @@ def test_fp16_loss_scaling_agrees_across_tp2_pp2(tmp_path):
     """The loss scaler sees every rank's gradients (sharded scaler): same losses and loss scales as one process."""
 
     def records(run: Path) -> list[tuple[float, float]]:
-        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        return [(r["loss"], r["loss_scale"]) for r in rows if "split" not in r]
+        return [(r["loss"], r["loss_scale"]) for r in read_metrics(run, "train")]
 
     fp16 = ["--fp16", "--initial-loss-scale", "65536"]  # Megatron's 2^32 overflows every step of this run
     train("gpt-tiny", tmp_path / "one", *fp16)
@@ -182,7 +199,7 @@ def test_a_ramp_phase_with_fewer_micro_batches_than_stages_matches_one_process(t
     ]
     train("gpt-tiny", tmp_path / "one", *ramp)
     train("gpt-tiny", tmp_path / "pp", *ramp, "--pp", "2", ranks=2)
-    records = [json.loads(line) for line in (tmp_path / "pp" / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(tmp_path / "pp")
     assert [r["global_batch_size"] for r in records if "split" not in r] == [2, 2, 8, 8]
     assert losses(tmp_path / "pp") == pytest.approx(losses(tmp_path / "one"), rel=TOLERANCE)
 

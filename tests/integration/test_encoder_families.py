@@ -7,12 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 from mtk.checkpoint import latest_iteration
-from stages.main import app
+from tests.conftest import invoke as cli
+from tests.conftest import read_metrics
 
-runner = CliRunner()
 CORPUS = Path(__file__).resolve().parents[2] / "mtk" / "assets" / "sample.jsonl"
 COMMON = ["--seq-length", "64", "--micro-batch-size", "4", "--global-batch-size", "8", "--split", "90,5,5",
           "--lr", "3e-3", "--log-interval", "1", "--eval-interval", "0", "--num-workers", "0",
@@ -21,9 +20,7 @@ PRESET_ARGS = {"bert-tiny": [], "t5-tiny": ["--set", "decoder_seq_length=32"]}
 
 
 def invoke(*args: str) -> str:
-    result = runner.invoke(app, list(args))
-    assert result.exit_code == 0, result.output
-    return result.output
+    return cli(*args).output
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +28,7 @@ def sentences(wordpiece_sentences) -> str:
     return wordpiece_sentences
 
 
-def records(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+records = read_metrics
 
 
 def train_args(preset: str, data: str, iters: int) -> list[str]:
@@ -84,14 +80,12 @@ def test_t5_220m_trains_at_its_published_lengths_on_mock_data(tmp_path):
 def test_document_level_data_is_refused_before_training(tmp_path, sentences):
     tok = Path(sentences).parent / "tok"
     invoke("prepare-data", str(CORPUS), "-o", str(tmp_path / "docs"), "-t", str(tok), "--workers", "1")
-    result = runner.invoke(
-        app,
-        [
-            "train",
-            *train_args("bert-tiny", str(tmp_path / "docs_text_document"), 2),
-            "--save",
-            str(tmp_path / "r"),
-        ],
+    result = cli(
+        "train",
+        *train_args("bert-tiny", str(tmp_path / "docs_text_document"), 2),
+        "--save",
+        str(tmp_path / "r"),
+        code=None,
     )
     assert result.exit_code != 0 and "re-run prepare-data with --split-sentences" in result.output
     assert "Traceback" not in result.output
@@ -102,7 +96,7 @@ def test_t5_without_sentinels_is_refused_with_the_flag_to_use(tmp_path, sentence
     invoke("prepare-data", str(CORPUS), "-o", str(tmp_path / "plain"), "-t", str(tok), "--split-sentences",
            "--workers", "1")  # fmt: skip
     data = str(tmp_path / "plain_text_sentence")
-    result = runner.invoke(app, ["train", *train_args("t5-tiny", data, 2), "--save", str(tmp_path / "r")])
+    result = cli("train", *train_args("t5-tiny", data, 2), "--save", str(tmp_path / "r"), code=None)
     assert result.exit_code != 0 and "--vocab-extra-ids 100" in result.output
 
 

@@ -3,11 +3,9 @@ layers, the run builder or the loop that changes any number fails here."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from tests.cli import run
+from tests.conftest import read_metrics, run
 
 # preset -> (loss, grad norm) of iterations 1-3, then the final test-split loss (grad norm None);
 # `mtk train --preset P --mock-data --train-iters 3 --lr-warmup-iters 1`, fp32 on CPU
@@ -30,5 +28,5 @@ RECORDED = {
 def test_tiny_preset_losses_are_bit_identical_to_the_recorded_ones(tmp_path, preset):
     run("train", "--preset", preset, "--mock-data", "--train-iters", "3", "--lr-warmup-iters", "1",
         "--log-interval", "1", "--eval-interval", "0", "--save", str(tmp_path / "run"))  # fmt: skip
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(tmp_path / "run")
     assert [(r["loss"], r.get("grad_norm")) for r in records] == RECORDED[preset]

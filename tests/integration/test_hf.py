@@ -111,7 +111,7 @@ def test_import_refuses_what_it_cannot_read(tmp_path, minilm):
     )
     assert (
         result.exit_code != 0
-        and "model_type 't5': mtk imports 'bert', 'megatron-bert', 'llama', 'gpt2'" in result.output
+        and "model_type 't5': mtk imports 'llama', 'gpt2', 'bert', 'megatron-bert'" in result.output
     )
     (tmp_path / "gpt" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     result = runner.invoke(

@@ -176,8 +176,9 @@ def test_zero_centred_norms_export_as_gamma_and_import_back(tmp_path):
     same function."""
     from transformers import AutoModelForCausalLM
 
-    from mtk.hf import Llama, load_into, read_hf_weights
+    from mtk.hf import load_into, read_hf_weights
     from mtk.models.gpt import GPTModel
+    from mtk.models.gpt_hf import Llama
 
     run = tmp_path / "run"
     result = runner.invoke(app, ["train", "--preset", "llama-tiny", "--mock-data", "--train-iters", "2", "--seq-length", "32",

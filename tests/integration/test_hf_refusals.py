@@ -112,7 +112,7 @@ def test_a_folder_without_a_tokenizer_is_refused_unless_no_tokenizer_is_given(fo
         ({"hidden_size": "32"}, "[model]: 'hidden_size' = '32' is not of type int"),
         ({"num_attention_heads": "4", "head_dim": None}, "a value of the wrong type"),
         ({"rope_parameters": [10000.0]}, "a value of the wrong type"),
-        ({"model_type": ["llama"]}, "model_type ['llama']: mtk imports 'bert'"),
+        ({"model_type": ["llama"]}, "model_type ['llama']: mtk imports 'llama', 'gpt2'"),
     ],
 )
 def test_a_config_json_that_is_not_a_models_settings_is_refused_naming_the_file(folder, change, message):

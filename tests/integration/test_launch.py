@@ -13,12 +13,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 from mtk.checkpoint import latest_iteration
-from stages.main import app
+from tests.conftest import invoke, read_metrics
 
-runner = CliRunner()
 TRAIN = ["mtk", "train", "--preset", "gpt-tiny", "--mock-data", "--seq-length", "32", "--micro-batch-size", "2",
          "--global-batch-size", "4", "--train-iters", "3", "--log-interval", "1", "--eval-interval", "0",
          "--num-workers", "0", "--device", "cpu", "--split", "90,5,5"]  # fmt: skip
@@ -31,18 +29,14 @@ def free_port() -> int:
 
 
 def iterations(run: Path) -> list[int]:
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r["iteration"] for r in records if "split" not in r]
+    return [r["iteration"] for r in read_metrics(run, "train")]
 
 
 @pytest.mark.slow  # torchrun with two ranks
 def test_printed_torchrun_command_trains_on_two_ranks(tmp_path):
     run = tmp_path / "run"
-    result = runner.invoke(
-        app,
-        ["launch", "torchrun", "--nodes", "1", "--gpus-per-node", "2", "--head", "127.0.0.1", "--port", str(free_port()),
-         "--", *TRAIN, "--save", str(run)],
-    )  # fmt: skip
+    result = invoke("launch", "torchrun", "--nodes", "1", "--gpus-per-node", "2", "--head", "127.0.0.1", "--port", str(free_port()),
+         "--", *TRAIN, "--save", str(run), code=None)  # fmt: skip
     assert result.exit_code == 0, result.output
     command = result.output
     assert "--rdzv-backend=c10d" in command and "-m mtk.stages.main train" in command
@@ -68,11 +62,8 @@ def fake_slurm(bin_dir: Path) -> None:
 @pytest.mark.slow  # torchrun with two ranks
 def test_slurm_script_runs_and_resumes_like_a_requeued_job(tmp_path):
     run, script = tmp_path / "run", tmp_path / "job.sbatch"
-    result = runner.invoke(
-        app,
-        ["launch", "slurm", "--nodes", "1", "--gpus-per-node", "2", "--time", "00:10:00", "--port", str(free_port()),
-         "--log-dir", str(tmp_path / "logs"), "-o", str(script), "--", *TRAIN, "--save", str(run)],
-    )  # fmt: skip
+    result = invoke("launch", "slurm", "--nodes", "1", "--gpus-per-node", "2", "--time", "00:10:00", "--port", str(free_port()),
+         "--log-dir", str(tmp_path / "logs"), "-o", str(script), "--", *TRAIN, "--save", str(run), code=None)  # fmt: skip
     assert result.exit_code == 0, result.output
     text = script.read_text()
     for line in ("#SBATCH --nodes=1", "#SBATCH --gpus-per-node=2", "#SBATCH --requeue", "#SBATCH --time=00:10:00",
@@ -101,7 +92,7 @@ def test_slurm_script_runs_and_resumes_like_a_requeued_job(tmp_path):
     ],
 )
 def test_launch_errors(args, message):
-    result = runner.invoke(app, args)
+    result = invoke(*args, code=None)
     assert result.exit_code == 2 and message in result.output
 
 
@@ -109,8 +100,8 @@ def test_hostile_arguments_reach_the_command_as_text_and_never_run(tmp_path):
     """The batch script quotes every argument: "$(...)" in an argument stays text when the job starts."""
     script, marker = tmp_path / "job.sbatch", tmp_path / "PWN"
     hostile = ['x"$(touch PWN)"', "$(touch PWN)", "`touch PWN`", "a'b", "semi;touch PWN", "new\nline"]
-    result = runner.invoke(app, ["launch", "slurm", "--nodes", "1", "--gpus-per-node", "2", "-o", str(script),
-                                 "--log-dir", str(tmp_path / "logs"), "--", "mtk", "train", "--data", *hostile])  # fmt: skip
+    result = invoke("launch", "slurm", "--nodes", "1", "--gpus-per-node", "2", "-o", str(script),
+                                 "--log-dir", str(tmp_path / "logs"), "--", "mtk", "train", "--data", *hostile, code=None)  # fmt: skip
     assert result.exit_code == 0, result.output
     fake_slurm(tmp_path / "bin")
     recorded = tmp_path / "argv.json"
@@ -135,7 +126,7 @@ def test_hostile_arguments_reach_the_command_as_text_and_never_run(tmp_path):
     [("--job-name", "x\ntouch PWN"), ("--partition", "gpu\rq"), ("--account", "a b"), ("--time", "1:00\x00")],
 )
 def test_sbatch_values_with_control_characters_are_refused(tmp_path, option, value):
-    result = runner.invoke(app, ["launch", "slurm", "--nodes", "1", option, value, "-o", str(tmp_path / "j"),
-                                 "--", "mtk", "train"])  # fmt: skip
+    result = invoke("launch", "slurm", "--nodes", "1", option, value, "-o", str(tmp_path / "j"),
+                                 "--", "mtk", "train", code=None)  # fmt: skip
     assert result.exit_code == 2 and "may not hold spaces or control characters" in result.output
     assert not (tmp_path / "j").exists()

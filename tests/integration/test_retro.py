@@ -15,28 +15,26 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 from mtk.checkpoint import latest_iteration
 from mtk.data.retro import sample_documents
 from mtk.data.retro_project import RetroProject
 from mtk.retro.query import gpt_samples
-from stages.main import app
+from tests.conftest import invoke as cli
+from tests.conftest import read_metrics, train_losses
 
 pytestmark = pytest.mark.slow  # a real BERT embeds a few thousand chunks
 
 BUNDLED_CORPUS = Path(__file__).resolve().parents[2] / "mtk" / "assets" / "sample.jsonl"
 TOKENIZER = BUNDLED_CORPUS.parent / "tokenizer"
-BUILD = ["--chunk-length", "32", "--seq-length", "64", "--split", "90,10,0", "--train-samples", "160",
+BUILD = ["--retro-chunk-length", "32", "--seq-length", "64", "--split", "90,10,0", "--train-samples", "160",
          "--global-batch-size", "8", "--eval-interval", "10", "--eval-iters", "1"]  # fmt: skip
 BLOCK = ["--block-size", "300"]
 DOCUMENTS = 110  # of the bundled corpus: about 1,000 chunks
 
 
 def invoke(*args: str) -> str:
-    result = CliRunner().invoke(app, list(args))
-    assert result.exit_code == 0, result.output
-    return result.output
+    return cli(*args).output
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +86,7 @@ TRAIN = ["--preset", "retro-tiny", "--num-workers", "0", "--log-interval", "1", 
          "--set", "hidden_dropout=0.1"]  # fmt: skip
 
 
-def losses(run: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return {r["iteration"]: r["loss"] for r in records if "split" not in r}
+losses = train_losses
 
 
 @pytest.fixture(scope="module")
@@ -111,13 +107,13 @@ def test_ivf_project_trains_retro_tiny_and_the_loss_falls(ivf, trained):
     assert np.mean(curve[-3:]) < curve[0] - 0.5
     config = json.loads((trained / "config.json").read_text())
     assert config["model"]["seq_length"] == 64 and config["model"]["retro_chunk_length"] == 32
-    records = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(trained)
     assert any(r.get("split") == "valid" for r in records)
     prompt = "The interpreter reads the source code and runs it line by line, and the standard library"
     output = invoke("generate", "--load", str(trained), "--retro-project", str(ivf), "--prompt", prompt,
                     "--max-new-tokens", "40", "--temperature", "0")  # fmt: skip
     assert output.startswith(prompt) and len(output) > len(prompt)
-    refused = CliRunner().invoke(app, ["generate", "--load", str(trained), "--prompt", prompt])
+    refused = cli("generate", "--load", str(trained), "--prompt", prompt, code=None)
     assert refused.exit_code != 0 and "--retro-project" in refused.output
 
 
@@ -178,14 +174,13 @@ def test_flat_index_is_exact_and_killed_stages_resume_to_identical_results(ivf, 
 
 
 def test_training_inherits_the_project_and_refuses_other_values(ivf, tmp_path):
-    runner = CliRunner()
     for option, value, shown in (("--seq-length", "128", "128"), ("--global-batch-size", "16", "16"),
                                  ("--train-iters", "5", "train_samples")):  # fmt: skip
-        result = runner.invoke(app, ["train", "--preset", "retro-tiny", "--retro-project", str(ivf), option, value,
-                                     "--save", str(tmp_path / "r")])  # fmt: skip
+        result = cli("train", "--preset", "retro-tiny", "--retro-project", str(ivf), option, value,
+                                     "--save", str(tmp_path / "r"), code=None)  # fmt: skip
         assert result.exit_code != 0 and shown in result.output and str(ivf) in result.output
-    result = runner.invoke(app, ["train", "--preset", "retro-tiny", "--retro-project", str(tmp_path / "none"),
-                                 "--save", str(tmp_path / "r")])  # fmt: skip
+    result = cli("train", "--preset", "retro-tiny", "--retro-project", str(tmp_path / "none"),
+                                 "--save", str(tmp_path / "r"), code=None)  # fmt: skip
     assert result.exit_code != 0 and "mtk retro build-db" in result.output
 
 
@@ -197,7 +192,7 @@ def test_a_stage_refuses_a_project_built_from_other_data(ivf, corpus, tmp_path):
         (folder / name).write_text((ivf / name).read_text())
     chunks = np.load(ivf / "db" / "chunks.npy")
     np.save(folder / "db" / "chunks.npy", chunks[:-1])  # not what build-db recorded
-    result = CliRunner().invoke(app, ["retro", "index", "--project", str(folder)])
+    result = cli("retro", "index", "--project", str(folder), code=None)
     assert result.exit_code != 0 and "re-run `mtk retro build-db" in result.output
     assert "chunks.npy: missing or changed since build-db wrote it" in " ".join(result.output.split())
     assert not (folder / "index").exists() and not (folder / "embeddings").exists()  # nothing half-built
@@ -218,16 +213,16 @@ def test_generate_and_query_refuse_a_corrupt_index_and_an_edited_chunk_length(iv
     index.write_bytes(index.read_bytes()[:1000])  # a copy cut short
     for args in (["generate", "--load", str(trained), "--retro-project", str(folder), "--prompt", "The"],
                  ["retro", "query-neighbours", "--project", str(folder)]):  # fmt: skip
-        result = CliRunner().invoke(app, args)
+        result = cli(*args, code=None)
         output = " ".join(result.output.split())
         assert result.exit_code != 0 and f"{index}: changed since `mtk retro index` wrote it" in output, (
             output
         )
         assert "corrupt" in output and "re-run `mtk retro index" in output
     config = json.loads((folder / "config.json").read_text())
-    config["build-db"]["chunk_length"] = 16  # the database holds chunks of 32 tokens
+    config["build-db"]["retro_chunk_length"] = 16  # the database holds chunks of 32 tokens
     (folder / "config.json").write_text(json.dumps(config))
-    result = CliRunner().invoke(app, ["retro", "query-neighbours", "--project", str(folder)])
+    result = cli("retro", "query-neighbours", "--project", str(folder), code=None)
     output = " ".join(result.output.split())
-    assert result.exit_code != 0 and "config.json: build-db.chunk_length is 16, but" in output
+    assert result.exit_code != 0 and "config.json: build-db.retro_chunk_length is 16, but" in output
     assert f"{folder / 'db' / 'mtk.json'} records 32" in output

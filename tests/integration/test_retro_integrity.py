@@ -29,7 +29,7 @@ from mtk.retro.index import build_index, search
 from mtk.retro.query import Retriever, gpt_samples, query_neighbours, verified_neighbours
 from stages.main import app
 
-SETTINGS = dict(chunk_length=8, seq_length=16, split="90,10,0", seed=1, train_samples=16, global_batch_size=4,
+SETTINGS = dict(retro_chunk_length=8, seq_length=16, split="90,10,0", seed=1, train_samples=16, global_batch_size=4,
                 eval_interval=2, eval_iters=1, data_cache_path=None)  # fmt: skip
 DIM = 16
 
@@ -78,7 +78,7 @@ def write_data(root: Path, name: str, first: int, longer: int = 0) -> str:
 def make_project(root: Path, minilm: Path, embedder: CountingEmbedder) -> RetroProject:
     """build-db, an exact Flat index and query-neighbours (2 of 8 candidates) over fresh data."""
     project = RetroProject(root / "project")
-    build_db(project, SETTINGS | {"data": write_data(root, "corpus", 0)}, minilm)
+    build_db(project, SETTINGS | {"data_path": write_data(root, "corpus", 0)}, minilm)
     build_index(project, embedder, "Flat", block_size=100)
     query_neighbours(project, embedder, num_neighbours=2, query_k=8, block_samples=8)
     return project
@@ -119,19 +119,19 @@ def train_refusal(project: RetroProject, tmp_path: Path) -> str:
 
 
 def test_a_chunk_length_edited_in_config_json_is_refused_with_both_values(project, embedder, tmp_path):
-    edit(project, "build-db", "chunk_length", 4)  # the database holds chunks of 8 tokens
+    edit(project, "build-db", "retro_chunk_length", 4)  # the database holds chunks of 8 tokens
     with pytest.raises(RetroProjectError) as refused:
         query_neighbours(project, embedder, num_neighbours=2, query_k=8)
     message = str(refused.value)
-    assert str(project.config_path) in message and "build-db.chunk_length is 4" in message
+    assert str(project.config_path) in message and "build-db.retro_chunk_length is 4" in message
     assert f"{project.manifest_path('build-db')} records 8" in message
-    assert "build-db.chunk_length is 4" in train_refusal(project, tmp_path)
+    assert "build-db.retro_chunk_length is 4" in train_refusal(project, tmp_path)
 
 
 @pytest.mark.parametrize("chunk_length", [4, 16])
 def test_a_chunk_table_not_cut_by_chunk_length_is_refused(project, chunk_length):
-    # both records say chunk_length, the table holds chunks of 8
-    edit(project, "build-db", "chunk_length", chunk_length, manifest_too=True)
+    # both records say retro_chunk_length, the table holds chunks of 8
+    edit(project, "build-db", "retro_chunk_length", chunk_length, manifest_too=True)
     with pytest.raises(RetroProjectError, match=f"not a chunk of {chunk_length} tokens") as refused:
         check_inputs(project)
     message = str(refused.value)
@@ -140,7 +140,7 @@ def test_a_chunk_table_not_cut_by_chunk_length_is_refused(project, chunk_length)
 
 def test_training_and_every_stage_refuse_data_replaced_after_build_db(tmp_path, minilm, embedder):
     project = make_project(tmp_path, minilm, embedder)
-    data = project.stage("build-db")["data"]
+    data = project.stage("build-db")["data_path"]
     write_data(tmp_path, "corpus", 5)  # prepared again in place: other tokens, the same lengths (.idx)
     assert f"{data}.mtk.json: the data changed since build-db" in train_refusal(project, tmp_path)
     other = write_data(tmp_path / "other", "corpus", 0, longer=3)
@@ -234,7 +234,7 @@ def test_neighbour_ids_read_back_are_bounds_checked(project, tmp_path):
     db = project.stage("build-db")
     samples = gpt_samples(db)[0]
     eod = 64  # the null tokenizer's of 64 ids
-    neighbours, datasets = np.load(path, mmap_mode="r"), [IndexedDataset(db["data"])]
+    neighbours, datasets = np.load(path, mmap_mode="r"), [IndexedDataset(db["data_path"])]
     dataset = RetroDataset(samples, neighbours, project.chunks(), datasets, 2, 8, eod)
     assert dataset[0]["neighbours"].shape == (2, 2, 16)
     with pytest.raises(RetroProjectError, match=message):
@@ -259,8 +259,8 @@ def test_a_resumed_query_refuses_a_saved_block_of_foreign_ids(project, embedder)
 
 @pytest.mark.parametrize(
     ("edit_args", "message"),
-    [(("build-db", "chunk_length", "8"), 'build-db.chunk_length is "8", expected an integer >= 1'),
-     (("build-db", "seq_length", 20), "build-db.seq_length 20 is not a multiple of chunk_length 8"),
+    [(("build-db", "retro_chunk_length", "8"), 'build-db.retro_chunk_length is "8", expected an integer >= 1'),
+     (("build-db", "seq_length", 20), "build-db.seq_length 20 is not a multiple of retro_chunk_length 8"),
      (("index", "nprobe", 0), "index.nprobe is 0, expected an integer >= 1"),
      (("index", "embedder", ["counting"]), 'index.embedder is ["counting"], expected an object with folder'),
      (("query-neighbours", "samples", {"../../x": 16}), "query-neighbours.samples is"),
@@ -302,7 +302,7 @@ def test_the_uncased_minilm_embeds_capitalised_words_as_it_was_trained(tmp_path,
     data = write_data(tmp_path, "corpus", 0)
     root = tmp_path / "project"
     build = ["retro", "build-db", "--project", str(root), "--data", data, "--bert-tokenizer", str(minilm),
-             "--chunk-length", "8", "--seq-length", "16"]  # fmt: skip
+             "--retro-chunk-length", "8", "--seq-length", "16", "--train-samples", "16"]  # fmt: skip
     CliRunner().invoke(app, build, catch_exceptions=False)
     assert RetroProject(root).stage("build-db")["lower_case"] is True
     embedder = _embedder(root, None)  # the tokenizer and weights `mtk retro index` embeds with

@@ -7,12 +7,11 @@ import json
 import math
 
 import pytest
-from typer.testing import CliRunner
 
 from mtk.config import apply_overrides, run_problems
 from mtk.models import family_spec
 from mtk.presets import load_preset
-from stages.main import app
+from tests.conftest import invoke, read_metrics
 
 SEEDS = ["gpt3-345m", "gpt3-857m", "gpt3-175b", "bert-340m", "bert-4b", "bert-20b", "t5-220m",
          "llama3-8b", "llama3-70b", "llama3-405b", "retro-857m", "retro-2b", "retro-4b"]  # fmt: skip
@@ -74,10 +73,7 @@ def shrunk(name: str) -> list[str]:
 @pytest.mark.slow  # thirteen short training runs
 @pytest.mark.parametrize("name", SEEDS)
 def test_a_seed_preset_trains_on_mock_data_with_its_layers_shrunk(name, tmp_path):
-    result = CliRunner().invoke(
-        app, ["train", "--preset", name, "--mock-data", "--save", str(tmp_path / "run"), *shrunk(name)]
-    )
-    assert result.exit_code == 0, result.output
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    invoke("train", "--preset", name, "--mock-data", "--save", str(tmp_path / "run"), *shrunk(name))
+    records = read_metrics(tmp_path / "run")
     assert [r["iteration"] for r in records if "split" not in r] == [1, 2]
     assert all(math.isfinite(r["loss"]) for r in records)

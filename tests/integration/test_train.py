@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 import mtk.checkpoint as checkpoint
 from mtk.checkpoint import latest_iteration, load_checkpoint
@@ -23,31 +22,17 @@ from mtk.data.mock import MockGPTDataset
 from mtk.models.gpt import SPEC, GPTModel
 from mtk.presets import load_preset
 from mtk.train.loop import Trainer, TrainingError, TrainOptions
-from stages.main import app
-
-runner = CliRunner()
-
+from tests.conftest import eval_losses, invoke, read_metrics, train_losses
 
 BASE = ["--preset", "gpt-tiny", "--seq-length", "32", "--micro-batch-size", "4", "--global-batch-size", "8",
         "--log-interval", "1", "--eval-interval", "0", "--num-workers", "0", "--device", "cpu", "--split", "90,5,5"]  # fmt: skip
 
 
 def train(*args: str) -> str:
-    result = runner.invoke(app, ["train", *BASE, *args])
-    assert result.exit_code == 0, result.output
-    return result.output
+    return invoke("train", *BASE, *args).output
 
 
-def losses(run: Path) -> dict[int, float]:
-    """Train loss per iteration from metrics.jsonl (a resumed run's later records win)."""
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return {r["iteration"]: r["loss"] for r in records if "split" not in r}
-
-
-def eval_losses(run: Path) -> dict[tuple[str, int], float]:
-    """Evaluation loss per (split, iteration) from metrics.jsonl."""
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return {(r["split"], r["iteration"]): r["loss"] for r in records if "split" in r}
+losses = train_losses  # train loss per iteration from metrics.jsonl (a resumed run's later records win)
 
 
 def test_loss_decreases_and_run_directory_describes_itself(tmp_path, counting_data):
@@ -57,7 +42,7 @@ def test_loss_decreases_and_run_directory_describes_itself(tmp_path, counting_da
     curve = losses(run)
     assert curve[1] > 3.5  # about ln(65) at the start
     assert sum(curve[i] for i in range(56, 61)) / 5 < 0.5 * curve[1]
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(run)
     keys = {"iteration", "consumed_samples", "loss", "lr", "grad_norm", "tokens_per_s"}
     assert keys <= set(records[0])
     assert {r["split"] for r in records if "split" in r} == {"valid", "test"}
@@ -106,10 +91,7 @@ def test_resume_after_sigkill_between_saves_is_exact(tmp_path, counting_data, ki
     assert eval_losses(tmp_path / "straight") == eval_losses(run)
     valid = [loss for (split, _), loss in eval_losses(run).items() if split == "valid"]
     assert len(set(valid)) == len(valid) == 8  # every 5 iterations and the final one, each on other samples
-    logged = [
-        (r.get("split", "train"), r["iteration"])
-        for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-    ]
+    logged = [(r.get("split", "train"), r["iteration"]) for r in read_metrics(run)]
     expected = [("train", i) for i in range(1, 41)]
     for i in range(35, 0, -5):
         expected.insert(i, ("valid", i))
@@ -148,8 +130,8 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, counting_data, mo
         raise OSError(errno.EIO, "Input/output error")  # ... and the crash
 
     monkeypatch.setattr(checkpoint, "write_trainer_state", broken_write)
-    result = runner.invoke(
-        app, ["train", *BASE, "--data", counting_data, "--save", str(run), "--train-iters", "6"]
+    result = invoke(
+        "train", *BASE, "--data", counting_data, "--save", str(run), "--train-iters", "6", code=None
     )
     assert result.exit_code == 2
     assert (
@@ -172,9 +154,17 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, counting_data, mo
     ],
 )
 def test_bad_settings_are_clear_errors(tmp_path, counting_data, args, message):
-    result = runner.invoke(
-        app,
-        ["train", *BASE, "--data", counting_data, "--save", str(tmp_path / "r"), "--train-iters", "2", *args],
+    result = invoke(
+        "train",
+        *BASE,
+        "--data",
+        counting_data,
+        "--save",
+        str(tmp_path / "r"),
+        "--train-iters",
+        "2",
+        *args,
+        code=None,
     )
     assert result.exit_code == 2
     assert message in " ".join(result.output.split())
@@ -187,7 +177,12 @@ def _tiny_trainer(tmp_path, valid=None, test=None, **train_overrides) -> Trainer
         {"seq_length": 16, "train_iters": 4, "global_batch_size": 4, "lr_warmup_iters": 0, **train_overrides},
     )
     data = MockGPTDataset(64, 16, config.model.vocab_size, 0)
-    return Trainer(config, GPTModel(config.model), (data, valid, test), TrainOptions(save=tmp_path))
+    return Trainer(
+        config,
+        GPTModel(config.model),
+        (data, valid, test),
+        TrainOptions(save=tmp_path, num_workers=0, device="cpu"),
+    )
 
 
 def _inject_overflows(trainer: Trainer, iterations: set[int]) -> None:
@@ -376,7 +371,7 @@ def test_nan_loss_stops_with_the_iteration_or_is_skipped(tmp_path):
 def test_checkpoint_inspect(tmp_path, counting_data):
     run = tmp_path / "run"
     train("--data", counting_data, "--save", str(run), "--train-iters", "2")
-    result = runner.invoke(app, ["checkpoint", "inspect", str(run)], terminal_width=200)
+    result = invoke("checkpoint", "inspect", str(run), code=None, terminal_width=200)
     assert result.exit_code == 0, result.output
     assert "iteration" in result.output and "decoder.layers.0.attention.q_proj.weight" in result.output
     params = sum(t.numel() for t in load_checkpoint(run)["model"].values())
@@ -386,14 +381,14 @@ def test_checkpoint_inspect(tmp_path, counting_data):
 def test_generate_continues_the_learned_pattern(tmp_path, counting_data):
     run = tmp_path / "run"
     train("--data", counting_data, "--save", str(run), "--train-iters", "80", "--lr", "3e-3")
-    result = runner.invoke(app, ["generate", "--load", str(run), "--prompt", "20 21 22 23 24", "--temperature", "0",
-                                 "--max-new-tokens", "5"])  # fmt: skip
+    result = invoke("generate", "--load", str(run), "--prompt", "20 21 22 23 24", "--temperature", "0",
+                                 "--max-new-tokens", "5", code=None)  # fmt: skip
     assert result.exit_code == 0, result.output
     assert result.output.split() == [str(i) for i in range(20, 30)]
 
 
 def test_quickstart_runs_end_to_end(tmp_path):
-    result = runner.invoke(app, ["quickstart", "--out", str(tmp_path / "qs"), "--train-iters", "4"])
+    result = invoke("quickstart", "--out", str(tmp_path / "qs"), "--train-iters", "4", code=None)
     assert result.exit_code == 0, result.output
     assert (tmp_path / "qs" / "run" / "loss.png").is_file()
     assert latest_iteration(tmp_path / "qs" / "run") == 4
@@ -406,17 +401,15 @@ def test_keep_last_and_batch_size_ramp(tmp_path, counting_data):
     train("--data", counting_data, "--save", str(run), "--train-iters", "12", "--save-interval", "2",
           "--keep-last", "2", "--set", "batch_size_ramp=[[0, 4], [1024, 8]]")  # fmt: skip
     assert sorted(p.name for p in run.glob("iter_*")) == ["iter_0000010", "iter_0000012"]
-    records = [
-        json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "split" not in line
-    ]
+    records = read_metrics(run, "train")
     assert [r["global_batch_size"] for r in records] == [4] * 8 + [8] * 4
     assert records[-1]["consumed_samples"] == 8 * 4 + 4 * 8
 
 
 def test_bench_reports_throughput_as_json(tmp_path):
     out = tmp_path / "bench.json"
-    result = runner.invoke(app, ["bench", "--preset", "gpt-tiny", "--iters", "2", "--warmup", "1", "--seq-length", "32",
-                                 "--global-batch-size", "4", "--micro-batch-size", "2", "--device", "cpu", "--json", str(out)])  # fmt: skip
+    result = invoke("bench", "--preset", "gpt-tiny", "--iters", "2", "--warmup", "1", "--seq-length", "32",
+                                 "--global-batch-size", "4", "--micro-batch-size", "2", "--device", "cpu", "--json", str(out), code=None)  # fmt: skip
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     assert report["iters"] == 2 and report["global_batch_size"] == 4 and report["seq_length"] == 32
@@ -428,9 +421,9 @@ def test_bench_reports_throughput_as_json(tmp_path):
 
 def test_bench_measures_recomputation_and_the_fsdp_wrapper(tmp_path):
     out = tmp_path / "bench.json"
-    result = runner.invoke(app, ["bench", "--preset", "gpt-tiny", "--iters", "1", "--warmup", "1", "--seq-length", "32",
+    result = invoke("bench", "--preset", "gpt-tiny", "--iters", "1", "--warmup", "1", "--seq-length", "32",
                                  "--global-batch-size", "4", "--micro-batch-size", "2", "--device", "cpu", "--fsdp",
-                                 "--recompute-granularity", "selective", "--json", str(out)])  # fmt: skip
+                                 "--recompute-granularity", "selective", "--json", str(out), code=None)  # fmt: skip
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     assert report["recompute"] == "selective" and report["data_parallel_sharding"] == "optim_grads_params"
@@ -476,15 +469,13 @@ def test_checkpoint_convert_writes_safetensors_with_the_same_weights(tmp_path, c
 
     run = tmp_path / "run"
     train("--data", counting_data, "--save", str(run), "--train-iters", "2")
-    result = runner.invoke(
-        app, ["checkpoint", "convert", str(run), "-o", str(tmp_path / "model.safetensors")]
-    )
+    result = invoke("checkpoint", "convert", str(run), "-o", str(tmp_path / "model.safetensors"), code=None)
     assert result.exit_code == 0, result.output
     exported = load_file(tmp_path / "model.safetensors")
     saved = load_checkpoint(run)["model"]
     assert exported.keys() == saved.keys()
     assert all(torch.equal(exported[name], saved[name]) for name in saved)
-    missing = runner.invoke(
-        app, ["checkpoint", "convert", str(tmp_path / "nothing"), "-o", str(tmp_path / "x.safetensors")]
+    missing = invoke(
+        "checkpoint", "convert", str(tmp_path / "nothing"), "-o", str(tmp_path / "x.safetensors"), code=None
     )
     assert missing.exit_code == 2 and "no checkpoint" in missing.output

@@ -7,27 +7,21 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 from mtk.checkpoint import latest_iteration
-from stages.main import app
+from tests.conftest import invoke, read_metrics
 
-runner = CliRunner()
 BASE = ["--preset", "llama-tiny", "--seq-length", "32", "--micro-batch-size", "4", "--global-batch-size", "8",
         "--log-interval", "1", "--eval-interval", "0", "--num-workers", "0", "--device", "cpu",
         "--split", "90,5,5"]  # fmt: skip
 
 
 def train(*args: str) -> str:
-    result = runner.invoke(app, ["train", *BASE, *args])
-    assert result.exit_code == 0, result.output
-    return result.output
+    return invoke("train", *BASE, *args).output
 
 
 def records(run: Path) -> list[dict]:
-    return [
-        json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"split"' not in line
-    ]
+    return read_metrics(run, "train")
 
 
 @pytest.mark.slow  # 100 steps twice, FP8 emulated
@@ -49,16 +43,16 @@ def test_fp8_differs_from_fp32_yet_tracks_its_loss(tmp_path, counting_data):
 
 
 def test_an_fp8_overflow_stops_naming_the_iteration_and_the_linear(tmp_path):
-    result = runner.invoke(app, ["train", *BASE, "--mock-data", "--train-iters", "3", "--fp8", "hybrid",
-                                 "--set", "init_method_std=1e25", "--save", str(tmp_path / "run")])  # fmt: skip
+    result = invoke("train", *BASE, "--mock-data", "--train-iters", "3", "--fp8", "hybrid",
+                                 "--set", "init_method_std=1e25", "--save", str(tmp_path / "run"), code=None)  # fmt: skip
     assert result.exit_code != 0
     assert "iteration 1:" in result.output and "the largest FP8 amax:" in result.output
     assert " weight)" in result.output and "decoder.layers." in result.output  # the overflowing weights
 
 
 def test_fp8_is_refused_with_fp16(tmp_path):
-    result = runner.invoke(app, ["train", *BASE, "--mock-data", "--train-iters", "1", "--fp8", "hybrid", "--fp16",
-                                 "--save", str(tmp_path / "r")])  # fmt: skip
+    result = invoke("train", *BASE, "--mock-data", "--train-iters", "1", "--fp8", "hybrid", "--fp16",
+                                 "--save", str(tmp_path / "r"), code=None)  # fmt: skip
     assert result.exit_code != 0 and "FP8 runs with bf16 or fp32 weights, not fp16" in result.output
 
 
@@ -66,10 +60,10 @@ def test_fp8_is_refused_with_fp16(tmp_path):
 def test_fp8_resume_after_sigkill_is_exact(tmp_path, counting_data, kill_during_training):
     args = [*BASE, "--data", counting_data, "--train-iters", "24", "--fp8", "hybrid", "--save-interval", "4"]
     runner_args = args[:]
-    result = runner.invoke(app, ["train", *runner_args, "--save", str(tmp_path / "straight")])
+    result = invoke("train", *runner_args, "--save", str(tmp_path / "straight"), code=None)
     assert result.exit_code == 0, result.output
     assert kill_during_training(args, tmp_path / "killed", 8) < 24
-    result = runner.invoke(app, ["train", *runner_args, "--save", str(tmp_path / "killed")])
+    result = invoke("train", *runner_args, "--save", str(tmp_path / "killed"), code=None)
     assert result.exit_code == 0, result.output
     assert latest_iteration(tmp_path / "killed") == 24
 
@@ -84,8 +78,8 @@ def test_fp8_resume_after_sigkill_is_exact(tmp_path, counting_data, kill_during_
 )  # the design card's name, and one that never clashes
 def test_bench_fp8_compares_with_the_published_table_and_claims_no_emulated_speedup(tmp_path, flag):
     out = tmp_path / "bench.json"
-    result = runner.invoke(app, ["bench", flag, "--preset", "llama-tiny", "--iters", "2", "--warmup", "1",
-                                 "--seq-length", "32", "--json", str(out)])  # fmt: skip
+    result = invoke("bench", flag, "--preset", "llama-tiny", "--iters", "2", "--warmup", "1",
+                                 "--seq-length", "32", "--json", str(out), code=None)  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "FP8 (emulated)" in result.output and "no speed-up is claimed" in result.output
     assert "13,812" in result.output  # llama3-8b's published tokens/s per GPU, beside the figures

@@ -15,7 +15,7 @@ from mtk.checkpoint import RunDir
 from mtk.config import ConfigError, RunConfig
 from mtk.models import family_spec
 from mtk.presets import load_preset
-from tests.cli import run
+from tests.conftest import run
 
 HUGE = str(10**30)
 T = ["train", "--preset", "gpt-tiny", "--mock-data", "--num-workers", "0", "--eval-interval", "0",

@@ -41,3 +41,94 @@ def test_sampling_is_reproducible_with_a_seed_and_stops_at_eod():
     assert generate(model, [1, 2, 3], 20, temperature=1.0, top_k=50, seed=7, eod=stop)[-1] == stop
     limit = model.config.max_position_embeddings
     assert len(generate(model, list(range(limit - 4)), 50, temperature=0)) == 4  # the context is the limit
+
+
+def test_greedy_seq2seq_answers_equal_argmax_of_uncached_decoding():
+    from mtk.generate import generate_seq2seq
+    from mtk.models.t5 import T5Model
+
+    torch.manual_seed(0)
+    config = load_preset("t5-tiny").config.model
+    config.decoder_num_layers = config.decoder_num_layers or config.num_layers
+    model = T5Model(config).eval()
+    tokens = torch.randint(5, 100, (2, 12))
+    mask = torch.ones_like(tokens)
+    mask[1, 8:] = 0
+    bos, eos = 1, 2
+    answers = generate_seq2seq(model, tokens, mask, bos, eos, 6)
+    with torch.no_grad():
+        encoded = model.encode(tokens, mask)
+        for row in range(2):
+            decoded = [bos]
+            for _ in range(6):
+                logits = model.decode(encoded[row : row + 1], torch.tensor([decoded]), mask[row : row + 1])
+                decoded.append(int(logits[0, -1, : config.vocab_size].argmax()))
+                if decoded[-1] == eos:
+                    break
+            expected = decoded[1:]
+            assert answers[row] == (expected[:-1] if expected[-1] == eos else expected)
+
+
+def test_each_family_says_how_it_generates_and_bert_does_not():
+    import pytest
+
+    from mtk.config import ConfigError
+    from mtk.generate import generation_strategy
+    from mtk.models import family_spec
+    from mtk.models.generation import CachedDecoding, EncoderDecoderDecoding, RetrievalDecoding
+
+    kinds = {name: type(family_spec(name).generation) for name in ("gpt", "t5", "retro")}
+    assert kinds == {"gpt": CachedDecoding, "t5": EncoderDecoderDecoding, "retro": RetrievalDecoding}
+    assert [family_spec(name).generation.needs_retrieval for name in ("gpt", "t5", "retro")] == [0, 0, 1]
+    assert family_spec("bert").generation is None
+    with pytest.raises(ConfigError, match="a bert model does not generate text token by token"):
+        generation_strategy(load_preset("bert-tiny").config.model)
+
+
+def test_every_hf_adapter_resolves_to_the_spec_that_declares_it():
+    import pytest
+
+    from mtk.hf import HFError, adapters, architecture, for_config
+    from mtk.models import family_names, family_spec
+
+    declared = {a.model_type: name for name in family_names() for a in family_spec(name).hf_adapters}
+    assert declared == {"llama": "gpt", "gpt2": "gpt", "bert": "bert", "megatron-bert": "bert"}
+    assert list(adapters()) == list(declared)
+    for model_type, family in declared.items():
+        adapter = architecture(model_type)
+        assert adapter in family_spec(family).hf_adapters and adapter.model_type == model_type
+    for preset, model_type in (("llama-tiny", "llama"), ("gpt-tiny", "gpt2")):
+        config = load_preset(preset).config.model
+        assert for_config(config).model_type == model_type
+        assert for_config(config) in family_spec(config.family).hf_adapters
+    bert = load_preset("bert-tiny").config.model
+    for post_norm, model_type in ((True, "bert"), (False, "megatron-bert")):
+        bert.post_norm = post_norm
+        assert for_config(bert).model_type == model_type
+    for preset in ("t5-tiny", "retro-tiny"):
+        config = load_preset(preset).config.model
+        with pytest.raises(HFError, match=f"a {config.family} model has no Hugging Face export in mtk"):
+            for_config(config)
+
+
+def test_the_retriever_requirement_of_mtk_generate_comes_from_the_strategy(monkeypatch, capsys):
+    """stages/generate.py asks the strategy, never the family name: a GPT family whose strategy
+    retrieves needs --retro-project, and with its own strategy refuses one."""
+    from types import SimpleNamespace
+
+    import pytest
+    import typer
+
+    from mtk.models.generation import RetrievalDecoding
+    from mtk.models.gpt import GPTFamily
+    from stages.generate import _retriever
+
+    model = SimpleNamespace(config=load_preset("gpt-tiny").config.model)
+    assert _retriever(model, None) is None
+    with pytest.raises(typer.Exit):
+        _retriever(model, "project")
+    assert "--retro-project is for RETRO runs; this run is a gpt model" in capsys.readouterr().err
+    monkeypatch.setattr(GPTFamily, "generation", RetrievalDecoding())
+    with pytest.raises(typer.Exit):
+        _retriever(model, None)
+    assert "give --retro-project DIR" in capsys.readouterr().err

@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from mtk.config import ParallelConfig, apply_overrides
-from mtk.models import family_spec
+from mtk.models import family_names, family_spec
 from mtk.models.gpt import SPEC
+from mtk.models.spec import PipelinedFamily
 from mtk.parallel.apply import ParallelModel
 from mtk.parallel.context import causal_mask, load_balanced_positions, shard_sequence
 from mtk.parallel.pipeline import add_peer_gradient, layer_ranges, stage_indices
@@ -43,20 +44,31 @@ def test_interleaved_stage_assignment():
     assert sorted(i for rank in range(4) for i in stage_indices(rank, 4, 3)) == list(range(12))
 
 
-def family_inputs(config, batch: int = 2) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Random model inputs of a family: tokens, and what reaches every stage."""
-    tokens = torch.randint(0, config.vocab_size, (batch, config.seq_length))
-    if config.family == "bert":
-        padding = (torch.arange(config.seq_length) < config.seq_length - 3).long().expand(batch, -1)
-        return tokens, {"token_types": torch.randint(0, 2, tokens.shape), "padding_mask": padding}
-    if config.family == "t5":
-        return tokens, {"decoder_tokens": tokens[:, :8], "encoder_mask": torch.ones_like(tokens)}
-    return tokens, {}
+def family_presets(pipelined: bool = False) -> list[str]:
+    """The tiny preset of every registered family (``tiny_preset``), and llama-tiny; ``pipelined``:
+    only those of families that pipeline stages can cut."""
+    presets = [
+        spec.tiny_preset
+        for spec in map(family_spec, family_names())
+        if spec.tiny_preset and (isinstance(spec, PipelinedFamily) or not pipelined)
+    ]
+    return presets + ["llama-tiny"]
 
 
-@pytest.mark.parametrize("preset", ["gpt-tiny", "llama-tiny", "bert-tiny"])
-def test_pipeline_stages_compose_to_the_whole_model(preset):
-    config = tiny(preset).model
+def family_inputs(run_config, batch: int = 2) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Model inputs of a family from its own mock data: tokens, and what reaches every stage."""
+    from torch.utils.data import default_collate
+
+    family = family_spec(run_config.model.family)
+    config = dataclasses.replace(run_config, data=dataclasses.replace(run_config.data, mock_data=True))
+    train, _, _ = family.datasets(config, (batch, 0, 0), None)
+    inputs = family.model_batch(default_collate([train[i] for i in range(batch)]))
+    return inputs.inputs, inputs.extra
+
+
+def check_pipeline_stages_compose(run_config) -> None:
+    """Two pipeline stages of the family's model, run one after the other, compute the whole model."""
+    config = run_config.model
     spec = family_spec(config.family)
     torch.manual_seed(0)
     model = spec.build(config).eval()
@@ -67,9 +79,14 @@ def test_pipeline_stages_compose_to_the_whole_model(preset):
     stack = spec.blocks(model)[0]
     assert set(spec.blocks(first)[0]) == {"0", "1"} and set(spec.blocks(last)[0]) == {"2", "3"}
     assert set(stack) == {"0", "1", "2", "3"}
-    tokens, extra = family_inputs(config)
+    tokens, extra = family_inputs(run_config)
     with torch.no_grad():
         torch.testing.assert_close(last(first(tokens, **extra), **extra), model(tokens, **extra))
+
+
+@pytest.mark.parametrize("preset", family_presets(pipelined=True))
+def test_pipeline_stages_compose_to_the_whole_model(preset):
+    check_pipeline_stages_compose(tiny(preset))
 
 
 def test_load_balanced_positions_and_shards_cover_the_sequence_once():
@@ -98,14 +115,14 @@ def test_context_parallel_attention_rows_equal_one_process_attention(cp):
         torch.testing.assert_close(out, expected)
 
 
-@pytest.mark.parametrize("preset", ["gpt-tiny", "llama-tiny", "bert-tiny", "t5-tiny"])
-def test_tp_plan_names_existing_modules_with_known_styles_and_covers_every_linear(preset):
-    config = tiny(preset).model
+def check_tp_plan(config) -> None:
+    """The family's TP plan names modules that exist (of the whole model and of pipeline stages),
+    with known styles, and leaves no linear layer out."""
     spec = family_spec(config.family)
     with torch.device("meta"):
         model = spec.build(config)
     parts = [model]
-    if config.family != "t5":  # T5 runs without pipeline stages
+    if isinstance(spec, PipelinedFamily):
         ranges = layer_ranges(config.num_layers, ParallelConfig(), 2)
         parts += [spec.pipeline_stage(model, ranges[i], i == 0, i == 1) for i in range(2)]
     for part in parts:
@@ -116,6 +133,12 @@ def test_tp_plan_names_existing_modules_with_known_styles_and_covers_every_linea
         assert linears <= set(plan) | {f"{path}.dense" for path in plan}  # no projection left out
         if getattr(part, "embedding", None) is not None:
             assert plan.get("embedding") == "vocab_embedding"  # a tied output's weight is sharded too
+
+
+@pytest.mark.parametrize("preset", family_presets())
+def test_tp_plan_names_existing_modules_with_known_styles_and_covers_every_linear(preset):
+    overrides = {"num_layers": 6, "retro_chunk_length": 8} if preset == "retro-tiny" else {}
+    check_tp_plan(tiny(preset, **overrides).model)
 
 
 def test_tied_embedding_gradients_summed_across_stages_equal_the_whole_models():
