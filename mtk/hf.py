@@ -226,14 +226,17 @@ def import_hf(
     and whose tokenizer is the folder's (``with_tokenizer`` False: none, the weights alone).
 
     Everything is checked before the model is allocated: config.json, the tokenizer, every weight
-    (finite floating point, the names and shapes the config describes). Returns what was done: config,
-    parameters, heads not in the checkpoint, unused checkpoint tensors, the tokenizer entry (or None).
+    (finite floating point, the names and shapes the config describes). The model is then built as
+    every command builds one (``mtk.train.build.build_model``, for forward use), initialised from
+    ``config.train.seed``, and the weights are copied in. Returns what was done: config, parameters,
+    heads not in the checkpoint, unused checkpoint tensors, the tokenizer entry (or None).
     """
     from mtk.checkpoint import RunDir
     from mtk.data.prepared import DataFacts
     from mtk.models import family_spec
     from mtk.models.spec import check_model_fits
     from mtk.presets import load_preset
+    from mtk.train.build import build_model
     from mtk.train.run import save_weights_checkpoint, write_run_description
 
     folder = Path(folder)
@@ -255,8 +258,8 @@ def import_hf(
             load_into(spec.build(config.model), arch, weights)
     except HFError as err:
         raise HFError(f"{folder}: {err}") from None
-    model = spec.build(config.model)
-    model.init_weights(config.train.seed)
+    # its fit was checked before a weight was read (check_model_fits above)
+    model = build_model(config, "cpu", training=False, check=False).module
     missing = load_into(model, arch, weights)
     unused = sorted(name for name in weights if name not in used and not name.endswith(IGNORED))
     # the checkpoint is a starting point: a preset without a run length (a batch-size ramp) still imports

@@ -74,11 +74,13 @@ def show_preset(
         "one argument a line, ready to paste; what Megatron cannot express is named in the comments above it.",
     ),
 ) -> None:
-    """Every setting of one preset, the parameter count computed from it, and the published figures."""
+    """Every setting of one preset (another family's model settings only where it sets them), the
+    parameter count computed from it by part of the model, and the published figures."""
     from rich.table import Table
 
     from mtk.config import ConfigError
     from mtk.models import family_spec
+    from mtk.models.spec import config_defaults
     from mtk.presets import load_preset
 
     try:
@@ -100,12 +102,14 @@ def show_preset(
     model, parallel = preset.config.model, preset.config.parallel
     tp = parallel.tensor_model_parallel_size
     params = family.num_parameters(model, tp)
+    breakdown = family.parameter_breakdown(model, tp)
     if as_json:
         payload = {
             "name": preset.name,
             "description": preset.description,
             "tokenizer": preset.tokenizer,
             "num_parameters": params,
+            "parameter_breakdown": breakdown,
             "padded_vocab_size": model.padded_vocab_size(tp),
             **preset.config.to_dict(),
             "published": preset.published,
@@ -119,12 +123,23 @@ def show_preset(
         f"parameters: [bold]{params:,}[/] ({_human(params)}), computed from the config with the "
         f"vocabulary padded to {model.padded_vocab_size(tp):,} (TP {tp})"
     )
+    table = Table(title="parameters by part", title_justify="left", show_header=False)
+    for column in ("part", "parameters", "share"):
+        table.add_column(column, justify="left" if column == "part" else "right")
+    for part, count in breakdown.items():
+        table.add_row(part, f"{count:,}", f"{count / params:.1%}" if params else "")
+    console.print(table)
+    # another family's model settings are listed only where this preset sets them
+    defaults = config_defaults()
+    hidden = {key for key in family.foreign_fields() if getattr(model, key) == defaults[key]}
     for section in SECTIONS:
         table = Table(title=f"{section} settings", title_justify="left", show_header=False)
         table.add_column("key")
         table.add_column("value")
         explicit = preset.sections.get(section, {})
         for item in dataclasses.fields(getattr(preset.config, section)):
+            if section == "model" and item.name in hidden and item.name not in explicit:
+                continue
             value = getattr(getattr(preset.config, section), item.name)
             shown = repr(value) if isinstance(value, str) else str(value)
             if item.name in explicit:

@@ -9,6 +9,8 @@ from typing import Annotated, Any
 
 import typer
 
+from mtk.data.retro_settings import BUILD_DB_KEYS  # the keys build-db fixes; imports nothing
+
 from .common import console, fail, reports_file_errors
 from .options import flag_of, with_config_options
 
@@ -72,10 +74,6 @@ def _errors():
     return (RetroProjectError, ManifestError, TokenizerError, HFError, ConfigError, ValueError)
 
 
-# the config keys build-db fixes for the project (its record holds them under these names, as a run's
-# config.json does); `mtk train --retro-project` inherits them (mtk/data/retro_project.py INHERITED)
-BUILD_DB_KEYS = ("data_path", "retro_chunk_length", "seq_length", "split", "seed", "train_samples",
-                 "global_batch_size", "eval_interval", "eval_iters", "data_cache_path")  # fmt: skip
 RetroPreset = Annotated[
     str | None,
     typer.Option(

@@ -1,6 +1,9 @@
 """Fixtures and helpers shared by every test folder: ``mtk`` run in-process as a user runs it
 (``invoke``, ``run``) and a run directory's metrics read back (``read_metrics``, ``train_losses``,
-``eval_losses``). Test files import the helpers: ``from tests.conftest import run, read_metrics``."""
+``eval_losses``). Test files import the helpers: ``from tests.conftest import run, read_metrics``.
+
+Importing this module stays light (no numpy, torch or tokenizer backends; the fixtures import them when
+used): tests that check the CLI's start-up imports run ``invoke`` in a fresh interpreter."""
 
 from __future__ import annotations
 
@@ -12,12 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-
-from mtk.data.indexed import IndexWriter
-from mtk.data.prepare import prepare_data
-from mtk.data.tokenizer import load_tokenizer
 
 COUNTING_VOCAB = 64
 
@@ -72,6 +70,10 @@ def write_corpus(tmp_path):
     Returns the prefix as a string.
     """
 
+    import numpy as np
+
+    from mtk.data.indexed import IndexWriter
+
     def write(name: str, documents: list[list[int]], dtype: type = np.uint16) -> str:
         writer = IndexWriter(np.dtype(dtype))
         writer.add_documents([len(document) for document in documents], [1] * len(documents))
@@ -87,6 +89,9 @@ def write_corpus(tmp_path):
 @pytest.fixture(scope="session")
 def counting_data(tmp_path_factory) -> str:
     """A learnable corpus: each document counts upwards modulo the vocabulary from a random start."""
+    from mtk.data.prepare import prepare_data
+    from mtk.data.tokenizer import load_tokenizer
+
     root = tmp_path_factory.mktemp("data")
     lines = []
     for doc in range(300):

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from mtk.data.retro_settings import BUILD_DB_KEYS
 from mtk.manifest import (
     ManifestError,
     atomic_output,
@@ -36,9 +37,7 @@ FOLDERS = {"build-db": "db", "index": "index", "query-neighbours": "query"}
 SPLITS = ("train", "valid", "test")
 # the config keys build-db records (under their config.json names) and `mtk train --retro-project`
 # inherits, with the one key derived from them: config key -> build-db record key
-SETTINGS = ("data_path", "retro_chunk_length", "seq_length", "split", "seed", "train_samples",
-            "global_batch_size", "eval_interval", "eval_iters", "data_cache_path")  # fmt: skip
-INHERITED = {key: key for key in SETTINGS} | {"max_position_embeddings": "seq_length"}
+INHERITED = {key: key for key in BUILD_DB_KEYS} | {"max_position_embeddings": "seq_length"}
 
 
 class RetroProjectError(ValueError):

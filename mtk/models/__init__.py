@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 
-from mtk.config import ConfigError
+from mtk.config import ConfigError, ModelConfig, field_names
 from mtk.models.spec import TrainableFamily
 
 # the modules of the built-in families, whose SPEC is registered before any lookup, in this order
@@ -36,6 +36,12 @@ def _add(name: str, spec: TrainableFamily) -> None:
         raise ConfigError(
             f"register_family({name!r}, ...): the spec is named {getattr(spec, 'name', None)!r}; "
             "register it under its own name (the class attribute `name`)"
+        )
+    unknown = [key for key in spec.config_fields if key not in field_names(ModelConfig) or key == "family"]
+    if unknown:
+        raise ConfigError(
+            f"register_family({name!r}, ...): config_fields {unknown} are not fields of ModelConfig; a "
+            "family declares the model settings only it reads"
         )
     known = _REGISTRY.get(name)
     if known is not None and known is not spec:

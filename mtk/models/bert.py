@@ -101,6 +101,7 @@ class BertFamily(MaskedLMFamily, PipelinedFamily):
     name = "bert"
     hf_adapters = (Bert(), MegatronBert())  # mtk/models/bert_hf.py; no generation: an encoder
     tiny_preset = "bert-tiny"
+    config_fields = ("bert_binary_head",)
     megatron_script = "pretrain_bert.py"
     megatron_inputs = (
         "--data-path PREFIX and --vocab-file with --tokenizer-type BertWordPieceLowerCase "
@@ -108,14 +109,23 @@ class BertFamily(MaskedLMFamily, PipelinedFamily):
     )
 
     def num_parameters(self, config: ModelConfig, tensor_parallel: int = 1) -> int:
+        return sum(self.parameter_breakdown(config, tensor_parallel).values())
+
+    def parameter_breakdown(self, config: ModelConfig, tensor_parallel: int = 1) -> dict[str, int]:
         hidden, norm = config.hidden_size, norm_parameters(config)
-        total = embedding_parameters(config, tensor_parallel)
-        total += TOKEN_TYPES * hidden if config.bert_binary_head else 0
-        total += config.num_layers * layer_parameters(config) + norm  # embedding norm, or final norm
-        total += (hidden * hidden + hidden) + norm + config.padded_vocab_size(tensor_parallel)  # LM head
+        embeddings = embedding_parameters(config, tensor_parallel)
+        embeddings += TOKEN_TYPES * hidden if config.bert_binary_head else 0
+        parts = {"embeddings": embeddings}
+        if config.post_norm:  # the norm on the embeddings instead of a final one
+            parts["embedding norm"] = norm
+        parts["encoder layers"] = config.num_layers * layer_parameters(config)
+        if not config.post_norm:
+            parts["final norm"] = norm
+        # the transform (dense, norm) and the vocabulary bias; the projection is the tied embedding
+        parts["LM head"] = (hidden * hidden + hidden) + norm + config.padded_vocab_size(tensor_parallel)
         if config.bert_binary_head:
-            total += (hidden * hidden + hidden) + (2 * hidden + 2)  # pooler, sentence-order head
-        return total
+            parts["pooler and sentence-order head"] = (hidden * hidden + hidden) + (2 * hidden + 2)
+        return parts
 
     def new_model(self, config: ModelConfig) -> BertModel:
         return BertModel(config)

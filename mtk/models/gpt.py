@@ -116,6 +116,17 @@ class GPTModel(DecoderLM):
         ]
 
 
+def decoder_breakdown(config: ModelConfig, tensor_parallel: int, stacks: dict[str, int]) -> dict[str, int]:
+    """The parameters of a ``DecoderLM`` by part: its embeddings, ``stacks`` (the decoder's layers, by
+    name), the decoder's final norm (none in a post-norm stack) and the output layer when untied."""
+    parts = {"embeddings": embedding_parameters(config, tensor_parallel), **stacks}
+    if not config.post_norm:
+        parts["final norm"] = norm_parameters(config)
+    if config.untie_embeddings_and_output_weights:
+        parts["output layer"] = config.padded_vocab_size(tensor_parallel) * config.hidden_size
+    return parts
+
+
 class GPTFamily(PipelinedFamily):
     name = "gpt"
     hf_adapters = (Llama(), GPT2())  # mtk/models/gpt_hf.py
@@ -128,11 +139,12 @@ class GPTFamily(PipelinedFamily):
     )
 
     def num_parameters(self, config: ModelConfig, tensor_parallel: int = 1) -> int:
-        total = embedding_parameters(config, tensor_parallel)
-        total += config.num_layers * layer_parameters(config) + norm_parameters(config)
-        if config.untie_embeddings_and_output_weights:
-            total += config.padded_vocab_size(tensor_parallel) * config.hidden_size
-        return total
+        return sum(self.parameter_breakdown(config, tensor_parallel).values())
+
+    def parameter_breakdown(self, config: ModelConfig, tensor_parallel: int = 1) -> dict[str, int]:
+        return decoder_breakdown(
+            config, tensor_parallel, {"decoder layers": config.num_layers * layer_parameters(config)}
+        )
 
     def new_model(self, config: ModelConfig) -> GPTModel:
         return GPTModel(config)

@@ -34,15 +34,13 @@ from mtk.layers.transformer import (
     PROJECTIONS,
     CrossAttentionLayer,
     TransformerLayer,
-    embedding_parameters,
     layer_parameters,
     layer_plan,
-    norm_parameters,
     scaled_output_std,
 )
 from mtk.models.generation import RetrievalDecoding
 from mtk.models.gpt import SPEC as GPT
-from mtk.models.gpt import DecoderLM
+from mtk.models.gpt import DecoderLM, decoder_breakdown
 from mtk.models.spec import PALM_FLOPS, ModelBatch, TrainableFamily
 
 
@@ -179,8 +177,8 @@ class RetroDecoder(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        if config.post_norm:
-            raise ValueError("retro: the RETRO decoder is pre-norm; post_norm is for BERT")
+        if config.post_norm:  # check_run refuses it first (RetroFamily.rules)
+            raise ValueError("retro: the RETRO decoder is pre-norm; post_norm is not supported")
         self.rotary = build_rotary(config) if config.position_embedding_type == "rope" else None
         self.retro_layers = [number - 1 for number in retro_layer_numbers(config)]
         output_std = scaled_output_std(config, config.num_layers)
@@ -248,6 +246,7 @@ class RetroFamily(TrainableFamily):
         " per token (PaLM), the encoder counted for the 2k neighbour tokens it encodes per decoder token",
     )
     tiny_preset = "retro-tiny"
+    config_fields = ("retro_encoder_num_layers", "retro_num_neighbors", "retro_chunk_length")
     train_inputs = "--retro-project DIR"
     megatron_script = "pretrain_retro.py"
     megatron_inputs = "--retro-project-dir DIR (it holds the data, the tokenizer and the sample counts)"
@@ -265,8 +264,13 @@ class RetroFamily(TrainableFamily):
         "every later one); use --tp and data parallelism"
     )
 
-    def problems(self, config: RunConfig) -> list[str]:
+    def rules(self, config: RunConfig) -> list[str]:
         model, found = config.model, []
+        if model.post_norm:
+            found.append(
+                "retro: post_norm is not supported: the RETRO decoder is pre-norm, as Megatron's (post_norm "
+                "is the original BERT's layout); remove it"
+            )
         first = first_retro_layer(model)
         if model.num_layers < first:
             found.append(
@@ -294,16 +298,15 @@ class RetroFamily(TrainableFamily):
         return (config.retro_encoder_num_layers - 1) * layer + cross_layer
 
     def num_parameters(self, config: ModelConfig, tensor_parallel: int = 1) -> int:
+        return sum(self.parameter_breakdown(config, tensor_parallel).values())
+
+    def parameter_breakdown(self, config: ModelConfig, tensor_parallel: int = 1) -> dict[str, int]:
         layer, cross_layer = layer_parameters(config), layer_parameters(config, cross_attention=True)
-        total = embedding_parameters(config, tensor_parallel) + norm_parameters(config)
         retro_layers = len(retro_layer_numbers(config))
-        total += (config.num_layers - retro_layers) * layer + retro_layers * cross_layer
-        total += self.encoder_parameters(config) if retro_layers else 0
-        return total + (
-            config.padded_vocab_size(tensor_parallel) * config.hidden_size
-            if config.untie_embeddings_and_output_weights
-            else 0
-        )
+        stacks = {"decoder layers": (config.num_layers - retro_layers) * layer + retro_layers * cross_layer}
+        if retro_layers:  # inside the first layer with chunked cross-attention
+            stacks["retrieval encoder"] = self.encoder_parameters(config)
+        return decoder_breakdown(config, tensor_parallel, stacks)
 
     def flops_per_token(self, config: ModelConfig) -> float:
         encoder = 6.0 * self.encoder_parameters(config) * (2 * config.retro_num_neighbors - 1)

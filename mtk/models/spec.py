@@ -14,6 +14,7 @@ the spec only:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -92,6 +93,14 @@ def check_model_fits(family: TrainableFamily, config: ModelConfig, device: torch
         )
 
 
+def config_defaults() -> dict[str, Any]:
+    """Every ModelConfig field's default (None for the ones derived from others)."""
+    return {
+        item.name: item.default if item.default is not dataclasses.MISSING else item.default_factory()
+        for item in dataclasses.fields(ModelConfig)
+    }
+
+
 PALM_FLOPS = "6 * parameters + 12 * layers * hidden * seq per token (PaLM), no recompute"
 
 
@@ -124,10 +133,20 @@ class TrainableFamily(ABC):
     megatron_without_switches: ClassVar[str | None] = None
     megatron_flag_names: ClassVar[dict[str, str]] = {}
     megatron_project: ClassVar[tuple[str, tuple[str, ...]] | None] = None
+    # the ModelConfig fields only this family reads (T5's decoder_num_layers): a run of another family
+    # that sets one away from its default is refused (``problems``), and `mtk presets show` of another
+    # family's preset lists it only when set; fields several families read (post_norm) are no one's
+    config_fields: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def num_parameters(self, config: ModelConfig, tensor_parallel: int = 1) -> int:
         """Parameters of the whole model from its config alone (no allocation), vocabulary padded for TP."""
+
+    def parameter_breakdown(self, config: ModelConfig, tensor_parallel: int = 1) -> dict[str, int]:
+        """``num_parameters`` by part of the model (embeddings, each stack's layers, final norms, output
+        layer ...), in model order, for `mtk presets show`; the values sum to ``num_parameters``. By
+        default one part, the whole model."""
+        return {"model": self.num_parameters(config, tensor_parallel)}
 
     def complete(self, config: ModelConfig) -> None:
         """Fill in ``config`` the values this family derives from others (T5: the decoder depth);
@@ -135,8 +154,38 @@ class TrainableFamily(ABC):
         return
 
     def problems(self, config: RunConfig) -> list[str]:
-        """What in ``config`` this family cannot run (``mtk.config.check_run`` reports it)."""
+        """What in ``config`` this family cannot run (``mtk.config.check_run`` reports it): the settings
+        of other families set away from their defaults (``foreign_settings``), then its own ``rules``.
+        A family adds rules by overriding ``rules``, not this."""
+        return self.foreign_settings(config.model) + self.rules(config)
+
+    def rules(self, config: RunConfig) -> list[str]:
+        """This family's own rules: what in ``config`` it cannot run. By default none."""
         return []
+
+    def foreign_fields(self) -> dict[str, str]:
+        """The ModelConfig fields other registered families declare as theirs (``config_fields``) and
+        this one does not: field -> the family it belongs to."""
+        from mtk.models import family_names, family_spec
+
+        owned = set(self.config_fields)
+        return {
+            key: name
+            for name in family_names()
+            if name != self.name
+            for key in family_spec(name).config_fields
+            if key not in owned
+        }
+
+    def foreign_settings(self, config: ModelConfig) -> list[str]:
+        """A problem for each setting of another family that ``config`` moves away from its default."""
+        defaults = config_defaults()
+        return [
+            f"{key} = {getattr(config, key)!r} is a setting of family '{owner}'; this run is family "
+            f"'{self.name}': remove it"
+            for key, owner in self.foreign_fields().items()
+            if getattr(config, key) != defaults[key]
+        ]
 
     def layout_problems(self, config: RunConfig) -> list[str]:
         """The parallel layouts of ``config`` this family cannot run (``mtk plan`` skips them)."""

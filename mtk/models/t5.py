@@ -94,6 +94,7 @@ class T5Family(MaskedLMFamily):
     generation = EncoderDecoderDecoding()  # greedy answers (mtk eval-squad)
     needs_sentinels = True
     tiny_preset = "t5-tiny"
+    config_fields = ("decoder_num_layers", "decoder_seq_length")
     megatron_script = "pretrain_t5.py"
     megatron_inputs = (
         "--data-path PREFIX and --vocab-file with --tokenizer-type BertWordPieceCase --vocab-extra-ids 100"
@@ -119,12 +120,20 @@ class T5Family(MaskedLMFamily):
         return config.num_layers if config.decoder_num_layers is None else config.decoder_num_layers
 
     def num_parameters(self, config: ModelConfig, tensor_parallel: int = 1) -> int:
-        norm = norm_parameters(config)
-        total = embedding_parameters(config, tensor_parallel)
-        total += config.num_layers * layer_parameters(config) + norm  # encoder
+        return sum(self.parameter_breakdown(config, tensor_parallel).values())
+
+    def parameter_breakdown(self, config: ModelConfig, tensor_parallel: int = 1) -> dict[str, int]:
+        norm = 0 if config.post_norm else norm_parameters(config)  # a post-norm stack has no final norm
         decoder = layer_parameters(config, cross_attention=True)
-        total += self._decoder_layers(config) * decoder + norm  # decoder
-        return total + config.padded_vocab_size(tensor_parallel)  # LM head bias; weights tied
+        parts = {
+            "embeddings": embedding_parameters(config, tensor_parallel),
+            "encoder layers": config.num_layers * layer_parameters(config),
+            "encoder final norm": norm,
+            "decoder layers": self._decoder_layers(config) * decoder,
+            "decoder final norm": norm,
+            "LM head": config.padded_vocab_size(tensor_parallel),  # its bias; the weights are tied
+        }
+        return {part: count for part, count in parts.items() if count}
 
     def stacks(self, config: ModelConfig) -> list[tuple[int, int, int]]:
         decoder = (
@@ -138,7 +147,7 @@ class T5Family(MaskedLMFamily):
     def _decoder_length(config: ModelConfig) -> int:
         return config.decoder_seq_length or config.seq_length
 
-    def problems(self, config: RunConfig) -> list[str]:
+    def rules(self, config: RunConfig) -> list[str]:
         found = []
         model = config.model
         decoder_length = self._decoder_length(model)

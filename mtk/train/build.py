@@ -1,8 +1,9 @@
 """The one way a command gets its model: the config checked, the model described on the meta device and
 turned into this rank's ``ParallelModel`` by ``mtk.parallel.parallelize``.
 
-``mtk train``, ``mtk bench``, ``mtk eval-squad`` and ``mtk generate`` (``mtk.generate.load_run``) all
-build through ``build_model``: FP8, recomputation, data parallelism (and whatever ``parallelize``
+``mtk train``, ``mtk bench``, ``mtk eval-squad``, ``mtk generate`` (``mtk.generate.load_run``) and
+``mtk checkpoint import-hf`` (``mtk.hf.import_hf``, the model its weights are copied into) all build
+through ``build_model``: FP8, recomputation, data parallelism (and whatever ``parallelize``
 applies next) cannot be applied differently by one of them, so ``mtk bench`` measures the model
 ``mtk train`` trains, and initial weights come from ``config.train.seed`` everywhere.
 """

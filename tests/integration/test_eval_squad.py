@@ -8,11 +8,9 @@ import random
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from stages.main import app
+from tests.conftest import invoke
 
-runner = CliRunner()
 WORDS = [
     "apple",
     "river",
@@ -51,12 +49,6 @@ def write_squad(path: Path, articles: int, seed: int) -> None:
     path.write_text(json.dumps({"version": "1.1", "data": data}))
 
 
-def invoke(*args: str) -> str:
-    result = runner.invoke(app, list(args))
-    assert result.exit_code == 0, result.output
-    return result.output
-
-
 @pytest.mark.slow  # pretraining and fine-tuning a tiny T5
 def test_fine_tuning_raises_exact_match_and_resumes(wordpiece_sentences, tmp_path):
     write_squad(tmp_path / "train.json", 100, seed=1)
@@ -71,7 +63,7 @@ def test_fine_tuning_raises_exact_match_and_resumes(wordpiece_sentences, tmp_pat
     finetune = ["eval-squad", "--load", str(t5), "--train-file", str(tmp_path / "train.json"),
                 "--dev-file", str(tmp_path / "dev.json"), "--finetune-iters", "600", "--lr", "3e-3",
                 "--micro-batch-size", "16", "--global-batch-size", "16"]  # fmt: skip
-    output = invoke(*finetune)
+    output = invoke(*finetune).output
     out = tmp_path / "t5-squad"
     after = json.loads((out / "squad" / "metrics.json").read_text())
     assert after["exact_match"] > 40 and after["f1"] >= after["exact_match"]
@@ -82,7 +74,7 @@ def test_fine_tuning_raises_exact_match_and_resumes(wordpiece_sentences, tmp_pat
     assert manifest["stage"] == "eval-squad" and manifest["metrics"]["exact_match"] == after["exact_match"]
     assert manifest["tokenizer"]["vocab_extra_ids"] == 100
     assert (out / "latest_checkpointed_iteration.txt").read_text().strip() == "600"
-    again = invoke(*finetune)  # the fine-tuning run resumes like any run: complete, same answers
+    again = invoke(*finetune).output  # the fine-tuning run resumes like any run: complete, same answers
     assert "the run is complete" in again
     assert json.loads((out / "squad" / "predictions.json").read_text()) == predictions
 
@@ -92,8 +84,8 @@ def test_eval_squad_refuses_a_run_of_another_family(tmp_path):
     invoke("train", "--preset", "gpt-tiny", "--mock-data", "--train-iters", "1", "--seq-length", "16",
            "--num-workers", "0", "--save", str(gpt))  # fmt: skip
     write_squad(tmp_path / "dev.json", 1, seed=0)
-    result = runner.invoke(
-        app, ["eval-squad", "--load", str(gpt), "--dev-file", str(tmp_path / "dev.json"), "--no-finetune"]
+    result = invoke(
+        "eval-squad", "--load", gpt, "--dev-file", tmp_path / "dev.json", "--no-finetune", code=None
     )
     assert result.exit_code != 0 and "eval-squad fine-tunes and evaluates T5 runs" in result.output
     assert "Traceback" not in result.output

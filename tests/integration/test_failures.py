@@ -9,14 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from mtk.checkpoint import RunDir, latest_iteration
 from mtk.train.loop import Trainer
-from stages.main import app
-from tests.conftest import run
+from tests.conftest import invoke, run
 
-runner = CliRunner()
 T = ["train", "--preset", "gpt-tiny", "--mock-data", "--num-workers", "0", "--eval-interval", "0",
      "--seq-length", "16", "--log-interval", "1", "--device", "cpu"]  # fmt: skip
 
@@ -136,7 +133,7 @@ def test_interrupted_final_evaluation_is_done_on_resume_and_iterations_are_logge
 
     monkeypatch.setattr(Trainer, "evaluate", killed_at_test)
     with pytest.raises(RuntimeError, match="killed"):
-        runner.invoke(app, args, catch_exceptions=False)
+        invoke(*args, code=None, catch_exceptions=False)
     assert latest_iteration(saved) == 2  # the last iteration is saved only once its evaluation is done
     monkeypatch.setattr(Trainer, "evaluate", real)
     with RunDir(saved).metrics.open("a") as metrics:

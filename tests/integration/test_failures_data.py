@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 from mtk.data import tokenizer as tokenizers
 from mtk.data.gpt_dataset import GPTDataset
@@ -21,19 +20,10 @@ from mtk.generate import generate
 from mtk.manifest import data_manifest_path
 from mtk.models.gpt import SPEC
 from mtk.presets import load_preset
-from stages.main import app
+from tests.conftest import run
 
-runner = CliRunner()
 TRAIN = ["train", "--preset", "gpt-tiny", "--num-workers", "0", "--eval-interval", "0", "--seq-length", "8",
          "--train-iters", "1", "--device", "cpu", "--split", "1"]  # fmt: skip
-
-
-def cli(*args: str, code: int) -> str:
-    result = runner.invoke(app, list(args))
-    output = " ".join(result.output.split())
-    assert result.exit_code == code, output
-    assert "Traceback" not in result.output
-    return output
 
 
 def jsonl(path: Path, *lines: str) -> Path:
@@ -74,13 +64,13 @@ def test_a_rust_panic_in_the_tokenizer_becomes_an_error_naming_the_files(tmp_pat
 
 def test_token_ids_beyond_the_vocabulary_are_refused_naming_file_id_and_vocabulary(tmp_path, write_corpus):
     prefix = write_corpus("megatron", [[1, 2, 3, 57, 4, 5, 6, 7, 8, 9]] * 20)  # no manifest
-    output = cli(*TRAIN, "--data", prefix, "--save", str(tmp_path / "run"), "--vocab-size", "40", code=2)
+    output = run(*TRAIN, "--data", prefix, "--save", str(tmp_path / "run"), "--vocab-size", "40", code=2)
     assert f"{prefix}.bin holds token id 57, outside this run's vocabulary of 40 tokens" in output
     src = jsonl(tmp_path / "in.jsonl", *['{"text": "1 2 3 4 5 6 7 8 9 99"}'] * 20)
     prepared = prepare_data([str(src)], str(tmp_path / "p"), null(100)).outputs["text"]
     manifest = json.loads(data_manifest_path(prepared).read_text())
     data_manifest_path(prepared).write_text(json.dumps({**manifest, "vocab_size": 50}))  # understated
-    assert "holds token id 99, outside this run's vocabulary of 50" in cli(
+    assert "holds token id 99, outside this run's vocabulary of 50" in run(
         *TRAIN, "--data", prepared, "--save", str(tmp_path / "run2"), code=2
     )
     model = SPEC.build(load_preset("gpt-tiny").config.model)
@@ -121,18 +111,18 @@ def test_outputs_that_cannot_be_written_are_one_line_naming_path_and_cause(tmp_p
     blocked.write_text("")
     src = jsonl(tmp_path / "in.jsonl", '{"text": "1 2"}')
     prefix = write_corpus("corpus", [[1, 2, 3]] * 4)
-    assert f"{blocked}: a file is in the way, where a folder is needed" in cli(
+    assert f"{blocked}: a file is in the way, where a folder is needed" in run(
         "prepare-data", str(src), "-o", str(blocked / "out"), "-t", "null", "--vocab-size", "10", code=2
     )
     other = write_corpus("other", [[4, 5]] * 4)
-    assert f"{blocked}/m" in cli("merge-data", prefix, other, "-o", str(blocked / "m"), code=2)
-    assert f"{blocked}/run: Not a directory" in cli(
+    assert f"{blocked}/m" in run("merge-data", prefix, other, "-o", str(blocked / "m"), code=2)
+    assert f"{blocked}/run: Not a directory" in run(
         *TRAIN, "--mock-data", "--save", str(blocked / "run"), code=2
     )
-    assert f"{blocked}/tb: Not a directory" in cli(
+    assert f"{blocked}/tb: Not a directory" in run(
         *TRAIN, "--mock-data", "--save", str(tmp_path / "r"), "--tensorboard-dir", str(blocked / "tb"), code=2
     )
-    assert "--json /dev/full: No space left on device" in cli(
+    assert "--json /dev/full: No space left on device" in run(
         "bench",
         "--preset",
         "gpt-tiny",
@@ -151,24 +141,24 @@ def test_outputs_that_cannot_be_written_are_one_line_naming_path_and_cause(tmp_p
 def test_unclear_inputs_get_clear_messages(tmp_path, write_corpus):
     prefix = write_corpus("corpus", [[1, 2, 3]] * 4)
     Path(prefix + ".idx").write_bytes(b"")
-    assert f"{prefix}.idx: empty file, not an MMIDIDX index" in cli(
+    assert f"{prefix}.idx: empty file, not an MMIDIDX index" in run(
         *TRAIN, "--data", prefix, "--save", str(tmp_path / "r"), "--vocab-size", "10", code=2
     )
     good = write_corpus("good", [[1, 2, 3]] * 4)
     data_manifest_path(good).write_text("[1, 2]")
-    assert "good.mtk.json: expected a JSON object, found a list" in cli(
+    assert "good.mtk.json: expected a JSON object, found a list" in run(
         *TRAIN, "--data", good, "--save", str(tmp_path / "r2"), code=2
     )
     again = write_corpus("again", [[1, 2, 3]] * 4)
     before = Path(again + ".bin").read_bytes()
-    assert "is one of the inputs" in cli("merge-data", again, again, "-o", again, code=2)
+    assert "is one of the inputs" in run("merge-data", again, again, "-o", again, code=2)
     assert Path(again + ".bin").read_bytes() == before
     src = jsonl(tmp_path / "in.jsonl", '{"text": "1 2"}')
     folder = str(tmp_path / "out") + os.sep
-    assert "names a folder; give DIR/NAME" in cli(
+    assert "names a folder; give DIR/NAME" in run(
         "prepare-data", str(src), "-o", folder, "-t", "null", "--vocab-size", "10", code=2
     )
-    assert "names no key" in cli(
+    assert "names no key" in run(
         "prepare-data",
         str(src),
         "-o",
@@ -185,8 +175,8 @@ def test_unclear_inputs_get_clear_messages(tmp_path, write_corpus):
 
 
 def test_a_binary_tracker_is_named_not_a_codec_error(tmp_path):
-    run = tmp_path / "run"
-    cli(*TRAIN, "--mock-data", "--save", str(run), code=0)
-    (run / "latest_checkpointed_iteration.txt").write_bytes(b"\xff\xfe\x00garbage")
-    output = cli(*TRAIN, "--mock-data", "--save", str(run), "--train-iters", "2", code=2)
+    run_dir = tmp_path / "run"
+    run(*TRAIN, "--mock-data", "--save", str(run_dir), code=0)
+    (run_dir / "latest_checkpointed_iteration.txt").write_bytes(b"\xff\xfe\x00garbage")
+    output = run(*TRAIN, "--mock-data", "--save", str(run_dir), "--train-iters", "2", code=2)
     assert "latest_checkpointed_iteration.txt: unreadable" in output

@@ -8,15 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from mtk.checkpoint import load_checkpoint
 from mtk.config import RunConfig
 from mtk.data.tokenizer import load_tokenizer
 from mtk.models.bert import BertModel
-from stages.main import app
+from tests.conftest import invoke
 
-runner = CliRunner()
 CORPUS = Path(__file__).resolve().parents[2] / "mtk" / "assets" / "sample.jsonl"
 
 
@@ -30,10 +28,7 @@ def minilm() -> Path:
 @pytest.fixture(scope="module")
 def imported(minilm, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("hf") / "minilm"
-    result = runner.invoke(
-        app, ["checkpoint", "import-hf", str(minilm), "--preset", "bert-tiny", "--save", str(run)]
-    )
-    assert result.exit_code == 0, result.output
+    result = invoke("checkpoint", "import-hf", minilm, "--preset", "bert-tiny", "--save", run)
     assert "imported 22,920,066 parameters (6 layers, hidden 384)" in result.output
     assert "not in the checkpoint, initialised: lm_head.bias" in result.output  # a bare BertModel
     return run
@@ -82,10 +77,7 @@ def test_export_to_hf_round_trips_the_weights(minilm, imported, tmp_path):
     from safetensors.torch import load_file
     from transformers import BertForPreTraining
 
-    result = runner.invoke(
-        app, ["checkpoint", "convert", str(imported), "--to", "hf", "-o", str(tmp_path / "hf")]
-    )
-    assert result.exit_code == 0, result.output
+    invoke("checkpoint", "convert", imported, "--to", "hf", "-o", tmp_path / "hf")
     exported = load_file(tmp_path / "hf" / "model.safetensors")
     original = load_file(minilm / "model.safetensors")
     for name, tensor in original.items():
@@ -106,17 +98,13 @@ def test_import_refuses_what_it_cannot_read(tmp_path, minilm):
     (tmp_path / "gpt").mkdir()
     (tmp_path / "gpt" / "config.json").write_text(json.dumps({"model_type": "t5"}))
     (tmp_path / "gpt" / "model.safetensors").write_bytes((minilm / "model.safetensors").read_bytes()[:0])
-    result = runner.invoke(
-        app, ["checkpoint", "import-hf", str(tmp_path / "gpt"), "--save", str(tmp_path / "r")]
-    )
+    result = invoke("checkpoint", "import-hf", tmp_path / "gpt", "--save", tmp_path / "r", code=None)
     assert (
         result.exit_code != 0
         and "model_type 't5': mtk imports 'llama', 'gpt2', 'bert', 'megatron-bert'" in result.output
     )
     (tmp_path / "gpt" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    result = runner.invoke(
-        app, ["checkpoint", "import-hf", str(tmp_path / "gpt"), "--save", str(tmp_path / "r")]
-    )
+    result = invoke("checkpoint", "import-hf", tmp_path / "gpt", "--save", tmp_path / "r", code=None)
     assert result.exit_code != 0 and "config.json has no 'n_layer', which a gpt2 model needs" in result.output
     (tmp_path / "pickled").mkdir()
     (tmp_path / "pickled" / "config.json").write_text((minilm / "config.json").read_text())
@@ -127,7 +115,7 @@ def test_import_refuses_what_it_cannot_read(tmp_path, minilm):
 
     torch.save({"w": Payload()}, tmp_path / "pickled" / "pytorch_model.bin")
     pickled = ["checkpoint", "import-hf", str(tmp_path / "pickled"), "--save", str(tmp_path / "r")]
-    result = runner.invoke(app, [*pickled, "--no-tokenizer"])  # no vocab.txt: the weights alone
+    result = invoke(*pickled, "--no-tokenizer", code=None)  # no vocab.txt: the weights alone
     assert result.exit_code != 0 and "not a plain weights file" in result.output
     assert "ran code" not in result.output
 
@@ -139,11 +127,9 @@ def test_megatron_pre_norm_bert_exports_as_megatron_bert_and_imports_back(tmp_pa
     from transformers import MegatronBertForPreTraining
 
     run = tmp_path / "bert"
-    result = runner.invoke(app, ["train", "--preset", "bert-tiny", "--mock-data", "--train-iters", "3", "--seq-length", "32",
-                                 "--num-workers", "0", "--save", str(run)])  # fmt: skip
-    assert result.exit_code == 0, result.output
-    result = runner.invoke(app, ["checkpoint", "convert", str(run), "--to", "hf", "-o", str(tmp_path / "hf")])
-    assert result.exit_code == 0, result.output
+    invoke("train", "--preset", "bert-tiny", "--mock-data", "--train-iters", "3", "--seq-length", "32",
+           "--num-workers", "0", "--save", run)  # fmt: skip
+    invoke("checkpoint", "convert", run, "--to", "hf", "-o", tmp_path / "hf")
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "megatron-bert"
     model = MegatronBertForPreTraining.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
     tokens = torch.randint(5, 4096, (2, 32))
@@ -156,9 +142,9 @@ def test_megatron_pre_norm_bert_exports_as_megatron_bert_and_imports_back(tmp_pa
     assert (theirs.prediction_logits - logits[..., :4096])[mask.bool()].abs().max() <= 1e-4
     assert (theirs.seq_relationship_logits - order).abs().max() <= 1e-5
     # mock data has no tokenizer, so the exported folder has none
-    result = runner.invoke(app, ["checkpoint", "import-hf", str(tmp_path / "hf"), "--preset", "bert-tiny",
-                                 "--save", str(tmp_path / "back"), "--no-tokenizer"])  # fmt: skip
-    assert result.exit_code == 0 and "not in the checkpoint" not in result.output, result.output
+    result = invoke("checkpoint", "import-hf", tmp_path / "hf", "--preset", "bert-tiny", "--save", tmp_path / "back",
+                    "--no-tokenizer")  # fmt: skip
+    assert "not in the checkpoint" not in result.output, result.output
     original, back = load_checkpoint(run)["model"], load_checkpoint(tmp_path / "back")["model"]
     assert original.keys() == back.keys() and all(torch.equal(original[k], back[k]) for k in original)
     assert load_file(tmp_path / "hf" / "model.safetensors").keys() >= {

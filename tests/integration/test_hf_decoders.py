@@ -8,13 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from mtk.checkpoint import checkpoint_description
 from mtk.generate import generate, load_run
-from stages.main import app
+from tests.conftest import invoke
 
-runner = CliRunner()
 ASSETS = Path(__file__).resolve().parents[2] / "mtk" / "assets" / "tokenizer"
 
 
@@ -47,10 +45,7 @@ def imported(request, tmp_path_factory):
     model.save_pretrained(root / "hf", safe_serialization=True)
     write_tokenizer_json(root / "hf")
     preset = "llama-tiny" if kind == "llama" else "gpt-tiny"
-    result = runner.invoke(
-        app, ["checkpoint", "import-hf", str(root / "hf"), "--preset", preset, "--save", str(root / "run")]
-    )
-    assert result.exit_code == 0, result.output
+    result = invoke("checkpoint", "import-hf", root / "hf", "--preset", preset, "--save", root / "run")
     assert "not in the checkpoint" not in result.output and "not used" not in result.output
     return kind, model, root
 
@@ -80,19 +75,16 @@ def test_export_loads_in_transformers_with_the_same_logits(imported, tmp_path):
     from transformers import AutoModelForCausalLM
 
     kind, hf, root = imported
-    result = runner.invoke(
-        app, ["checkpoint", "convert", str(root / "run"), "--to", "hf", "-o", str(tmp_path / "out")]
-    )
-    assert result.exit_code == 0, result.output
+    invoke("checkpoint", "convert", root / "run", "--to", "hf", "-o", tmp_path / "out")
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert type(again).__name__ == type(hf).__name__
     tokens = torch.randint(0, 4096, (2, 40))
     with torch.no_grad():
         assert (again(tokens).logits - hf(tokens).logits).abs().max() <= 1e-5
     assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (root / "hf" / "tokenizer.json").read_bytes()
-    result = runner.invoke(app, ["generate", "--load", str(root / "run"), "--prompt", "The import", "--temperature", "0",
-                                 "--max-new-tokens", "5"])  # fmt: skip
-    assert result.exit_code == 0 and result.output.startswith("The import"), result.output
+    result = invoke("generate", "--load", root / "run", "--prompt", "The import", "--temperature", "0",
+                    "--max-new-tokens", "5")  # fmt: skip
+    assert result.output.startswith("The import"), result.output
 
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -112,9 +104,7 @@ def scaled(tmp_path_factory):
     model = LlamaForCausalLM(config).eval()
     model.save_pretrained(root / "hf", safe_serialization=True)
     write_tokenizer_json(root / "hf")
-    result = runner.invoke(app, ["checkpoint", "import-hf", str(root / "hf"), "--preset", "llama-tiny",
-                                 "--save", str(root / "run")])  # fmt: skip
-    assert result.exit_code == 0, result.output
+    invoke("checkpoint", "import-hf", root / "hf", "--preset", "llama-tiny", "--save", root / "run")
     return model, root
 
 
@@ -137,10 +127,7 @@ def test_llama3_rope_scaling_round_trips_through_convert_to_hf(scaled, tmp_path)
     from transformers import AutoModelForCausalLM
 
     hf, root = scaled
-    result = runner.invoke(
-        app, ["checkpoint", "convert", str(root / "run"), "--to", "hf", "-o", str(tmp_path)]
-    )
-    assert result.exit_code == 0, result.output
+    invoke("checkpoint", "convert", root / "run", "--to", "hf", "-o", tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["rope_scaling"] == LLAMA3_SCALING
     again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     tokens = torch.randint(0, 4096, (2, 96))
@@ -166,8 +153,8 @@ def test_other_rope_scalings_are_refused_with_the_reason(scaled, tmp_path, rope,
     config = json.loads((folder / "config.json").read_text())
     config.pop("rope_parameters", None)
     (folder / "config.json").write_text(json.dumps({**config, "rope_theta": 10000.0, **rope}))
-    result = runner.invoke(app, ["checkpoint", "import-hf", str(folder), "--save", str(tmp_path / "run")])
-    assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
+    result = invoke("checkpoint", "import-hf", folder, "--save", tmp_path / "run", code=2)
+    assert message in " ".join(result.output.split()), result.output
 
 
 def test_zero_centred_norms_export_as_gamma_and_import_back(tmp_path):
@@ -181,21 +168,18 @@ def test_zero_centred_norms_export_as_gamma_and_import_back(tmp_path):
     from mtk.models.gpt_hf import Llama
 
     run = tmp_path / "run"
-    result = runner.invoke(app, ["train", "--preset", "llama-tiny", "--mock-data", "--train-iters", "2", "--seq-length", "32",
-                                 "--num-workers", "0", "--set", "apply_layernorm_1p=true", "--save", str(run)])  # fmt: skip
-    assert result.exit_code == 0, result.output
+    invoke("train", "--preset", "llama-tiny", "--mock-data", "--train-iters", "2", "--seq-length", "32",
+           "--num-workers", "0", "--set", "apply_layernorm_1p=true", "--save", run)  # fmt: skip
     ours, _ = load_run(run)
     assert ours.config.apply_layernorm_1p and ours.decoder.final_norm.weight.abs().max() < 0.5  # gamma - 1
-    result = runner.invoke(app, ["checkpoint", "convert", str(run), "--to", "hf", "-o", str(tmp_path / "hf")])
-    assert result.exit_code == 0, result.output
+    invoke("checkpoint", "convert", run, "--to", "hf", "-o", tmp_path / "hf")
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     tokens = torch.randint(0, 4096, (2, 32))
     with torch.no_grad():
         expected = ours(tokens)[..., :4096]
         assert (theirs(tokens).logits - expected).abs().max() <= 1e-5
-    result = runner.invoke(app, ["checkpoint", "import-hf", str(tmp_path / "hf"), "--preset", "llama-tiny",
-                                 "--save", str(tmp_path / "back"), "--no-tokenizer"])  # fmt: skip
-    assert result.exit_code == 0, result.output
+    invoke("checkpoint", "import-hf", tmp_path / "hf", "--preset", "llama-tiny", "--save", tmp_path / "back",
+           "--no-tokenizer")  # fmt: skip
     back, _ = load_run(tmp_path / "back")
     assert not back.config.apply_layernorm_1p
     centred = GPTModel(ours.config)
@@ -231,13 +215,8 @@ def test_a_real_llama_imports_with_the_same_logits_and_greedy_tokens(tmp_path):
     config.pop("quantization_config", None)  # dequantized to fp32 on loading
     (folder / "config.json").write_text(json.dumps(config))
     tokenizer.save_pretrained(folder)
-    result = runner.invoke(
-        app,
-        ["checkpoint", "import-hf", str(folder), "--preset", "llama3-8b", "--save", str(tmp_path / "run")],
-    )
-    assert (
-        result.exit_code == 0 and "imported 134,515,008 parameters (30 layers, hidden 576)" in result.output
-    ), result.output
+    result = invoke("checkpoint", "import-hf", folder, "--preset", "llama3-8b", "--save", tmp_path / "run")
+    assert "imported 134,515,008 parameters (30 layers, hidden 576)" in result.output, result.output
     model, ours_tokenizer = load_run(tmp_path / "run")
     for prompt in ("The capital of France is", "def fibonacci(n):", "Water boils at a temperature of"):
         ids = ours_tokenizer.encode(prompt)

@@ -10,23 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from mtk.checkpoint import load_checkpoint
 from mtk.generate import load_run
-from stages.main import app
-
-runner = CliRunner()
+from tests.conftest import run
 
 
 def import_hf(folder: Path, *options: str, code: int) -> str:
     save = folder.parent / "run"
-    result = runner.invoke(app, ["checkpoint", "import-hf", str(folder), "--preset", "llama-tiny",
-                                 "--save", str(save), *options])  # fmt: skip
-    output = " ".join(result.output.split())
-    assert result.exit_code == code, output
-    assert "Traceback" not in result.output
-    return output
+    return run(
+        "checkpoint", "import-hf", folder, "--preset", "llama-tiny", "--save", save, *options, code=code
+    )
 
 
 @pytest.fixture(scope="module")

@@ -14,14 +14,11 @@ import json
 import textwrap
 
 import pytest
-from typer.testing import CliRunner
 
 from mtk.megatron import IMPLIED, PROGRAM, TABLE, import_script
 from mtk.presets import load_preset
 from mtk.shell_script import find_command, is_script_word
-from stages.main import app
-
-runner = CliRunner()
+from tests.conftest import invoke
 
 GPT3_175B = r"""
 #!/bin/bash
@@ -358,20 +355,16 @@ def test_recipe_scripts_list_what_mtk_does_not_take():
 
 def test_show_megatron_then_import_then_train(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    shown = runner.invoke(app, ["presets", "show", "llama-tiny", "--megatron"])
-    assert shown.exit_code == 0, shown.output
+    shown = invoke("presets", "show", "llama-tiny", "--megatron")
     assert "pretrain_gpt.py \\\n    --num-layers 2 \\\n" in shown.output and "--swiglu \\\n" in shown.output
     (tmp_path / "tiny.sh").write_text(shown.output)
-    result = runner.invoke(app, ["presets", "import-megatron", "tiny.sh", "-o", "tiny.toml"])
-    assert result.exit_code == 0, result.output
+    result = invoke("presets", "import-megatron", "tiny.sh", "-o", "tiny.toml")
     assert "train it: mtk train --preset ./tiny.toml" in result.output
     assert load_preset("./tiny.toml").config == load_preset("llama-tiny").config
-    again = runner.invoke(app, ["presets", "import-megatron", "tiny.sh", "-o", "tiny.toml"])
-    assert again.exit_code == 2 and "--force" in again.output
-    trained = runner.invoke(app, ["train", "--preset", "./tiny.toml", "--mock-data", "--train-iters", "1",
-                                  "--seq-length", "32", "--device", "cpu", "--num-workers", "0",
-                                  "--eval-interval", "0", "--save", "run"])  # fmt: skip
-    assert trained.exit_code == 0, trained.output
+    again = invoke("presets", "import-megatron", "tiny.sh", "-o", "tiny.toml", code=2)
+    assert "--force" in again.output
+    invoke("train", "--preset", "./tiny.toml", "--mock-data", "--train-iters", "1", "--seq-length", "32",
+           "--device", "cpu", "--num-workers", "0", "--eval-interval", "0", "--save", "run")  # fmt: skip
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["model"]["swiglu"] is True and config["model"]["num_query_groups"] == 2
 
@@ -381,10 +374,7 @@ def test_import_reports_unknown_and_skipped_arguments(tmp_path):
     script.write_text("torchrun pretrain_bert.py --num-layers 2 --hidden-size 64 --num-attention-heads 4 "
                       "--seq-length 64 --max-position-embeddings 64 --micro-batch-size 2 --lr 1e-4 \\\n"
                       "  --moe-router-topk 2 --save /ckpt --wandb-project p --bert-no-binary-head\n")  # fmt: skip
-    result = runner.invoke(
-        app, ["presets", "import-megatron", str(script), "-o", str(tmp_path / "bert.toml")]
-    )
-    assert result.exit_code == 0, result.output
+    result = invoke("presets", "import-megatron", script, "-o", tmp_path / "bert.toml")
     assert "not imported (mtk has no such setting):\n  --moe-router-topk 2" in result.output
     assert "--save" in result.output and "--wandb-project" in result.output
     text = (tmp_path / "bert.toml").read_text()
@@ -393,5 +383,5 @@ def test_import_reports_unknown_and_skipped_arguments(tmp_path):
     assert preset.config.model.family == "bert" and preset.config.model.bert_binary_head is False
     broken = tmp_path / "broken.sh"
     broken.write_text("python pretrain_gpt.py --num-layers $LAYERS\n")
-    failed = runner.invoke(app, ["presets", "import-megatron", str(broken), "-o", str(tmp_path / "b.toml")])
-    assert failed.exit_code == 2 and "LAYERS" in failed.output and not (tmp_path / "b.toml").exists()
+    failed = invoke("presets", "import-megatron", broken, "-o", tmp_path / "b.toml", code=2)
+    assert "LAYERS" in failed.output and not (tmp_path / "b.toml").exists()

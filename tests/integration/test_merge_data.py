@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import json
 
-from typer.testing import CliRunner
-
 from mtk.data.indexed import IndexedDataset
 from mtk.data.prepare import prepare_data
 from mtk.data.tokenizer import load_tokenizer
 from mtk.manifest import read_manifest
-from stages.main import app
-
-runner = CliRunner()
+from tests.conftest import invoke
 
 
 def prepared(tmp_path, name, texts, vocab_size=50):
@@ -26,8 +22,7 @@ def prepared(tmp_path, name, texts, vocab_size=50):
 def test_merge_concatenates_and_records_the_tokenizer(tmp_path):
     a = prepared(tmp_path, "a", ["1 2", "3"])
     b = prepared(tmp_path, "b", ["", "4 5 6"])
-    result = runner.invoke(app, ["merge-data", a, b, "-o", str(tmp_path / "all")])
-    assert result.exit_code == 0, result.output
+    invoke("merge-data", a, b, "-o", tmp_path / "all")
     merged = IndexedDataset(tmp_path / "all")
     assert [[t for s in merged.document(d) for t in s.tolist()] for d in range(4)] == [
         [1, 2],
@@ -43,7 +38,6 @@ def test_merge_concatenates_and_records_the_tokenizer(tmp_path):
 def test_merge_refuses_different_tokenizers(tmp_path):
     a = prepared(tmp_path, "a", ["1 2"], vocab_size=50)
     b = prepared(tmp_path, "b", ["1 2"], vocab_size=60)
-    result = runner.invoke(app, ["merge-data", a, b, "-o", str(tmp_path / "all")])
-    assert result.exit_code == 2
+    result = invoke("merge-data", a, b, "-o", tmp_path / "all", code=2)
     assert "prepared with different tokenizers" in result.output
     assert not (tmp_path / "all.bin").exists()

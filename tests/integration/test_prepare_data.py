@@ -13,16 +13,13 @@ import time
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 from mtk.data.indexed import IndexedDataset
 from mtk.data.prepare import PrepareError, prepare_data
 from mtk.data.tokenizer import load_tokenizer
 from mtk.data.tokenizer_training import train_tokenizer
 from mtk.manifest import read_manifest, sha256_file
-from stages.main import app
-
-runner = CliRunner()
+from tests.conftest import invoke
 
 
 def spec_index_bytes(dtype_code: int, itemsize: int, documents: list[list[list[int]]]) -> bytes:
@@ -247,30 +244,15 @@ def test_split_sentences_writes_sentence_level_index(tmp_path, bpe_dir):
 def test_cli_summary_and_errors(tmp_path):
     src = write_jsonl(tmp_path / "in.jsonl", RECORDS)
     out = str(tmp_path / "cli")
-    result = runner.invoke(
-        app,
-        [
-            "prepare-data",
-            str(src),
-            "-o",
-            out,
-            "-t",
-            "null",
-            "--vocab-size",
-            "10",
-            "-k",
-            "text,title",
-            "-w",
-            "1",
-        ],
+    result = invoke(
+        "prepare-data", src, "-o", out, "-t", "null", "--vocab-size", "10", "-k", "text,title", "-w", "1"
     )
-    assert result.exit_code == 0, result.output
     assert "prepare-data summary" in result.output and "empty documents" in result.output
     assert (tmp_path / "cli_title_document.idx").exists()
-    bad = runner.invoke(
-        app, ["prepare-data", str(tmp_path / "nope.jsonl"), "-o", out, "-t", "null", "--vocab-size", "10"]
+    bad = invoke(
+        "prepare-data", tmp_path / "nope.jsonl", "-o", out, "-t", "null", "--vocab-size", "10", code=2
     )
-    assert bad.exit_code == 2 and "nope.jsonl: no such file or directory" in bad.output
+    assert "nope.jsonl: no such file or directory" in bad.output
 
 
 @pytest.mark.slow  # a prepare-data subprocess, interrupted

@@ -16,7 +16,6 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 from mtk.data.indexed import IndexedDataset
 from mtk.data.prepare import prepare_data
@@ -27,7 +26,7 @@ from mtk.manifest import sha256_file
 from mtk.retro.db import bert_tokenizer, build_db, check_inputs
 from mtk.retro.index import build_index, search
 from mtk.retro.query import Retriever, gpt_samples, query_neighbours, verified_neighbours
-from stages.main import app
+from tests.conftest import invoke
 
 SETTINGS = dict(retro_chunk_length=8, seq_length=16, split="90,10,0", seed=1, train_samples=16, global_batch_size=4,
                 eval_interval=2, eval_iters=1, data_cache_path=None)  # fmt: skip
@@ -105,7 +104,7 @@ def edit(project: RetroProject, stage: str, key: str, value, manifest_too: bool 
 
 
 def refusal(*args: str) -> str:
-    result = CliRunner().invoke(app, list(args))
+    result = invoke(*args, code=None)
     assert result.exit_code != 0, result.output
     assert not isinstance(result.exception, AssertionError | AttributeError | IndexError | RuntimeError), (
         result.exception
@@ -303,7 +302,7 @@ def test_the_uncased_minilm_embeds_capitalised_words_as_it_was_trained(tmp_path,
     root = tmp_path / "project"
     build = ["retro", "build-db", "--project", str(root), "--data", data, "--bert-tokenizer", str(minilm),
              "--retro-chunk-length", "8", "--seq-length", "16", "--train-samples", "16"]  # fmt: skip
-    CliRunner().invoke(app, build, catch_exceptions=False)
+    invoke(*build, code=None, catch_exceptions=False)
     assert RetroProject(root).stage("build-db")["lower_case"] is True
     embedder = _embedder(root, None)  # the tokenizer and weights `mtk retro index` embeds with
     unknown = embedder.tokenizer.special_ids["unk"]

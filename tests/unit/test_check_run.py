@@ -198,3 +198,56 @@ def test_an_override_replaces_what_the_preset_gives_in_other_units():
     assert run_problems(by_samples, 1, family_spec("gpt")) == []
     staircase = config("gpt3-175b", rampup_batch_size=[16, 16, 5859375])
     assert staircase.train.batch_size_ramp is None
+
+
+@pytest.mark.parametrize(
+    ("preset", "overrides", "message"),
+    [
+        ("gpt-tiny", {"retro_chunk_length": 32},
+         "retro_chunk_length = 32 is a setting of family 'retro'; this run is family 'gpt': remove it"),
+        ("llama-tiny", {"decoder_num_layers": 4},
+         "decoder_num_layers = 4 is a setting of family 't5'; this run is family 'gpt': remove it"),
+        ("bert-tiny", {"decoder_seq_length": 64},
+         "decoder_seq_length = 64 is a setting of family 't5'; this run is family 'bert': remove it"),
+        ("t5-tiny", {"bert_binary_head": False},
+         "bert_binary_head = False is a setting of family 'bert'; this run is family 't5': remove it"),
+        ("retro-tiny", {"retro_num_neighbors": 4, "decoder_num_layers": 2},
+         "decoder_num_layers = 2 is a setting of family 't5'; this run is family 'retro': remove it"),
+    ],
+)  # fmt: skip
+def test_a_setting_of_another_family_is_refused_naming_its_family(preset, overrides, message):
+    """Each family declares the model settings only it reads (``config_fields``); a run of another
+    family that moves one from its default is refused, whatever else it gets right."""
+    cfg = config(preset, **overrides)
+    (problem,) = run_problems(cfg, 1, family_spec(cfg.model.family))
+    assert (problem.rule, problem.message) == ("family", message)
+    with pytest.raises(ConfigError, match=message):
+        check(cfg, 1)
+
+
+def test_settings_several_families_read_and_defaults_given_again_are_no_problem():
+    assert run_problems(config("gpt-tiny", post_norm=True), 1, family_spec("gpt")) == []
+    again = config("gpt-tiny", retro_chunk_length=64, bert_binary_head=True, decoder_num_layers=None)
+    assert run_problems(again, 1, family_spec("gpt")) == []
+    for name in family_spec("retro").config_fields:
+        assert (
+            name in family_spec("gpt").foreign_fields() and name not in family_spec("retro").foreign_fields()
+        )
+
+
+def test_no_preset_sets_another_familys_settings():
+    from mtk.presets import preset_names
+
+    for name in preset_names():
+        cfg = config(name, train_iters=1)
+        spec = family_spec(cfg.model.family)
+        assert spec.foreign_settings(cfg.model) == [], name
+
+
+def test_retro_refuses_post_norm_before_building():
+    cfg = config("retro-tiny", post_norm=True)
+    problems = run_problems(cfg, 1, family_spec("retro"))
+    assert [p.rule for p in problems] == ["family"]
+    assert "retro: post_norm is not supported: the RETRO decoder is pre-norm" in problems[0].message
+    with pytest.raises(ConfigError, match="post_norm is not supported"):
+        check(cfg, 1)

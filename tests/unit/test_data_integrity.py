@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 import mtk.data.indexed as indexed
 from mtk.data.blended import BlendedDataset, parse_blend
@@ -22,7 +21,7 @@ from mtk.data.prepare import prepare_data
 from mtk.data.prepared import data_facts, merge_prepared
 from mtk.data.tokenizer import load_tokenizer
 from mtk.manifest import ManifestError, data_manifest_path
-from stages.main import app
+from tests.conftest import run
 
 TRAIN = ["train", "--preset", "gpt-tiny", "--num-workers", "0", "--eval-interval", "0", "--seq-length", "8",
          "--train-iters", "1", "--device", "cpu", "--split", "1", "--vocab-size", "64"]  # fmt: skip
@@ -30,9 +29,7 @@ TRAIN = ["train", "--preset", "gpt-tiny", "--num-workers", "0", "--eval-interval
 
 def train_error(tmp_path: Path, data: str) -> str:
     """The one-line error of `mtk train --data DATA` (exit code 2, no traceback)."""
-    result = CliRunner().invoke(app, [*TRAIN, "--data", data, "--save", str(tmp_path / "run")])
-    output = " ".join(result.output.split())
-    assert result.exit_code == 2 and "Traceback" not in result.output, output
+    output = run(*TRAIN, "--data", data, "--save", tmp_path / "run", code=2)
     assert output.startswith("error: ")
     return output
 

@@ -6,7 +6,6 @@ import contextlib
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from mtk.config import apply_overrides
 from mtk.models.gpt import SPEC, GPTModel
@@ -15,7 +14,7 @@ from mtk.plan import GIB, Layout, estimate_memory, suggest_layout, valid
 from mtk.presets import load_preset, preset_names
 from mtk.train.optim import build_optimizer
 from mtk.train.step import StepRunner
-from stages.main import app
+from tests.conftest import invoke
 
 MARGIN = 0.2  # the estimate is within 20% of the measured peak
 
@@ -99,30 +98,24 @@ def test_suggestion_fits_and_is_valid_or_is_none():
 
 
 def test_plan_cli_lists_every_recipe_and_rejects_bad_layouts():
-    runner = CliRunner()
-    result = runner.invoke(app, ["plan", "--all"], env={"COLUMNS": "250"})
-    assert result.exit_code == 0, result.output
+    result = invoke("plan", "--all", env={"COLUMNS": "250"})
     for name in preset_names():
         assert (name in result.output) != load_preset(name).tiny
-    result = runner.invoke(app, ["plan", "--preset", "llama3-8b", "--gpus", "8"], env={"COLUMNS": "250"})
-    assert result.exit_code == 0 and "optimizer" in result.output and "TP1 PP1 CP2 DP4 zero2" in result.output
-    result = runner.invoke(app, ["plan", "--preset", "llama3-8b", "--tp", "3"], env={"COLUMNS": "250"})
+    result = invoke("plan", "--preset", "llama3-8b", "--gpus", "8", env={"COLUMNS": "250"})
+    assert "optimizer" in result.output and "TP1 PP1 CP2 DP4 zero2" in result.output
+    result = invoke("plan", "--preset", "llama3-8b", "--tp", "3", code=None, env={"COLUMNS": "250"})
     assert result.exit_code != 0 and "not a valid layout" in result.output
     assert "num_attention_heads 32 is not divisible by TP 3" in " ".join(result.output.split())
 
 
 def test_tables_and_log_records_keep_one_line_each_when_output_is_not_a_terminal(tmp_path):
     """Slurm logs and pipes are 80 columns by default: a row or a record must not wrap there."""
-    runner = CliRunner()
-    result = runner.invoke(app, ["plan", "--all"], env={"COLUMNS": "80"})
-    assert result.exit_code == 0, result.output
+    result = invoke("plan", "--all", env={"COLUMNS": "80"})
     for name in (n for n in preset_names() if not load_preset(n).tiny):
         (row,) = [line for line in result.output.splitlines() if f" {name} " in line]
         assert "TP" in row and (" yes " in row or " no " in row) and "…" not in row
-    result = runner.invoke(app, ["train", "--preset", "gpt-tiny", "--mock-data", "--save", str(tmp_path / "r"),
-                                 "--train-iters", "2", "--log-interval", "1", "--seq-length", "16",
-                                 "--num-workers", "0"], env={"COLUMNS": "80"})  # fmt: skip
-    assert result.exit_code == 0, result.output
+    result = invoke("train", "--preset", "gpt-tiny", "--mock-data", "--save", tmp_path / "r", "--train-iters", "2",
+                    "--log-interval", "1", "--seq-length", "16", "--num-workers", "0", env={"COLUMNS": "80"})  # fmt: skip
     records = [line for line in result.output.splitlines() if line.startswith("iter ")]
     assert len(records) == 2 and all("loss" in line and line.rstrip().endswith("GiB") for line in records)
 

@@ -162,3 +162,29 @@ def test_tiny_presets_keep_the_settings_their_tests_rely_on():
         train = config.train
         assert (train.lr_decay_style, train.eval_iters, train.eval_interval, train.lr_warmup_iters) == (
             "cosine", 5, 100, 10), name  # fmt: skip
+
+
+def test_presets_show_lists_the_parameters_by_part_and_only_this_familys_settings():
+    """`presets show`: the count by part of the model (summing to the count, in --json too), and the
+    model settings of other families only where the preset sets them."""
+    import json
+    import re
+
+    from tests.conftest import invoke, run
+
+    shown = run("presets", "show", "gpt3-175b")
+    assert "parameters by part" in shown and re.search(r"decoder layers\W+173,961,510,912\W+99\.6%", shown)
+    for hidden in ("retro_chunk_length", "retro_num_neighbors", "decoder_num_layers", "bert_binary_head"):
+        assert hidden not in shown
+    assert "post_norm" in shown  # read by every family's layers
+    t5 = run("presets", "show", "t5-tiny")
+    assert "decoder_num_layers" in t5 and "decoder final norm" in t5 and "retro_chunk_length" not in t5
+    retro = run("presets", "show", "retro-857m")
+    assert (
+        "retrieval encoder" in retro and "retro_num_neighbors" in retro and "decoder_seq_length" not in retro
+    )
+    for name in ("gpt3-175b", "t5-220m", "retro-tiny", "bert-tiny"):
+        payload = json.loads(invoke("presets", "show", name, "--json").output)
+        parts = payload["parameter_breakdown"]
+        assert sum(parts.values()) == payload["num_parameters"] and "embeddings" in parts
+        assert "retro_chunk_length" in payload["model"]  # the JSON keeps the whole config

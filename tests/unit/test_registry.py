@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mtk.config import ConfigError, RunConfig, apply_overrides
+from mtk.config import ConfigError, RunConfig, apply_overrides, check_run
 from mtk.models import family_names, family_spec, register_family, unregister_family
 from mtk.models.gpt import GPTFamily, GPTModel
 from mtk.models.spec import PipelinedFamily, TrainableFamily
-from mtk.presets import load_preset
+from mtk.presets import load_preset, preset_names
 from tests.conftest import read_metrics, run
 from tests.unit.test_parallel import check_pipeline_stages_compose, check_tp_plan
 
@@ -107,6 +107,12 @@ def test_registration_refuses_another_spec_under_a_known_name(toy):
         register_family("toy", object())
     with pytest.raises(ConfigError, match="built in"):
         unregister_family("gpt")
+    stray = type("Stray", (ToyFamily,), {"name": "stray", "config_fields": ("retro_chunk_size",)})()
+    with pytest.raises(
+        ConfigError, match=r"config_fields \['retro_chunk_size'\] are not fields of ModelConfig"
+    ):
+        register_family("stray", stray)
+    assert "stray" not in family_names()
 
 
 def test_a_family_registered_outside_mtk_trains_plans_and_shows(toy, tmp_path):
@@ -114,6 +120,7 @@ def test_a_family_registered_outside_mtk_trains_plans_and_shows(toy, tmp_path):
     output = run("presets", "show", str(toy))
     parameters = TOY.num_parameters(load_preset(str(toy)).config.model)
     assert f"parameters: {parameters:,}" in output and "'toy'" in output
+    assert "decoder layers" in output and "retro_chunk_length" not in output  # GPT's breakdown, no RETRO rows
     output = run("plan", "--preset", str(toy), "--gpus", "2")
     assert "TP" in output
     run("train", "--preset", str(toy), "--mock-data", "--train-iters", "2", "--log-interval", "1",
@@ -129,3 +136,74 @@ def test_a_registered_family_goes_through_the_layout_checks_of_the_built_in_ones
     assert isinstance(family_spec("toy"), PipelinedFamily)
     check_pipeline_stages_compose(config)
     check_tp_plan(config.model)
+
+
+def _presets_of(name: str, toy) -> list[str]:
+    """The tiny preset and a recipe of family ``name`` (the toy's preset file for the toy)."""
+    if name == "toy":
+        return [str(toy)]
+    recipe = next(
+        p for p in preset_names() if not load_preset(p).tiny and load_preset(p).config.model.family == name
+    )
+    return [family_spec(name).tiny_preset, recipe]
+
+
+def test_every_family_breaks_its_parameter_count_down_by_part(toy):
+    """The parts `mtk presets show` lists sum to the count, for every family, tiny and recipe sized."""
+    for name in family_names():
+        spec = family_spec(name)
+        for preset in _presets_of(name, toy):
+            config = load_preset(preset).config
+            spec.complete(config.model)
+            tp = config.parallel.tensor_model_parallel_size
+            parts = spec.parameter_breakdown(config.model, tp)
+            assert parts and all(count > 0 for count in parts.values()), (preset, parts)
+            assert sum(parts.values()) == spec.num_parameters(config.model, tp), (preset, parts)
+    assert list(family_spec("t5").parameter_breakdown(load_preset("t5-tiny").config.model)) == [
+        "embeddings", "encoder layers", "encoder final norm", "decoder layers", "decoder final norm", "LM head"
+    ]  # fmt: skip
+    assert "retrieval encoder" in family_spec("retro").parameter_breakdown(
+        load_preset("retro-tiny").config.model
+    )
+
+
+@pytest.mark.parametrize("preset", ["gpt-tiny", "llama-tiny", "bert-tiny", "t5-tiny", "retro-tiny"])
+def test_each_part_of_the_breakdown_is_the_size_of_its_modules(preset):
+    """The parts, against the model built on meta: each part's modules (by parameter name) hold as many
+    parameters as the part says."""
+    config = load_preset(preset).config
+    spec = family_spec(config.model.family)
+    spec.complete(config.model)
+    with torch.device("meta"):
+        model = spec.new_model(config.model)
+    modules = {
+        "embeddings": ("embedding.", "position_embedding.", "token_type_embedding."),
+        "embedding norm": ("embedding_norm.",),
+        "decoder layers": ("decoder.layers.",),
+        "encoder layers": ("encoder.layers.",),
+        "final norm": ("decoder.final_norm.", "encoder.final_norm."),
+        "encoder final norm": ("encoder.final_norm.",),
+        "decoder final norm": ("decoder.final_norm.",),
+        "output layer": ("output.",),
+        "LM head": ("lm_head.",),
+        "pooler and sentence-order head": ("pooler.", "binary_head."),
+    }
+    counted = {part: 0 for part in spec.parameter_breakdown(config.model)}
+    for path, parameter in model.named_parameters():
+        encoder = ".cross_attention.encoder." in path  # RETRO's, inside its first retrieval layer
+        part = (
+            "retrieval encoder"
+            if encoder
+            else next(p for p, names in modules.items() if path.startswith(names) and p in counted)
+        )
+        counted[part] += parameter.numel()
+    assert counted == spec.parameter_breakdown(config.model)
+
+
+def test_a_registered_family_refuses_the_settings_of_the_others(toy):
+    config = apply_overrides(load_preset(str(toy)).sections, {"mock_data": True, "retro_chunk_length": 32})
+    with pytest.raises(
+        ConfigError, match="retro_chunk_length = 32 is a setting of family 'retro'; this run is family 'toy'"
+    ):
+        check_run(config, 1, family_spec("toy"))
+    check_run(apply_overrides(load_preset(str(toy)).sections, {"mock_data": True}), 1, family_spec("toy"))

@@ -8,12 +8,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 from mtk.data.indexed import IndexedDataset
 from mtk.data.tokenizer import TokenizerError, declared_lower_case, load_tokenizer, tokenizer_from_manifest
 from mtk.manifest import data_manifest_path, write_manifest
-from stages.main import app
+from tests.conftest import invoke
 
 TEXT = "The Import Statement loads a Module, as Python's Documentation explains."
 UNK = 100  # [UNK] in the MiniLM (bert-base-uncased) vocabulary
@@ -124,8 +123,7 @@ def test_prepare_data_with_the_minilm_vocabulary_records_lower_case_and_no_unkno
     (tmp_path / "in.jsonl").write_text(json.dumps({"text": TEXT}) + "\n")
     prefix = tmp_path / "out"
     args = ["prepare-data", str(tmp_path / "in.jsonl"), "-o", str(prefix), "-t", str(minilm / "vocab.txt")]
-    result = CliRunner().invoke(app, [*args, "--tokenizer-type", "wordpiece", "--workers", "1"])
-    assert result.exit_code == 0, result.output
+    invoke(*args, "--tokenizer-type", "wordpiece", "--workers", "1")
     data = f"{prefix}_text_document"
     assert json.loads(data_manifest_path(data).read_text())["tokenizer"]["lower_case"] is True
     assert IndexedDataset(data)[0].tolist() == reference_ids(minilm, TEXT)
