@@ -457,6 +457,13 @@ class TrainConfig:
         1, "Layers at the start kept out of FP8.", range=up_to(MAX_LAYERS)
     )
     num_layers_at_end_in_bf16: int = setting(1, "Layers at the end kept out of FP8.", range=up_to(MAX_LAYERS))
+    compile: bool | None = setting(
+        None,
+        "torch.compile each transformer block in place (regional compilation, as torchtitan; parameter "
+        "names unchanged, checkpoints load either way); unset: on for CUDA devices, off on CPU (it does "
+        "not pay for the tiny CPU presets: docs/benchmarks.md). Generation stays eager.",
+        flag="--compile/--no-compile",
+    )
     log_interval: int = setting(
         100, "Steps between log lines / metrics records.", range=positive(MAX_ITERS), flag="--log-interval"
     )

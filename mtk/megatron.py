@@ -167,6 +167,10 @@ MTK_ONLY: dict[str, tuple[tuple[Any, ...] | None, str]] = {
     ),
     "fp8_backend": (("auto", "te"), "Megatron runs FP8 through Transformer Engine only"),
     "fp8_strict": ((False, True), "Megatron has no other FP8 backend to fall back to"),
+    "compile": (
+        (None, False, True),
+        "Megatron-LM has no torch.compile switch; compiling changes speed, not the model",
+    ),
     "retro_chunk_length": (
         None,
         "pretrain_retro.py reads it from --retro-project-dir (retro_gpt_chunk_length)",

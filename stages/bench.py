@@ -15,7 +15,9 @@ SUMMARY = "Measure steady-state training speed of a preset: step time, tokens/s,
 MAX_STEPS = 100_000  # of --iters and --warmup: a steady state shows within a few hundred steps
 
 
-@with_config_options("micro_batch_size", "global_batch_size", "seq_length", "recompute_granularity")
+@with_config_options(
+    "micro_batch_size", "global_batch_size", "seq_length", "recompute_granularity", "compile"
+)
 def bench(
     preset: Preset,
     config_values: dict[str, Any],

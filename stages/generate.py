@@ -41,7 +41,8 @@ def generate(
         "(embedded by the project's BERT).",
     ),
 ) -> None:
-    """Print the prompt's continuation; generation stops at the end-of-document token."""
+    """Print the prompt's continuation; generation stops at the end-of-document token. Generation runs
+    eager (no torch.compile, whatever the run's --compile): its KV cache grows by a token a step."""
     from mtk.checkpoint import CheckpointError
     from mtk.generate import generate as run
     from mtk.generate import load_run

@@ -14,7 +14,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mtk.data.helpers import build_sample_index, cached_indices, default_cache_dir, index_description
+from mtk.data.helpers import (
+    build_sample_index,
+    cached_indices,
+    default_cache_dir,
+    index_description,
+    total_length,
+)
 from mtk.data.indexed import IndexedDataset
 from mtk.data.splits import SPLIT_NAMES, split_indices
 
@@ -38,7 +44,7 @@ def build_indices(
     and ``shuffle_index`` (uint32, or int64 when that large): sample ``i`` of the dataset is row
     ``shuffle_index[i]`` of the sample index. There are at least ``num_samples`` samples.
     """
-    tokens_per_epoch = int(sequence_lengths[indices].sum(dtype=np.int64))
+    tokens_per_epoch = total_length(sequence_lengths, indices)
     if tokens_per_epoch < 2:
         raise ValueError(f"{len(indices)} sequences hold {tokens_per_epoch} tokens: too few to make samples")
     # n samples of seq_length + 1 tokens, each sharing one with the next, need n * seq_length + 1 tokens.

@@ -108,7 +108,7 @@ class IndexWriter:
         return encode_index(self.dtype, self.sequence_lengths(), self.document_indices())
 
 
-CHECK_BLOCK = 1 << 22  # entries per numpy pass of check_index: bounded memory on a 100M-sequence index
+CHECK_BLOCK = 1 << 20  # entries per numpy pass of check_index: a few MB of temporaries at any size
 CORRUPT = "the index is damaged or was not written for this data: restore it, or prepare the data again"
 
 
@@ -136,23 +136,27 @@ def check_index(
             f"expected the sequence count {count}; {CORRUPT}"
         )
     start = 0  # byte offset where the block's first sequence must begin
+    expected = np.empty(min(count, CHECK_BLOCK), np.int64)  # reused: where each sequence must begin
     for begin in range(0, count, CHECK_BLOCK):
-        block = lengths[begin : begin + CHECK_BLOCK].astype(np.int64)
+        block = lengths[begin : begin + CHECK_BLOCK]
         bad = _first(block < 0)
         if bad is not None:
             raise IndexedDatasetError(
                 f"{index_file}: sequence {begin + bad} has length {int(block[bad])}; lengths cannot be "
                 f"negative; {CORRUPT}"
             )
-        ends = start + np.cumsum(block * itemsize)
-        expected = np.concatenate(([start], ends[:-1]))
-        bad = _first(pointers[begin : begin + CHECK_BLOCK] != expected)
+        starts = expected[: len(block)]
+        starts[0] = start
+        np.cumsum(block[:-1], dtype=np.int64, out=starts[1:])
+        starts[1:] *= itemsize
+        starts[1:] += start
+        bad = _first(pointers[begin : begin + CHECK_BLOCK] != starts)
         if bad is not None:
             raise IndexedDatasetError(
                 f"{index_file}: sequence {begin + bad} starts at byte {int(pointers[begin + bad])}, expected "
-                f"{int(expected[bad])} (the {itemsize}-byte tokens of the sequences before it); {CORRUPT}"
+                f"{int(starts[bad])} (the {itemsize}-byte tokens of the sequences before it); {CORRUPT}"
             )
-        start = int(ends[-1])
+        start = int(starts[-1]) + int(block[-1]) * itemsize
     for begin in range(0, len(documents) - 1, CHECK_BLOCK):
         block = documents[begin : begin + CHECK_BLOCK + 1]
         bad = _first(block[1:] < block[:-1])

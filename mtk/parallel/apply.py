@@ -1,8 +1,9 @@
 """Turn a plain single-device model into this rank's part of a parallel one, from outside the model code.
 
 The order follows torchtitan: FP8 conversion of the layers' linears, pipeline split, tensor (+
-sequence) parallel, context parallel, activation recomputation, then data parallelism through FSDP2
-(which must see the final modules).
+sequence) parallel, context parallel, activation recomputation, torch.compile of each transformer
+block (``mtk.parallel.compile``, with ``compile`` on), then data parallelism through FSDP2 (which must
+see the final modules).
 What to split where comes from the family spec (``mtk.models.spec``); ``ParallelModel`` holds the
 result: this rank's model parts, the layout and the mesh. Running steps on it is ``mtk.train.step``.
 """
@@ -104,6 +105,7 @@ def parallelize(
     allocated and initialised from ``config.train.seed`` (the same weights as a single-process
     model), so no rank ever holds the whole model.
     """
+    from mtk.parallel.compile import CompilePlan, apply_compile, compile_wanted
     from mtk.parallel.fp8 import convert_to_fp8, plan_fp8
 
     parallel, seed = config.parallel, config.train.seed
@@ -112,6 +114,7 @@ def parallelize(
     fp8 = plan_fp8(config, device)
     if fp8 is not None:  # torchao's Float8Linear in place of the layers' linears, before TP and FSDP
         convert_to_fp8(model, family.blocks(model), config, fp8)
+    compiled = CompilePlan(*compile_wanted(config, device))
 
     def materialise(part: nn.Module) -> None:
         if on_meta:
@@ -120,8 +123,10 @@ def parallelize(
 
     if mesh is None:
         apply_recompute(family.blocks(model), parallel.recompute_granularity)
+        if compiled.enabled:
+            apply_compile(model, family.blocks(model), compiled)
         materialise(model)
-        return ParallelModel([model.to(device)], device=device, fp8=fp8)
+        return ParallelModel([model.to(device)], device=device, fp8=fp8, compiled=compiled)
     from mtk.parallel.context import apply_context_parallel
     from mtk.parallel.pipeline import split_model
     from mtk.parallel.tensor import apply_tensor_parallel
@@ -142,10 +147,14 @@ def parallelize(
         if dims.cp > 1:
             apply_context_parallel(family.blocks(part), mesh["cp"])
         apply_recompute(family.blocks(part), parallel.recompute_granularity)
+        if compiled.enabled:  # the checkpoint-wrapped blocks, before FSDP2 wraps them
+            apply_compile(part, family.blocks(part), compiled)
         if data_mesh is not None:
             apply_data_parallel(part, family.blocks(part), data_mesh, parallel)
         materialise(part)
-    return ParallelModel(parts, dims, mesh, device, indices, fp8, data_parallel=data_mesh is not None)
+    return ParallelModel(
+        parts, dims, mesh, device, indices, fp8, data_parallel=data_mesh is not None, compiled=compiled
+    )
 
 
 @dataclass
@@ -159,6 +168,7 @@ class ParallelModel:
     stage_indices: list[int] = field(default_factory=lambda: [0])
     fp8: Any = None  # mtk.parallel.fp8.FP8Plan when FP8 is on
     data_parallel: bool = False  # the parts are wrapped by FSDP2 / replicate
+    compiled: Any = None  # mtk.parallel.compile.CompilePlan: whether (and what) torch.compile compiled
 
     @property
     def cp_group(self):

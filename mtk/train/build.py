@@ -41,7 +41,7 @@ class BuiltModel:
         return self.model.parts[0]
 
     def describe(self) -> str:
-        """What was applied to the plain model: FP8, recomputation, data-parallel wrapping."""
+        """What was applied to the plain model: FP8, recomputation, torch.compile, data-parallel wrapping."""
         fp8 = self.model.fp8.summary() if self.model.fp8 is not None else "FP8 off"
         recompute = self.config.parallel.recompute_granularity
         dims = self.model.dims
@@ -50,7 +50,9 @@ class BuiltModel:
             if self.model.data_parallel
             else "no data-parallel wrapping"
         )
-        return f"{fp8}, recompute {recompute or 'off'}, {sharding}"
+        compiled = self.model.compiled
+        compiling = compiled.summary() if compiled is not None else "torch.compile off"
+        return f"{fp8}, recompute {recompute or 'off'}, {compiling}, {sharding}"
 
 
 def check_config(
@@ -78,7 +80,8 @@ def check_config(
 
 def inference_config(config: RunConfig) -> RunConfig:
     """``config`` for a model that only runs forward in one process: no FP8, no recomputation, no
-    model or data parallelism (the checkpoint's weights as they were saved, whole)."""
+    torch.compile (generation runs eager: its KV cache grows by a token a step), no model or data
+    parallelism (the checkpoint's weights as they were saved, whole)."""
     parallel = dataclasses.replace(
         config.parallel,
         tensor_model_parallel_size=1,
@@ -88,7 +91,8 @@ def inference_config(config: RunConfig) -> RunConfig:
         recompute_granularity=None,
         data_parallel_sharding_strategy=None,
     )
-    return dataclasses.replace(config, train=dataclasses.replace(config.train, fp8=None), parallel=parallel)
+    train = dataclasses.replace(config.train, fp8=None, compile=False)
+    return dataclasses.replace(config, train=train, parallel=parallel)
 
 
 def build_model(

@@ -125,7 +125,10 @@ def _train(config, options, env, family, facts, counts, run_dir: RunDir, show) -
     trainer = Trainer(config, model, datasets, options, tokenizer=facts.tokenizer if facts else None)
     if env.is_main:
         fp8 = model.fp8.describe() if model.fp8 is not None else None
-        write_run_description(config, run_dir, facts, family.num_parameters(config.model), fp8=fp8)
+        compiled = model.compiled.describe() if model.compiled is not None else None
+        write_run_description(
+            config, run_dir, facts, family.num_parameters(config.model), fp8=fp8, compile=compiled
+        )
     barrier()
     peak = device_peak_tflops(config.train.precision, options.device)
     logger = MetricsLogger(run_dir, options.tensorboard_dir, peak, options.device, show, enabled=env.is_main)
@@ -136,6 +139,9 @@ def _train(config, options, env, family, facts, counts, run_dir: RunDir, show) -
     )
     if model.fp8 is not None:
         logger.message(model.fp8.summary())
+    if model.compiled is not None:
+        logger.message(model.compiled.summary())
+        model.compiled.warn = logger.message  # a recompile storm, named, in the log
     try:
         resumed = trainer.resume()
         for warning in trainer.checkpointer.warnings:

@@ -76,7 +76,10 @@ def test_bench_says_how_the_model_was_built(tmp_path):
     result = invoke("bench", "--preset", "gpt-tiny", "--iters", "1", "--warmup", "0", "--seq-length", "32",
                     "--global-batch-size", "2", "--micro-batch-size", "2", "--device", "cpu",
                     "--recompute-granularity", "full", "--json", str(tmp_path / "bench.json"))  # fmt: skip
-    line = "model built as `mtk train` builds it: FP8 off, recompute full, no data-parallel wrapping"
+    line = (
+        "model built as `mtk train` builds it: FP8 off, recompute full, torch.compile off (the default on "
+        "CPU, where it does not pay for small models; --compile turns it on), no data-parallel wrapping"
+    )
     assert line in " ".join(result.output.split())
 
 
