@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import subprocess
 import sys
@@ -33,14 +34,14 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument(
-        "--extra", nargs="*", default=[], help="more `mtk bench` arguments, e.g. --set fp8=hybrid"
+        "--extra", default="", help="more `mtk bench` arguments in one string, e.g. --extra='--fp8 hybrid'"
     )
     args = parser.parse_args()
     for preset in args.presets:
         steps: dict[bool, list[float]] = {False: [], True: []}
         for _ in range(args.rounds):
             for compiled in (False, True):
-                result = bench(preset, compiled, args.iters, args.warmup, args.extra)
+                result = bench(preset, compiled, args.iters, args.warmup, shlex.split(args.extra))
                 steps[compiled].append(result["step_seconds"])
                 print(f"{preset} {'compiled' if compiled else 'eager':8} {result['step_seconds'] * 1e3:8.2f} ms/step "
                       f"{result['tokens_per_s']:10,.0f} tokens/s  {result['built']}", flush=True)  # fmt: skip
