@@ -326,6 +326,8 @@ def finetune_config(config: RunConfig, options: SquadOptions) -> RunConfig:
     """The config of the fine-tuning of run ``config`` on SQuAD: its model, ``options``' batches and
     length, a linear decay from ``options.lr`` to 0 without warm-up, no evaluation, one save at the
     end, one process (the run's FP8 and recomputation kept; its data replaced by SQuAD's)."""
+    from mtk.train.build import one_process
+
     train = dataclasses.replace(
         config.train,
         train_iters=options.finetune_iters,
@@ -348,15 +350,8 @@ def finetune_config(config: RunConfig, options: SquadOptions) -> RunConfig:
         save_interval=None,
         log_interval=max(1, min(options.log_interval, options.finetune_iters)),
     )
-    parallel = dataclasses.replace(
-        config.parallel,
-        tensor_model_parallel_size=1,
-        pipeline_model_parallel_size=1,
-        virtual_pipeline_model_parallel_size=None,
-        context_parallel_size=1,
-    )
     data = dataclasses.replace(config.data, data_path=None, mock_data=False)
-    return dataclasses.replace(config, train=train, data=data, parallel=parallel)
+    return dataclasses.replace(config, train=train, data=data, parallel=one_process(config.parallel))
 
 
 def _finetune(config, model, examples, tokenizer_entry, options: SquadOptions, show):

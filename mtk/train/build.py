@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from mtk.config import RunConfig, check_run
+from mtk.config import ParallelConfig, RunConfig, check_run
 from mtk.models import family_spec
 from mtk.models.spec import TrainableFamily, check_model_fits
 from mtk.parallel.apply import ParallelModel
@@ -82,17 +82,21 @@ def inference_config(config: RunConfig) -> RunConfig:
     """``config`` for a model that only runs forward in one process: no FP8, no recomputation, no
     torch.compile (generation runs eager: its KV cache grows by a token a step), no model or data
     parallelism (the checkpoint's weights as they were saved, whole)."""
-    parallel = dataclasses.replace(
-        config.parallel,
+    parallel = one_process(config.parallel, recompute_granularity=None, data_parallel_sharding_strategy=None)
+    train = dataclasses.replace(config.train, fp8=None, compile=False)
+    return dataclasses.replace(config, train=train, parallel=parallel)
+
+
+def one_process(parallel: ParallelConfig, **changes: Any) -> ParallelConfig:
+    """``parallel`` without model parallelism (TP, PP, VP, CP all 1), and ``changes``."""
+    return dataclasses.replace(
+        parallel,
         tensor_model_parallel_size=1,
         pipeline_model_parallel_size=1,
         virtual_pipeline_model_parallel_size=None,
         context_parallel_size=1,
-        recompute_granularity=None,
-        data_parallel_sharding_strategy=None,
+        **changes,
     )
-    train = dataclasses.replace(config.train, fp8=None, compile=False)
-    return dataclasses.replace(config, train=train, parallel=parallel)
 
 
 def build_model(
@@ -130,4 +134,4 @@ def build_model(
     return BuiltModel(family, parallel, config)
 
 
-__all__ = ["BuiltModel", "build_model", "check_config", "inference_config", "INFERENCE_RULES"]
+__all__ = ["BuiltModel", "build_model", "check_config", "inference_config", "one_process", "INFERENCE_RULES"]
