@@ -102,3 +102,8 @@ def plan(
         "(optim_grads, --use-distributed-optimizer); zero3: parameters too (optim_grads_params, FSDP)",
         highlight=False,
     )
+    console.print(
+        "activations are counted as eager PyTorch keeps them; torch.compile (per transformer block, on "
+        "by default on GPUs, --no-compile turns it off) fuses element-wise kernels and keeps fewer",
+        highlight=False,
+    )
