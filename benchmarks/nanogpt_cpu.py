@@ -58,12 +58,14 @@ def mtk_run(compiled: bool, iters: int, warmup: int, batch: int) -> dict:
                    "--json", str(out)]  # fmt: skip
         subprocess.run(command, check=True, capture_output=True, cwd=ROOT)
         result = json.loads(out.read_text())
-    return {"step_seconds": result["step_seconds"], "tokens_per_s": result["tokens_per_s"], "note": result["built"]}
+    return {
+        "step_seconds": result["step_seconds"],
+        "tokens_per_s": result["tokens_per_s"],
+        "note": result["built"],
+    }
 
 
-def nanogpt_run(
-    nanogpt: Path, compiled: bool, iters: int, warmup: int, batch: int, foreach: bool
-) -> dict:
+def nanogpt_run(nanogpt: Path, compiled: bool, iters: int, warmup: int, batch: int, foreach: bool) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch) / "nanogpt.json"
         command = [sys.executable, __file__, "--child", "--nanogpt", str(nanogpt), "--iters", str(iters),
@@ -89,7 +91,9 @@ def nanogpt_child(args: argparse.Namespace) -> None:
 
     vocab = model_config.padded_vocab_size()
     if vocab != model_config.vocab_size:
-        raise SystemExit(f"mtk pads the vocabulary {model_config.vocab_size} to {vocab}: choose one that needs none")
+        raise SystemExit(
+            f"mtk pads the vocabulary {model_config.vocab_size} to {vocab}: choose one that needs none"
+        )
     batch, length = train.global_batch_size, model_config.seq_length
     torch.manual_seed(train.seed)
     gpt_config = GPTConfig(block_size=length, vocab_size=vocab, n_layer=model_config.num_layers,
@@ -153,12 +157,18 @@ def nanogpt_child(args: argparse.Namespace) -> None:
     seconds = (time.perf_counter() - start) / args.iters
     what = "torch.compile(model)" if args.compiled else "eager"
     foreach = "foreach" if args.nanogpt_foreach else "per-tensor"
-    result = {"step_seconds": seconds, "tokens_per_s": batch * length / seconds, "note": f"{what}, {foreach} AdamW"}
+    result = {
+        "step_seconds": seconds,
+        "tokens_per_s": batch * length / seconds,
+        "note": f"{what}, {foreach} AdamW",
+    }
     args.json.write_text(json.dumps(result))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--nanogpt", type=Path, required=True, help="the folder holding nanoGPT's model.py")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--iters", type=int, default=30)
@@ -198,7 +208,9 @@ def main() -> None:
     print("| | mtk | nanoGPT | mtk / nanoGPT |\n|---|---|---|---|")
     for compiled in (False, True):
         ours, theirs = (statistics.median(rates[n, compiled]) for n in runs)
-        print(f"| {'compiled' if compiled else 'eager'} | {ours:,.0f} | {theirs:,.0f} | {ours / theirs:.2f}x |")
+        print(
+            f"| {'compiled' if compiled else 'eager'} | {ours:,.0f} | {theirs:,.0f} | {ours / theirs:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from mtk.config import apply_overrides
 from mtk.data.loader import build_loader
 from mtk.data.mock import MockGPTDataset
+from mtk.models import family_spec
 from mtk.models.gpt import GPTModel
 from mtk.presets import load_preset
 from mtk.train.loop import Trainer, TrainOptions
@@ -86,7 +87,7 @@ def main() -> None:
             ours.append(mtk_steps())
     bare_rate, mtk_rate = statistics.median(bare), statistics.median(ours)
     print(
-        f"model: {config.model.num_parameters():,} parameters, batch {args.batch} x {args.seq} tokens, {torch.get_num_threads()} threads"
+        f"model: {family_spec(config.model.family).num_parameters(config.model):,} parameters, batch {args.batch} x {args.seq} tokens, {torch.get_num_threads()} threads"
     )
     print(
         f"bare PyTorch loop: {bare_rate:,.0f} tokens/s (median of {args.rounds} rounds of {args.steps} steps)"

@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    base = {"train_iters": args.iters + args.warmup}
+    base = {"train_iters": args.iters + args.warmup, "mock_data": True}  # bench measures on mock data
     if args.bf16:
         base["precision"] = "bf16"
     if args.seq_length:

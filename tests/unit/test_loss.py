@@ -101,3 +101,12 @@ def test_a_scaled_step_reports_the_loss_and_unscales_to_the_same_gradients():
     assert scaled == plain
     for got, want in zip((p.grad for p in model.parameters()), expected, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_cpu_training_keeps_freed_host_memory_for_the_next_step():
+    import sys
+
+    from mtk.train.loop import keep_host_heap
+
+    # glibc (Linux) accepts both settings; other platforms are left as they are
+    assert keep_host_heap() is sys.platform.startswith("linux")
