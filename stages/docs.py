@@ -1,6 +1,6 @@
 """``docs/cli.md``: the CLI reference, generated from the Typer app by Typer's own docs generator
-(``typer.cli.get_docs_for_click``, what ``python -m typer stages.main utils docs --name mtk`` runs)
-under a one-line header. ``python -m stages.docs`` rewrites it; tests/unit/test_cli_docs.py fails
+(``typer.cli.get_docs_for_click``, what ``python -m typer stages.main utils docs --name mtk`` runs),
+byte for byte what that command writes. ``python -m stages.docs`` rewrites it; tests/unit/test_cli_docs.py fails
 while the committed file differs. The output does not depend on the terminal's width."""
 
 from __future__ import annotations
@@ -10,10 +10,6 @@ from pathlib import Path
 
 COMMAND = "python -m stages.docs"
 OUTPUT = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
-HEADER = (
-    f"<!-- Generated from the Typer app (stages/main.py) by Typer's docs generator: run `{COMMAND}` "
-    "after changing a command or an option; do not edit by hand. -->\n\n"
-)
 
 
 def render() -> str:
@@ -26,7 +22,7 @@ def render() -> str:
 
     command = typer.main.get_command(app)
     context = typer.Context(command, obj={MARKUP_MODE_KEY: app.rich_markup_mode})
-    return HEADER + get_docs_for_click(obj=command, ctx=context, name="mtk").strip() + "\n"
+    return get_docs_for_click(obj=command, ctx=context, name="mtk").strip() + "\n"
 
 
 def main() -> None:
