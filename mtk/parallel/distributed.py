@@ -1,5 +1,4 @@
-"""Process-group set-up from torchrun's environment; the collectives themselves are ``mtk.collectives``
-(re-exported here for the callers that import them from this module)."""
+"""Process-group set-up from torchrun's environment; the collectives themselves are ``mtk.collectives``."""
 
 from __future__ import annotations
 
@@ -9,8 +8,6 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-
-from mtk.collectives import any_rank, barrier, gather_objects, global_rank, is_distributed
 
 
 @dataclass(frozen=True)
@@ -52,13 +49,4 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-__all__ = [
-    "DistributedEnv",
-    "any_rank",
-    "barrier",
-    "gather_objects",
-    "global_rank",
-    "init_distributed",
-    "is_distributed",
-    "shutdown_distributed",
-]
+__all__ = ["DistributedEnv", "init_distributed", "shutdown_distributed"]

@@ -22,11 +22,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from mtk.checkpoint import Checkpointer, RunDir, rng_state, set_rng_state
+from mtk.collectives import any_rank, gather_objects, global_rank
 from mtk.config import RunConfig, micro_batches_per_step
 from mtk.data.loader import PretrainingSampler, build_loader
 from mtk.models import family_spec
 from mtk.parallel.apply import ParallelModel
-from mtk.parallel.distributed import any_rank, gather_objects, global_rank
 from mtk.train.metrics import MetricsLogger
 from mtk.train.optim import build_optimizer
 from mtk.train.scaler import LossScaler
