@@ -92,3 +92,13 @@ def test_train_options_defaults_are_the_cli_defaults():
     for field in ("load", "keep_last", "tensorboard_dir", "skip_nan", "num_workers", "device",
                   "stop_after", "timeout_minutes", "async_save", "max_consecutive_skips"):  # fmt: skip
         assert cli[names.get(field, field)].default == fields[field], field
+
+
+def test_squad_options_defaults_are_the_cli_defaults():
+    from mtk.squad import SquadOptions
+    from stages.eval_squad import eval_squad
+
+    cli = inspect.signature(eval_squad).parameters
+    for field in dataclasses.fields(SquadOptions):
+        if field.name != "out" and field.name in cli:  # out: derived from --load when not given
+            assert cli[field.name].default.default == field.default, field.name
