@@ -54,8 +54,9 @@ def prepare_data(
         ...,
         "--tokenizer",
         "-t",
-        help="A tokenizer.json file, a directory holding tokenizer.json, GPT-2 "
-        "vocab.json + merges.txt, or BERT vocab.txt; or 'null' (text is whitespace-separated ids).",
+        help="'gpt2' (GPT-2's BPE, shipped with mtk: nothing is downloaded); a tokenizer.json file, a "
+        "directory holding tokenizer.json, GPT-2 style vocab.json + merges.txt (or encoder.json + "
+        "vocab.bpe), or BERT vocab.txt; or 'null' (text is whitespace-separated ids).",
         show_default=False,
     ),
     tokenizer_type: TokenizerType = typer.Option(
@@ -122,7 +123,7 @@ def prepare_data(
 ) -> None:
     """Tokenize documents into Megatron's MMIDIDX .bin/.idx format (readable by Megatron-LM itself).
 
-    Example: mtk prepare-data corpus/ -o data/wiki -t gpt2-tokenizer/ --append-eod
+    Example: mtk prepare-data corpus/ -o data/wiki -t gpt2 --append-eod
     """
     from rich.table import Table
 

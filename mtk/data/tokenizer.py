@@ -1,10 +1,11 @@
 """Tokenizers for preprocessing: Hugging Face tokenizer.json, GPT-2 BPE, BERT WordPiece, null.
 
-``load_tokenizer(spec)`` finds out what a path holds and returns a :class:`Tokenizer`, whose
-``encode_batch`` is the hot path of ``mtk prepare-data``. ``describe()`` is its manifest entry (kind,
-settings, files with sha256); ``tokenizer_identity(entry)`` says when two entries are the same
-tokenizer. Worker processes rebuild it with ``tokenizer_from_manifest(entry)``, which refuses files
-that changed since; pickling a tokenizer does the same. Training lives in ``tokenizer_training``.
+``load_tokenizer(spec)`` finds out what a path holds (or takes the name ``gpt2``: GPT-2's own BPE,
+whose files ship with mtk) and returns a :class:`Tokenizer`, whose ``encode_batch`` is the hot path
+of ``mtk prepare-data``. ``describe()`` is its manifest entry (kind, settings, files with sha256);
+``tokenizer_identity(entry)`` says when two entries are the same tokenizer. Worker processes rebuild
+it with ``tokenizer_from_manifest(entry)``, which refuses files that changed since; pickling a
+tokenizer does the same. Training lives in ``tokenizer_training``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,16 @@ os.environ["RAYON_NUM_THREADS"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "true"
 
 KINDS = ("hf", "gpt2bpe", "wordpiece", "null")
+# A gpt2bpe folder's vocabulary and merges: Hugging Face's names, or openai/gpt-2's (the same formats)
+GPT2BPE_FILES = (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe"))
+# `gpt2` names GPT-2's BPE: openai/gpt-2's files, shipped in mtk/assets/gpt2 and checked at load
+# against the sha256 tiktoken pins for them (tiktoken_ext.openai_public.gpt2)
+GPT2 = "gpt2"
+GPT2_ASSETS = Path(__file__).resolve().parent.parent / "assets" / "gpt2"
+GPT2_SHA256 = {
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+}
 ENDOFTEXT = "<|endoftext|>"
 # The pre-tokenizer of openai/gpt-2's encoder.py; `tokenizers`' ByteLevel uses the same one.
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -191,17 +202,20 @@ def load_tokenizer(
     lower_case: bool | None = None,
     vocab_extra_ids: int = 0,
 ) -> Tokenizer:
-    """Load the tokenizer at ``spec`` (a path, or ``null``), of ``kind`` or of the kind its files show.
+    """Load the tokenizer at ``spec`` (a path, ``gpt2`` or ``null``), of ``kind`` or of the kind its
+    files show.
 
     ``hf``: a tokenizer.json or a directory with one, encoded with its special tokens added (eod: the
     ``eos_token`` of a tokenizer_config.json beside it, else a common end-of-text token in the vocabulary).
-    ``gpt2bpe``: a directory with GPT-2 vocab.json + merges.txt; a literal ``<|endoftext|>`` in the text
-    is that token (the eod). ``wordpiece``: a BERT vocab.txt or a directory with one; ``lower_case``
-    None takes the casing its folder declares (:func:`declared_lower_case`), or lower case (BERT's
-    default) where it declares none; ``vocab_extra_ids`` N appends T5's sentinels ``<extra_id_0>`` ...
-    as special tokens after the vocabulary, as Megatron's BertWordPieceCase does. ``null``: needs
-    ``vocab_size``. A directory written by ``train_tokenizer`` loads as what it was trained as.
-    Raises :class:`TokenizerError` (a ValueError) saying what is wrong.
+    ``gpt2bpe``: a directory with GPT-2 style vocab.json + merges.txt (or openai/gpt-2's encoder.json +
+    vocab.bpe); a literal ``<|endoftext|>`` in the text is that token (the eod). ``gpt2`` (not a path:
+    ``./gpt2`` is one) is GPT-2's own gpt2bpe, from the files shipped with mtk (:func:`gpt2_folder`).
+    ``wordpiece``: a BERT vocab.txt or a directory with one; ``lower_case`` None takes the casing its
+    folder declares (:func:`declared_lower_case`), or lower case (BERT's default) where it declares
+    none; ``vocab_extra_ids`` N appends T5's sentinels ``<extra_id_0>`` ... as special tokens after the
+    vocabulary, as Megatron's BertWordPieceCase does. ``null``: needs ``vocab_size``. A directory
+    written by ``train_tokenizer`` loads as what it was trained as. Raises :class:`TokenizerError` (a
+    ValueError) saying what is wrong.
     """
     kind = kind or detect_kind(spec)
     if kind not in KINDS:
@@ -221,6 +235,10 @@ def load_tokenizer(
         if vocab_size is None or vocab_size < 1:
             raise TokenizerError("the null tokenizer needs vocab_size N >= 1 (ids lie below N; eod is N)")
         return NullTokenizer("null", vocab_size + 1, vocab_size)
+    if str(spec) == GPT2:
+        if kind != "gpt2bpe":
+            raise TokenizerError(f"{GPT2!r} is GPT-2's byte-level BPE, of kind gpt2bpe, not {kind}")
+        spec = gpt2_folder()
     path = Path(spec)
     if not path.exists():
         raise TokenizerError(f"{spec}: no such file or directory")
@@ -235,10 +253,12 @@ def detect_kind(spec: str | os.PathLike) -> str:
     """The kind of tokenizer ``spec`` holds; raises TokenizerError listing what was looked for."""
     if str(spec) == "null":
         return "null"
+    if str(spec) == GPT2:
+        return "gpt2bpe"
     path = Path(spec)
     if not path.exists():
         raise TokenizerError(
-            f"{spec}: no such file or directory (give a tokenizer file or directory, or 'null')"
+            f"{spec}: no such file or directory (give a tokenizer file or directory, '{GPT2}' or 'null')"
         )
     if path.is_dir():
         trained = trained_manifest(path)
@@ -248,7 +268,7 @@ def detect_kind(spec: str | os.PathLike) -> str:
         # vocab.json + merges.txt beside it (Qwen, RoBERTa) would silently drop part of it
         if (path / "tokenizer.json").is_file():
             return "hf"
-        if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+        if any((path / vocab).is_file() and (path / merges).is_file() for vocab, merges in GPT2BPE_FILES):
             return "gpt2bpe"
         if (path / "vocab.txt").is_file():
             return "wordpiece"
@@ -258,8 +278,8 @@ def detect_kind(spec: str | os.PathLike) -> str:
         return "wordpiece"
     raise TokenizerError(
         f"{spec}: cannot tell the tokenizer kind; looked for tokenizer.json (hf), vocab.json + merges.txt "
-        "(gpt2bpe), vocab.txt (wordpiece) in a directory, or a .json (hf) / .txt (wordpiece) file; "
-        "name the kind explicitly (--tokenizer-type)"
+        "or encoder.json + vocab.bpe (gpt2bpe), vocab.txt (wordpiece) in a directory, or a .json (hf) / "
+        ".txt (wordpiece) file; name the kind explicitly (--tokenizer-type)"
     )
 
 
@@ -516,12 +536,42 @@ def _verbatim(added: list[dict[str, Any]]) -> bool:
     return not any(a != b and b.startswith(a) for a in contents for b in contents)
 
 
-def _load_gpt2bpe(path: Path) -> Tokenizer:
-    folder = path if path.is_dir() else path.parent
-    vocab_file, merges_file = folder / "vocab.json", folder / "merges.txt"
-    for file in (vocab_file, merges_file):
+def gpt2_folder() -> Path:
+    """The folder of GPT-2's encoder.json + vocab.bpe shipped with mtk, each checked against its pinned
+    sha256; raises TokenizerError naming a file that is missing, or that differs with both hashes."""
+    for name, expected in GPT2_SHA256.items():
+        file = GPT2_ASSETS / name
         if not file.is_file():
-            raise TokenizerError(f"{folder}: gpt2bpe needs vocab.json and merges.txt; {file.name} is missing")
+            raise TokenizerError(
+                f"{file}: GPT-2's {name} is missing from this mtk installation; reinstall mtk, or give "
+                "--tokenizer a folder holding GPT-2's encoder.json + vocab.bpe"
+            )
+        actual = sha256_file(file)
+        if actual != expected:
+            raise TokenizerError(
+                f"{file}: not GPT-2's {name} as OpenAI published it (sha256 {actual}, expected "
+                f"{expected}); the file is damaged or was replaced: reinstall mtk"
+            )
+    return GPT2_ASSETS
+
+
+def _gpt2bpe_files(path: Path) -> tuple[Path, Path]:
+    """The vocabulary and merges files of a gpt2bpe folder, or of the folder of one of them: the first
+    pair of :data:`GPT2BPE_FILES` it holds (the pair ``path`` names, if it names a file of one)."""
+    folder = path if path.is_dir() else path.parent
+    named = [] if path.is_dir() else [pair for pair in GPT2BPE_FILES if path.name in pair]
+    candidates = [(folder / vocab, folder / merges) for vocab, merges in named or GPT2BPE_FILES]
+    best = max(candidates, key=lambda pair: sum(file.is_file() for file in pair))  # the first on a tie
+    missing = next((file.name for file in best if not file.is_file()), None)
+    if missing:
+        wanted = " or ".join(f"{vocab.name} + {merges.name}" for vocab, merges in candidates)
+        raise TokenizerError(f"{folder}: gpt2bpe needs {wanted}; {missing} is missing")
+    return best
+
+
+def _load_gpt2bpe(path: Path) -> Tokenizer:
+    vocab_file, merges_file = _gpt2bpe_files(path)
+    folder = vocab_file.parent
     try:
         vocab = json.loads(vocab_file.read_text(encoding="utf-8"))
     except ValueError as err:
@@ -536,7 +586,9 @@ def _load_gpt2bpe(path: Path) -> Tokenizer:
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as err:  # plain Exceptions (a merge of unknown tokens), or a Rust PanicException
-        raise TokenizerError(f"{folder}: vocab.json and merges.txt do not fit together ({err})") from None
+        raise TokenizerError(
+            f"{folder}: {vocab_file.name} and {merges_file.name} do not fit together ({err})"
+        ) from None
     settings = dict(kind="gpt2bpe", vocab_size=max(vocab.values()) + 1, eod=vocab.get(ENDOFTEXT))
     files = _describe([vocab_file, merges_file])
     if ranks is None:

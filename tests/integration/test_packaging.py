@@ -50,6 +50,8 @@ def test_wheel_contains_packages_presets_and_assets(wheel):
     assert {
         "mtk/assets/tokenizer/vocab.json",
         "mtk/assets/tokenizer/merges.txt",
+        "mtk/assets/gpt2/encoder.json",
+        "mtk/assets/gpt2/vocab.bpe",
         "mtk/assets/NOTICE.txt",
     } <= names
     for preset in preset_names():
@@ -71,14 +73,14 @@ def test_installed_wheel_finds_presets_outside_the_checkout(wheel, tmp_path):
         "import mtk.presets as p; print(p.__file__); print(' '.join(p.preset_names()));"
         "from mtk.quickstart import asset; from mtk.data.tokenizer import load_tokenizer;"
         "import mtk.train.loop, mtk.parallel.apply, mtk.models.gpt;"
-        "print(load_tokenizer(str(asset('tokenizer'))).vocab_size)"
+        "print(load_tokenizer(str(asset('tokenizer'))).vocab_size, load_tokenizer('gpt2').vocab_size)"
     )
     env = {**os.environ, "PYTHONPATH": str(target)}
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, check=True
     )
     where, names, vocab = out.stdout.splitlines()
-    assert vocab == "4096"  # the bundled tokenizer ships too
+    assert vocab == "4096 50257"  # the bundled tokenizer and GPT-2's (hashes checked) ship too
     cli = subprocess.run(
         [sys.executable, "-m", "mtk.stages.main", "plan", "--preset", "gpt3-175b"],
         cwd=tmp_path, env=env, capture_output=True, text=True,

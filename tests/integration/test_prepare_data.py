@@ -6,6 +6,7 @@ import gzip
 import json
 import os
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -16,10 +17,14 @@ import pytest
 
 from mtk.data.indexed import IndexedDataset
 from mtk.data.prepare import PrepareError, prepare_data
-from mtk.data.tokenizer import load_tokenizer
+from mtk.data.prepared import check_token_ids, data_facts
+from mtk.data.tokenizer import GPT2_SHA256, load_tokenizer
 from mtk.data.tokenizer_training import train_tokenizer
 from mtk.manifest import read_manifest, sha256_file
-from tests.conftest import invoke
+from mtk.presets import load_preset
+from mtk.train.run import resolve_vocab
+from stages.options import build_config
+from tests.conftest import invoke, run
 
 
 def spec_index_bytes(dtype_code: int, itemsize: int, documents: list[list[list[int]]]) -> bytes:
@@ -256,6 +261,32 @@ def test_cli_summary_and_errors(tmp_path):
 
 
 @pytest.mark.slow  # a prepare-data subprocess, interrupted
+def test_cli_gpt2_works_offline_and_gpt3_presets_inherit_it(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise AssertionError(f"prepare-data used the network: {args}")
+
+    monkeypatch.setattr(socket, "getaddrinfo", offline)  # every download resolves its host first
+    monkeypatch.setattr(socket, "create_connection", offline)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty-cache"))  # nor is tiktoken's cache read
+    texts = ["Hello world", "", " The quick brown fox<|endoftext|>"]
+    src = write_jsonl(tmp_path / "in.jsonl", [{"text": text} for text in texts])
+    output = run("prepare-data", src, "-o", tmp_path / "out", "-t", "gpt2", "--append-eod", "-w", "2")
+    assert "gpt2bpe (tiktoken), vocab 50,257, eod 50256" in output
+    prefix = str(tmp_path / "out_text_document")
+    documents = [[list(map(int, s)) for s in IndexedDataset(prefix).document(i)] for i in range(3)]
+    assert documents == [[[15496, 995, 50256]], [], [[383, 2068, 7586, 21831, 50256, 50256]]]  # GPT-2's ids
+    manifest = read_manifest(prefix + ".mtk.json")
+    assert (manifest["vocab_size"], manifest["eod"], manifest["dtype"]) == (50257, 50256, "uint16")
+    assert {os.path.basename(f["path"]): f["sha256"] for f in manifest["tokenizer"]["files"]} == GPT2_SHA256
+    # `mtk train --preset gpt3-345m --data PREFIX`: the preset names gpt2, the run inherits the data's
+    config = build_config("gpt3-345m", [], {"data_path": prefix})
+    facts = data_facts(config.data.data_path)
+    assert load_preset("gpt3-345m").tokenizer.split()[0] == "gpt2"
+    assert facts.tokenizer == manifest["tokenizer"] and facts.eod == 50256
+    assert resolve_vocab(config, facts, None).model.vocab_size == 50257
+    check_token_ids(prefix, config.model.vocab_size, tmp_path / "cache")
+
+
 def test_sigint_during_cli_run_leaves_nothing(tmp_path):
     rng = np.random.default_rng(0)
     line = json.dumps({"text": " ".join(map(str, rng.integers(0, 1000, 2000)))}) + "\n"
