@@ -3,7 +3,13 @@ official evaluation script does.
 
 Each question becomes ``question: Q context: C`` -> the answer. A context longer than the encoder
 length is truncated (its end is cut; the question is always whole), so an answer that lies beyond
-the cut cannot be found: ``SquadExamples.truncated`` counts such questions.
+the cut cannot be found: ``SquadExamples.truncated`` counts the truncated contexts and
+``SquadExamples.answers_cut`` the questions whose every gold answer lies beyond the cut.
+
+A generated answer that is a run of its context's tokens is reported as the context's own text
+(case, accents and spacing as written; a WordPiece decode gives "levi ' s" for "Levi's"), else as
+the decoded tokens. Answers are appended to ``squad/answers.jsonl`` batch by batch, so an
+interrupted evaluation resumes with the questions not yet answered.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import json
 import os
 import re
 import string
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,6 +42,7 @@ class Question:
     question: str
     context: str
     answers: tuple[str, ...]  # the gold answers' texts
+    title: str = ""  # of its article
 
 
 def read_squad(path: str | os.PathLike) -> list[Question]:
@@ -55,6 +63,7 @@ def read_squad(path: str | os.PathLike) -> list[Question]:
         )
     questions, seen = [], set()
     for a, article in enumerate(data["data"]):
+        title = str(article.get("title", f"article {a}")) if isinstance(article, dict) else ""
         where = f"{path}: article {a}" + (
             f" ({article['title']!r})" if isinstance(article, dict) and "title" in article else ""
         )
@@ -89,7 +98,7 @@ def read_squad(path: str | os.PathLike) -> list[Question]:
                 if qid in seen:
                     raise SquadError(f"{place}: the id is used twice")
                 seen.add(qid)
-                questions.append(Question(qid, qa["question"], context, tuple(texts)))
+                questions.append(Question(qid, qa["question"], context, tuple(texts), title))
     if not questions:
         raise SquadError(f"{path}: no questions")
     return questions
@@ -120,18 +129,65 @@ def exact_match(prediction: str, truth: str) -> float:
     return float(normalize_answer(prediction) == normalize_answer(truth))
 
 
-def squad_metrics(questions: list[Question], predictions: dict[str, str]) -> dict[str, float]:
+def squad_metrics(questions: list[Question], predictions: dict[str, str]) -> dict[str, Any]:
     """Exact match and F1 in percent, each the max over a question's gold answers, averaged over
-    every question (a question without a prediction scores 0, as the official script counts it)."""
-    em = f1 = 0.0
+    every question (a question without a prediction scores 0, as the official script counts it),
+    overall and per article (``articles``: title, questions, exact_match, f1, in the file's order)."""
+    articles: dict[str, list[float]] = {}  # title -> [questions, em, f1]
     for question in questions:
+        tally = articles.setdefault(question.title, [0, 0.0, 0.0])
+        tally[0] += 1
         prediction = predictions.get(question.id)
-        if prediction is None:
-            continue
-        em += max(exact_match(prediction, truth) for truth in question.answers)
-        f1 += max(f1_score(prediction, truth) for truth in question.answers)
-    count = len(questions)
-    return {"exact_match": 100.0 * em / count, "f1": 100.0 * f1 / count, "questions": count}
+        if prediction is not None:
+            tally[1] += max(exact_match(prediction, truth) for truth in question.answers)
+            tally[2] += max(f1_score(prediction, truth) for truth in question.answers)
+
+    def percent(count: float, em: float, f1: float) -> dict[str, float]:
+        return {"exact_match": 100.0 * em / count, "f1": 100.0 * f1 / count, "questions": int(count)}
+
+    overall = percent(*(sum(column) for column in zip(*articles.values(), strict=True)))
+    return {
+        **overall,
+        "unanswered": len(unanswered(questions, predictions)),
+        "articles": [{"title": title, **percent(*tally)} for title, tally in articles.items()],
+    }
+
+
+def unanswered(questions: list[Question], predictions: dict[str, str]) -> list[str]:
+    """Ids of the questions without a prediction, in the file's order."""
+    return [question.id for question in questions if question.id not in predictions]
+
+
+def some_ids(ids: list[str], shown: int = 5) -> str:
+    """The first few of ``ids`` for a message: 'a', 'b', 'c' ... (N in all)."""
+    head = ", ".join(repr(i) for i in ids[:shown])
+    return head + (f" ... ({len(ids):,} in all)" if len(ids) > shown else "")
+
+
+def read_predictions(path: str | os.PathLike, questions: list[Question]) -> dict[str, str]:
+    """A predictions file as the official evaluate-v1.1.py reads it, ``{question id: answer text}``,
+    checked against ``questions``: an id that is none of theirs is an error (the file answers another
+    dev file); questions it leaves out are allowed (they score 0, see :func:`unanswered`)."""
+    path = Path(path)
+    try:
+        predictions = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SquadError(f"{path}: no such file") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise SquadError(f"{path}: not a JSON file ({err})") from None
+    if not isinstance(predictions, dict):
+        raise SquadError(f'{path}: expected a predictions object {{"question id": "answer text", ...}}')
+    not_text = [qid for qid, answer in predictions.items() if not isinstance(answer, str)]
+    if not_text:
+        raise SquadError(f"{path}: the answers of {some_ids(not_text)} are not strings")
+    known = {question.id for question in questions}
+    unknown = [qid for qid in predictions if qid not in known]
+    if unknown:
+        raise SquadError(
+            f"{path}: {len(unknown):,} of its {len(predictions):,} ids are no question of the dev file "
+            f"({some_ids(unknown)}); score it against the dev file it answers"
+        )
+    return predictions
 
 
 # ---- T5 samples -----------------------------------------------------------------------------
@@ -146,22 +202,30 @@ class SquadExamples:
 
     def __init__(self, questions, tokenizer, ids, encoder_length: int, decoder_length: int,
                  num_samples: int | None = None, seed: int = 1234) -> None:  # fmt: skip
-        self.questions, self.ids = questions, ids
+        self.questions, self.tokenizer, self.ids = questions, tokenizer, ids
         self.encoder_length, self.decoder_length = encoder_length, decoder_length
         self.num_samples = num_samples or len(questions)
         self.seed = seed
+        self._order: tuple[int, np.ndarray] | None = None  # the last pass's order
+        self._offsets: dict[str, list[tuple[int, int]] | None] = {}  # context -> its tokens' spans
         prompts = tokenizer.encode_batch([f"question: {q.question} context:" for q in questions])
-        contexts = tokenizer.encode_batch([q.context for q in questions])
+        texts = list(dict.fromkeys(q.context for q in questions))  # a paragraph has several questions
+        self.contexts = dict(zip(texts, tokenizer.encode_batch(texts), strict=True))
         answers = tokenizer.encode_batch([q.answers[0] for q in questions])
-        self.encoder, self.truncated = [], 0
-        for prompt, context, question in zip(prompts, contexts, questions, strict=True):
+        self.encoder, self.kept, self.truncated, self.answers_cut = [], [], 0, 0
+        for prompt, question in zip(prompts, questions, strict=True):
+            context = self.contexts[question.context]
             room = encoder_length - len(prompt)
             if room < 1:
                 raise SquadError(
                     f"question {question.id!r}: the question alone fills the encoder length {encoder_length}"
                 )
-            self.truncated += len(context) > room
             self.encoder.append(prompt + context[:room])
+            self.kept.append(min(room, len(context)))
+            if len(context) > room:
+                self.truncated += 1
+                golds = tokenizer.encode_batch(list(question.answers))
+                self.answers_cut += all(_find(context[:room], gold) is None for gold in golds)
         self.answers = [answer[: decoder_length - 1] for answer in answers]
 
     def __len__(self) -> int:
@@ -170,7 +234,21 @@ class SquadExamples:
     def _question(self, index: int) -> int:
         count = len(self.questions)
         epoch, position = divmod(index, count)
-        return int(np.random.default_rng([self.seed, epoch]).permutation(count)[position])
+        if self._order is None or self._order[0] != epoch:
+            self._order = epoch, np.random.default_rng([self.seed, epoch]).permutation(count)
+        return int(self._order[1][position])
+
+    def answer_text(self, row: int, answer: list[int]) -> str:
+        """Question ``row``'s answer ``answer`` (token ids) as text: the context's own characters where
+        the tokens are a run of its kept tokens, else their decoding."""
+        context = self.questions[row].context
+        span = _find(self.contexts[context][: self.kept[row]], answer) if answer else None
+        if span and context not in self._offsets:
+            self._offsets[context] = _offsets(self.tokenizer, context, self.contexts[context])
+        offsets = self._offsets[context] if span else None
+        if offsets is None:
+            return self.tokenizer.decode(answer) if answer else ""
+        return context[offsets[span[0]][0] : offsets[span[1] - 1][1]]
 
     def encoder_batch(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Encoder inputs and mask of questions ``rows``, padded to their longest."""
@@ -197,25 +275,92 @@ class SquadExamples:
         }
 
 
-def answer_questions(model, examples: SquadExamples, tokenizer, batch_size: int, max_answer_tokens: int,
-                     device: str, progress=None) -> dict[str, str]:  # fmt: skip
-    """Greedy answers (batched, KV cache) to every question of ``examples``, decoded to text."""
+def _find(tokens: list[int], run: list[int]) -> tuple[int, int] | None:
+    """Where ``run`` first occurs in ``tokens`` (start, end), or None."""
+    if not run:
+        return None
+    first, length = run[0], len(run)
+    for start in (i for i, token in enumerate(tokens) if token == first):
+        if tokens[start : start + length] == run:
+            return start, start + length
+    return None
+
+
+def _offsets(tokenizer, text: str, ids: list[int]) -> list[tuple[int, int]] | None:
+    """Character spans of ``text``'s tokens ``ids`` where the tokenizer is a Hugging Face
+    ``tokenizers`` pipeline that gives the same ids, else None."""
+    core = getattr(tokenizer, "core", None)
+    if core is None or not hasattr(core, "encode"):
+        return None
+    encoding = core.encode(text, add_special_tokens=getattr(tokenizer, "add_special_tokens", False))
+    return encoding.offsets if encoding.ids == ids else None
+
+
+def answer_questions(model, examples: SquadExamples, batch_size: int, max_answer_tokens: int, device: str,
+                     done: frozenset[str] | set[str] = frozenset(), on_batch=None) -> dict[str, str]:  # fmt: skip
+    """Greedy answers (batched, KV cache) to the questions of ``examples`` whose ids are not in
+    ``done``, shortest inputs first (least padding); ``on_batch(answers)`` after each batch."""
     from mtk.generate import generate_seq2seq
 
     model.eval()
-    predictions = {}
-    order = sorted(range(len(examples.questions)), key=lambda r: len(examples.encoder[r]))  # less padding
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        tokens, mask = examples.encoder_batch(rows)
+    predictions: dict[str, str] = {}
+    rows = [r for r, question in enumerate(examples.questions) if question.id not in done]
+    rows.sort(key=lambda r: len(examples.encoder[r]))
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        tokens, mask = examples.encoder_batch(batch)
         answers = generate_seq2seq(
             model, tokens.to(device), mask.to(device), examples.ids.bos, examples.ids.eos, max_answer_tokens
         )
-        for row, answer in zip(rows, answers, strict=True):
-            predictions[examples.questions[row].id] = tokenizer.decode(answer) if answer else ""
-        if progress is not None:
-            progress(len(rows))
+        texts = {
+            examples.questions[r].id: examples.answer_text(r, a) for r, a in zip(batch, answers, strict=True)
+        }
+        predictions.update(texts)
+        if on_batch is not None:
+            on_batch(texts)
     return predictions
+
+
+class AnswerLog:
+    """``answers.jsonl``: a header line (what answers: run, iteration, settings), then one
+    ``{"id", "answer"}`` line per question, appended and synced batch by batch. Reopened with the same
+    header, its answers count as done (a line torn by a kill is cut off); with another header, it starts
+    over (the answers came from another model)."""
+
+    def __init__(self, path: Path, header: dict[str, Any]) -> None:
+        self.path, self.answers, self.stale = path, {}, False
+        keep = 0
+        if path.is_file():
+            lines = path.read_bytes().split(b"\n")[:-1]  # the piece after the last newline is torn
+            try:
+                if lines and json.loads(lines[0]) == header:
+                    keep = len(lines[0]) + 1
+                    for line in lines[1:]:
+                        record = json.loads(line)
+                        self.answers[record["id"]] = record["answer"]
+                        keep += len(line) + 1
+                else:
+                    self.stale = bool(lines)
+            except (ValueError, KeyError, TypeError):
+                pass  # a line torn in its middle: keep what precedes it
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = path.open("r+b" if path.is_file() else "wb")
+        self.file.truncate(keep)
+        self.file.seek(keep)
+        if keep == 0:
+            self._write([header])
+
+    def append(self, answers: dict[str, str]) -> None:
+        self.answers.update(answers)
+        self._write([{"id": qid, "answer": answer} for qid, answer in answers.items()])
+
+    def _write(self, records: list[dict[str, Any]]) -> None:
+        self.file.write(b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in records))
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+    def close(self) -> None:
+        self.file.close()
 
 
 @dataclass
@@ -236,13 +381,14 @@ class SquadOptions:
 def evaluate_squad(load: str | os.PathLike, train_file: str | None, dev_file: str, options: SquadOptions,
                    show=None, progress=None) -> dict[str, Any]:  # fmt: skip
     """Fine-tune the T5 of run ``load`` on ``train_file`` (unless ``finetune_iters`` is 0), answer the
-    questions of ``dev_file`` and write ``squad/predictions.json``, ``squad/metrics.json`` and
-    ``squad/mtk.json`` in ``options.out``; returns the metrics."""
+    questions of ``dev_file`` not yet in ``squad/answers.jsonl`` of ``options.out`` (resuming an
+    interrupted evaluation), and write ``squad/predictions.json``, ``squad/metrics.json`` and
+    ``squad/mtk.json`` there; returns the metrics. ``show(text)``: messages; ``progress(advance,
+    total)``: questions answered (``total`` given on the first call, then None)."""
     from mtk.checkpoint import RunDir, checkpoint_description, load_checkpoint
     from mtk.config import ConfigError, RunConfig
     from mtk.data.masking import WordPieceIds
     from mtk.data.tokenizer import tokenizer_from_manifest
-    from mtk.manifest import atomic_write_text, describe_file, write_manifest
 
     description = checkpoint_description(load)
     config = RunConfig.from_dict(description["config"], where=f"{load} (checkpoint config)")
@@ -289,37 +435,80 @@ def evaluate_squad(load: str | os.PathLike, train_file: str | None, dev_file: st
         decoder_length = model_config.decoder_seq_length or model_config.seq_length
     model = model.to(options.device)
     dev_examples = SquadExamples(dev, tokenizer, ids, encoder_length, decoder_length)
-    predictions = answer_questions(
-        model,
-        dev_examples,
-        tokenizer,
-        options.eval_batch_size,
-        options.max_answer_tokens,
-        options.device,
-        progress,
-    )
+    folder = out / "squad"
+    source = out if train is not None else Path(load)
+    header = {"model": str(source.resolve()), "iteration": iteration, "encoder_length": encoder_length,
+              "max_answer_tokens": options.max_answer_tokens}  # fmt: skip
+    log = AnswerLog(folder / "answers.jsonl", header)
+    if show is not None and log.stale:
+        show(f"{log.path}: answers of another checkpoint or settings; answering every question again")
+    todo = sum(question.id not in log.answers for question in dev)
+    if show is not None and todo < len(dev):
+        show(f"resuming: {len(dev) - todo:,} of {len(dev):,} questions already answered in {log.path}")
+    if progress is not None:
+        progress(len(dev) - todo, len(dev))
+
+    def on_batch(answers: dict[str, str]) -> None:
+        log.append(answers)
+        if progress is not None:
+            progress(len(answers), None)
+
+    started = time.perf_counter()
+    try:
+        answer_questions(model, dev_examples, options.eval_batch_size, options.max_answer_tokens,
+                         options.device, set(log.answers), on_batch)  # fmt: skip
+    finally:
+        log.close()
+    seconds = time.perf_counter() - started
+    predictions = {question.id: log.answers[question.id] for question in dev}
     metrics = {
         **squad_metrics(dev, predictions),
         "truncated_contexts": dev_examples.truncated,
+        "answers_cut": dev_examples.answers_cut,
         "finetune_iterations": options.finetune_iters if train is not None else 0,
         "checkpoint_iteration": iteration,
+        "answered_now": todo,
+        "answer_seconds": round(seconds, 3),
+        "questions_per_second": round(todo / seconds, 2) if todo else None,
     }
-    folder = out / "squad"
+    write_results(folder, metrics, dev_file, predictions, stage_inputs=[train_file] if train is not None else [],
+                  load=str(Path(load).resolve()), tokenizer=entry)  # fmt: skip
+    return metrics
+
+
+def score_predictions(dev_file: str | os.PathLike, predictions_file: str | os.PathLike,
+                      out: str | os.PathLike | None = None) -> tuple[dict[str, Any], list[str]]:  # fmt: skip
+    """The official scores of an existing predictions file on ``dev_file`` (no model), and the ids of
+    the questions it leaves unanswered; ``out``: a folder to write ``metrics.json`` and ``mtk.json`` to."""
+    dev = read_squad(dev_file)
+    predictions = read_predictions(predictions_file, dev)
+    metrics = squad_metrics(dev, predictions)
+    if out is not None:
+        write_results(Path(out), metrics, dev_file, None, stage_inputs=[predictions_file])
+    return metrics, unanswered(dev, predictions)
+
+
+def write_results(folder: Path, metrics: dict[str, Any], dev_file, predictions: dict[str, str] | None,
+                  stage_inputs: list, **manifest: Any) -> None:  # fmt: skip
+    """``metrics.json``, ``predictions.json`` (unless None) and the ``mtk.json`` manifest in ``folder``."""
+    from mtk.manifest import atomic_write_text, describe_file, write_manifest
+
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(
-        folder / "predictions.json", json.dumps(predictions, indent=1, ensure_ascii=False) + "\n"
-    )
-    atomic_write_text(folder / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    outputs = []
+    if predictions is not None:
+        text = json.dumps(predictions, indent=1, ensure_ascii=False) + "\n"
+        atomic_write_text(folder / "predictions.json", text)
+        outputs.append(folder / "predictions.json")
+    atomic_write_text(folder / "metrics.json", json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
+    outputs.append(folder / "metrics.json")
     write_manifest(
         folder / "mtk.json",
         stage="eval-squad",
-        load=str(Path(load).resolve()),
-        inputs=[describe_file(dev_file)] + ([describe_file(train_file)] if train is not None else []),
-        tokenizer=entry,
-        metrics=metrics,
-        outputs=[describe_file(folder / "predictions.json"), describe_file(folder / "metrics.json")],
+        **manifest,
+        inputs=[describe_file(dev_file)] + [describe_file(path) for path in stage_inputs],
+        metrics={key: value for key, value in metrics.items() if key != "articles"},
+        outputs=[describe_file(path) for path in outputs],
     )
-    return metrics
 
 
 def finetune_config(config: RunConfig, options: SquadOptions) -> RunConfig:

@@ -1,5 +1,7 @@
 """`mtk eval-squad` end to end: a tiny T5 pretrained on the bundled corpus answers nothing right,
-fine-tuned on a generated SQuAD v1.1 file it answers most questions; the fine-tuning resumes."""
+fine-tuned on a generated SQuAD v1.1 file it answers most questions; the fine-tuning resumes, and so
+does an interrupted answering; real dev questions (tests/data/squad) are read, truncated and scored
+per article."""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import invoke
+
+SLICE = Path(__file__).parents[1] / "data" / "squad" / "dev-v1.1-slice.json"
 
 WORDS = [
     "apple",
@@ -59,6 +63,19 @@ def test_fine_tuning_raises_exact_match_and_resumes(wordpiece_sentences, tmp_pat
     invoke("eval-squad", "--load", str(t5), "--dev-file", str(tmp_path / "dev.json"), "--no-finetune")
     before = json.loads((t5 / "squad" / "metrics.json").read_text())
     assert before["questions"] == 40 and before["exact_match"] < 5 and before["finetune_iterations"] == 0
+    output = invoke(
+        "eval-squad", "--load", t5, "--dev-file", SLICE, "--no-finetune", "--out", tmp_path / "real"
+    ).output
+    real = json.loads((tmp_path / "real" / "squad" / "metrics.json").read_text())
+    assert real["questions"] == 99 and real["answered_now"] == 99 and real["questions_per_second"] > 0
+    assert real["truncated_contexts"] == 99 and 0 < real["answers_cut"] < 99  # 64-token encoder
+    assert [a["title"] for a in real["articles"]] == [
+        "Super_Bowl_50",
+        "Warsaw",
+        "Yuan_dynasty",
+        "Prime_number",
+    ]
+    assert "Yuan_dynasty" in output and "99 questions answered at" in output
 
     finetune = ["eval-squad", "--load", str(t5), "--train-file", str(tmp_path / "train.json"),
                 "--dev-file", str(tmp_path / "dev.json"), "--finetune-iters", "600", "--lr", "3e-3",
@@ -75,8 +92,21 @@ def test_fine_tuning_raises_exact_match_and_resumes(wordpiece_sentences, tmp_pat
     assert manifest["tokenizer"]["vocab_extra_ids"] == 100
     assert (out / "latest_checkpointed_iteration.txt").read_text().strip() == "600"
     again = invoke(*finetune).output  # the fine-tuning run resumes like any run: complete, same answers
-    assert "the run is complete" in again
+    assert "the run is complete" in again and "resuming: 40 of 40 questions already answered" in again
     assert json.loads((out / "squad" / "predictions.json").read_text()) == predictions
+
+    # an answering killed after 10 answers (the 11th torn): a rerun answers the 30 others only
+    log = out / "squad" / "answers.jsonl"
+    header, *lines = log.read_text().splitlines()
+    kept = [json.loads(line) for line in lines[:10]]
+    torn = lines[10][:7]
+    log.write_text("\n".join([header, *(json.dumps({**r, "answer": "kept"}) for r in kept), torn]))
+    third = invoke(*finetune).output
+    assert "resuming: 10 of 40 questions already answered" in third and "30 questions answered at" in third
+    resumed = json.loads((out / "squad" / "predictions.json").read_text())
+    assert {qid for qid, answer in resumed.items() if answer == "kept"} == {r["id"] for r in kept}
+    assert all(resumed[qid] == answer for qid, answer in predictions.items() if resumed[qid] != "kept")
+    assert json.loads((out / "squad" / "metrics.json").read_text())["answered_now"] == 30
 
 
 def test_eval_squad_refuses_a_run_of_another_family(tmp_path):
