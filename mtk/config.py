@@ -165,8 +165,15 @@ class ModelConfig:
         "Zero-centred norm weights: stored as gamma - 1 (starting at 0), applied as 1 + weight "
         "(Megatron's --apply-layernorm-1p); LayerNorm and RMSNorm.",
     )
-    position_embedding_type: Literal["learned_absolute", "rope"] = setting(
-        "learned_absolute", "Positions: learned table or rotary."
+    position_embedding_type: Literal["learned_absolute", "rope", "relative"] = setting(
+        "learned_absolute",
+        "Positions: learned table, rotary, or relative (T5: a learned bias per head and position bucket).",
+    )
+    relative_attention_num_buckets: int = setting(
+        32, "T5 relative positions: buckets of relative distance, log-spaced.", range=positive(2**16)
+    )
+    relative_attention_max_distance: int = setting(
+        128, "T5 relative positions: distances from this on share the last bucket.", range=positive(2**24)
     )
     rotary_base: int = setting(10000, "RoPE base frequency.", range=positive(10**12))
     use_rope_scaling: bool = setting(
@@ -190,6 +197,10 @@ class ModelConfig:
     )
     swiglu: bool = setting(False, "SwiGLU MLP instead of GELU.")
     openai_gelu: bool = setting(False, "GELU's tanh approximation, as GPT-2 (Megatron's --openai-gelu).")
+    relu: bool = setting(False, "T5 v1.0: ReLU MLP instead of GELU.")
+    geglu: bool = setting(
+        False, "T5 v1.1, Flan-T5: gated GELU MLP (GEGLU; with openai_gelu, Hugging Face's gelu_new)."
+    )
     add_bias_linear: bool = setting(True, "Biases in the linear layers.")
     untie_embeddings_and_output_weights: bool = setting(
         False, "A separate output layer instead of the embedding matrix."

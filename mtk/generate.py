@@ -1,7 +1,7 @@
 """Text generation from a trained run: greedy, top-k and top-p (nucleus) sampling.
 
-The sampling loop is the same for every family; how the model runs at each step (a KV cache, the whole
-sequence with retrieved neighbours, an encoder-decoder) is its family's generation strategy
+The sampling loop is the same for every family; how the model runs at each step (a KV cache, with
+retrieved neighbours, an encoder-decoder) is its family's generation strategy
 (``TrainableFamily.generation``, ``mtk.models.generation``).
 """
 
@@ -101,12 +101,14 @@ def generate(
     eod: int | None = None,
     seed: int | None = None,
     retrieve: Retrieve | None = None,
+    compile: bool = False,
 ) -> list[int]:
     """Continue ``prompt``; ``temperature=0`` is greedy. Stops at ``eod`` or the model's context length.
 
     How the model runs each step is its family's strategy: a KV cache (GPT), or (RETRO, which needs
-    ``retrieve``: the neighbour tokens of a sequence) the whole sequence at each step with the
-    neighbours of its complete chunks."""
+    ``retrieve``: the neighbour tokens of a sequence) a KV cache and the encoded neighbours of its
+    complete chunks, retrieved as each chunk completes. ``compile``: a compiled one-token step on a static KV cache,
+    where the strategy ``compiles`` (else eager)."""
     strategy = generation_strategy(model.config)
     if not strategy.continues_text:
         raise ValueError(f"a {model.config.family} model generates from an encoder input, not a prompt")
@@ -128,7 +130,7 @@ def generate(
     if seed is not None:
         generator.manual_seed(seed)
     total = min(len(prompt) + max_new_tokens, limit)
-    step = strategy.start(model, 1, total, retrieve=retrieve)
+    step = strategy.start(model, 1, total, retrieve=retrieve, compile=compile and strategy.compiles)
 
     def choose(logits: torch.Tensor) -> torch.Tensor:
         logits = logits[:, :vocab]  # never sample vocabulary padding
@@ -148,16 +150,24 @@ def generate_seq2seq(
     bos: int,
     eos: int,
     max_new_tokens: int,
+    compile: bool = False,
 ) -> list[list[int]]:
     """Greedy answers of an encoder-decoder (T5) for a batch, through its family's strategy (the
-    encoder runs once, the decoder token by token on a KV cache); each answer ends before its ``eos``
-    (or after ``max_new_tokens``)."""
+    encoder runs once, the decoder token by token on a KV cache, compiled on a static one with
+    ``compile``); each answer ends before its ``eos`` (or after ``max_new_tokens``)."""
     strategy = generation_strategy(model.config)
     if strategy.continues_text:
         raise ValueError(f"a {model.config.family} model continues a prompt; it has no encoder input")
     batch = encoder_tokens.shape[0]
     limit = min(max_new_tokens, model.config.max_position_embeddings - 1)
-    step = strategy.start(model, batch, limit + 1, encoder_tokens=encoder_tokens, encoder_mask=encoder_mask)
+    step = strategy.start(
+        model,
+        batch,
+        limit + 1,
+        encoder_tokens=encoder_tokens,
+        encoder_mask=encoder_mask,
+        compile=compile and strategy.compiles,
+    )
     vocab = model.config.vocab_size
     start = torch.full((batch, 1), bos, device=encoder_tokens.device)
     answers = _decode(step, start, limit, lambda logits: logits[:, :vocab].argmax(-1), eos)

@@ -2,7 +2,7 @@
 
 Model types: those the families declare (``TrainableFamily.hf_adapters``): ``bert`` (post-norm, the
 original) and ``megatron-bert`` (Megatron's pre-norm BERT) in ``mtk/models/bert_hf.py``, ``llama``
-and ``gpt2`` (mtk's decoder) in ``mtk/models/gpt_hf.py``; this module is the generic part, and finds
+and ``gpt2`` (mtk's decoder) in ``mtk/models/gpt_hf.py``, ``t5`` in ``mtk/models/t5_hf.py``; this module is the generic part, and finds
 an adapter by ``model_type`` among the registered families'. A Hugging Face folder holds
 ``config.json`` and ``*.safetensors`` (or ``pytorch_model.bin``, read with
 ``torch.load(weights_only=True)``, which runs no code). ``import_hf`` turns it into an mtk run
@@ -10,7 +10,8 @@ directory whose iteration-0 checkpoint holds the weights and whose tokenizer is 
 (tokenizer.json or vocab.txt; none only when asked), so
 ``mtk train --load`` continues from it and ``mtk generate`` samples from it; ``export_hf`` writes a
 run's checkpoint back as a folder ``transformers`` loads (``BertForPreTraining``,
-``MegatronBertForPreTraining``, ``LlamaForCausalLM``, ``GPT2LMHeadModel``). Llama's RoPE is plain or
+``MegatronBertForPreTraining``, ``LlamaForCausalLM``, ``GPT2LMHeadModel``,
+``T5ForConditionalGeneration``). Llama's RoPE is plain or
 Llama 3.1's scaled one (``rope_type`` "llama3"); other scalings are refused. Norm weights mtk holds
 zero-centred (``apply_layernorm_1p``: gamma - 1) are written as Hugging Face's gamma.
 """
@@ -147,10 +148,11 @@ def hf_run_config(
     file, which every error names: a missing key, a value of the wrong type, a model mtk does not do)."""
     try:
         model = architecture(hf.get("model_type")).model_config(hf)
-        model["seq_length"] = min(
-            preset_sections.get("model", {}).get("seq_length", model["max_position_embeddings"]),
-            model["max_position_embeddings"],
-        )
+        lengths = preset_sections.get("model", {})  # the preset's, up to the model's positions
+        model["seq_length"] = min(lengths.get("seq_length", model["max_position_embeddings"]),
+                                  model["max_position_embeddings"])  # fmt: skip
+        if "decoder_seq_length" in lengths:  # T5's
+            model["decoder_seq_length"] = min(lengths["decoder_seq_length"], model["max_position_embeddings"])
     except KeyError as err:
         raise HFError(f"{where} has no {err.args[0]!r}, which a {hf['model_type']} model needs") from None
     except HFError as err:

@@ -89,6 +89,8 @@ SAME_NAME: dict[str, Any] = {
     "norm_epsilon": 1e-5,
     "apply_layernorm_1p": False,
     "position_embedding_type": "learned_absolute",
+    "relative_attention_num_buckets": 32,  # pretrain_t5.py with --position-embedding-type relative
+    "relative_attention_max_distance": 128,
     "rotary_base": 10000,
     "use_rope_scaling": False,
     "rope_scaling_factor": 8.0,
@@ -165,6 +167,8 @@ MTK_ONLY: dict[str, tuple[tuple[Any, ...] | None, str]] = {
         (False,),
         "Megatron's transformer layers are pre-norm (post-norm loads original BERT checkpoints)",
     ),
+    "relu": ((False,), "Megatron-LM's arguments choose GELU, SwiGLU or squared ReLU, not ReLU (T5 v1.0)"),
+    "geglu": ((False,), "Megatron-LM's arguments have no gated GELU (T5 v1.1, Flan-T5)"),
     "fp8_backend": (("auto", "te"), "Megatron runs FP8 through Transformer Engine only"),
     "fp8_strict": ((False, True), "Megatron has no other FP8 backend to fall back to"),
     "compile": (

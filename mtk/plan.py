@@ -65,7 +65,7 @@ class MemoryEstimate:
         return self.weights + self.gradients + self.optimizer + self.activations + self.logits
 
 
-def _activation_bytes_per_token(config: RunConfig, layout: Layout, device: str) -> tuple[float, float]:
+def _activation_bytes_per_token(config: RunConfig, layout: Layout) -> tuple[float, float]:
     """(kept per layer, transient while one layer is recomputed) per local token, in bytes."""
     model = config.model
     t = layout.tp
@@ -76,9 +76,7 @@ def _activation_bytes_per_token(config: RunConfig, layout: Layout, device: str) 
     norm_inputs = 2 * h / t * residual  # sequence-parallel slices
     gathered = 2 * h * act  # attention / MLP inputs, all-gathered over the sequence and kept whole
     attention = (h + 2 * kv * layout.cp) / t * act + 2 * h / t * act  # q, k, v (all-gathered over CP), output
-    if device != "cuda":  # the math kernel keeps softmax(QK^T): heads x keys per query
-        attention += model.num_attention_heads / t * model.seq_length * act
-    mlp = (3 if model.swiglu else 2) * f / t * act
+    mlp = (3 if model.swiglu or model.geglu else 2) * f / t * act
     full = norm_inputs + gathered + attention + mlp
     if layout.recompute == "full":
         return h / t * residual, full
@@ -87,9 +85,7 @@ def _activation_bytes_per_token(config: RunConfig, layout: Layout, device: str) 
     return full, 0.0
 
 
-def estimate_memory(
-    config: RunConfig, layout: Layout, world_size: int, device: str = "cuda"
-) -> MemoryEstimate:
+def estimate_memory(config: RunConfig, layout: Layout, world_size: int) -> MemoryEstimate:
     model, train = config.model, config.train
     dims = ParallelDims(world_size, layout.tp, layout.pp, layout.cp, layout.vp)
     t, pp, vp = layout.tp, layout.pp, layout.vp
@@ -106,12 +102,15 @@ def estimate_memory(
     )
     output = vocab * h / t if (model.untie_embeddings_and_output_weights or pp > 1) else 0
     tokens = train.micro_batch_size * model.seq_length / layout.cp
-    kept, transient = _activation_bytes_per_token(config, layout, device)
+    kept, transient = _activation_bytes_per_token(config, layout)
     # the largest batch of the run (after a batch-size ramp) keeps the most micro-batches in flight
     micro_batches = micro_batches_per_step(max(train.batch_sizes()), train.micro_batch_size, dims.dp)
     in_flight = 1.0 if pp == 1 else min(pp, micro_batches) * (1 + (pp - 1) / (pp * vp) if vp > 1 else 1)
-    # the last stage: the output logits, their fp32 copy, the fp32 log-softmax and the gradients
-    logit_bytes = 12 if train.precision == "fp32" else 16
+    # the last stage's loss: the logits, their fp32 copy (none in fp32) and the fp32 log-probabilities
+    # at its forward; in the backward pass the log-probabilities become the gradient in place
+    # (mtk.layers.loss) and are freed after the output layer, so a recomputed layer's transient memory
+    # meets the logits alone
+    logit_bytes, kept_logit_bytes = (8, 4) if train.precision == "fp32" else (10, 2)
     best = None
     for stage in ("first", "last") if pp > 1 else ("only",):
         params = layers_per_rank * layer
@@ -127,8 +126,11 @@ def estimate_memory(
         optimizer = 8 * params / (shards if sharded else 1)
         stage_in_flight = in_flight if stage in ("first", "only") else 1.0
         boundary = 4 * h * (1 if stage == "first" else 3)  # embedding output; final norm in and out
-        activations = tokens * ((kept * activation_layers + boundary) * stage_in_flight + transient)
-        logits = tokens * vocab / t * logit_bytes if stage in ("last", "only") else 0.0
+        logit_values = tokens * vocab / t if stage in ("last", "only") else 0.0
+        logits = logit_values * logit_bytes
+        freed = logit_values * (logit_bytes - kept_logit_bytes)
+        activations = tokens * (kept * activation_layers + boundary) * stage_in_flight
+        activations += max(0.0, tokens * transient - freed)
         estimate = MemoryEstimate(weights, gradients, optimizer, activations, logits)
         if best is None or estimate.total > best.total:
             best = estimate
@@ -144,7 +146,7 @@ def check_fits(config: RunConfig, world_size: int, device: str) -> None:
     available = available_memory(where)
     if available is None:
         return
-    estimate = estimate_memory(config, preset_layout(config), world_size, where.type)
+    estimate = estimate_memory(config, preset_layout(config), world_size)
     ranks = 1 if where.type == "cuda" else int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if estimate.total * ranks * (1 - MARGIN) <= available:
         return

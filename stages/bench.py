@@ -8,19 +8,29 @@ from typing import Annotated, Any
 
 import typer
 
-from .common import console, fail
-from .options import BF16, FP16, Device, Overrides, Preset, build_config, check_option, with_config_options
+from .common import console, fail, inherited
+from .options import (
+    BF16,
+    FP16,
+    Device,
+    OptionalPreset,
+    Overrides,
+    build_config,
+    check_option,
+    with_config_options,
+)
 
 SUMMARY = "Measure steady-state training speed of a preset: step time, tokens/s, TFLOP/s, MFU, memory."
 MAX_STEPS = 100_000  # of --iters and --warmup: a steady state shows within a few hundred steps
+FP8_RECIPE = "llama3-8b"  # the seed's FP8 recipe: what `mtk bench --fp8` measures with nothing to go on
 
 
 @with_config_options(
     "micro_batch_size", "global_batch_size", "seq_length", "recompute_granularity", "compile"
 )
 def bench(
-    preset: Preset,
     config_values: dict[str, Any],
+    preset: OptionalPreset = None,
     mock_data: Annotated[
         bool, typer.Option("--mock-data/--no-mock-data", help="Benchmark on mock data (the only mode).")
     ] = True,
@@ -58,7 +68,10 @@ def bench(
     ] = None,
 ) -> None:
     """Time training steps after warm-up. TFLOP/s counts model FLOPs (the family's formula, e.g. 6 x
-    parameters + 12 x layers x hidden x seq per token for GPT)."""
+    parameters + 12 x layers x hidden x seq per token for GPT).
+
+    Without --preset: the preset of the workspace's last run, else with --fp8 the seed's FP8 recipe
+    (llama3-8b), with fewer layers when it does not fit this machine's memory (said, with by how much)."""
     import torch
     from rich.table import Table
 
@@ -73,12 +86,26 @@ def bench(
     values = {"mock_data": True, "data_path": None, "train_iters": iters + warmup, **config_values}
     if fsdp:
         values["data_parallel_sharding_strategy"] = "optim_grads_params"
+    chosen = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    explicit = preset is not None
+    preset = preset or _default_preset(fp8)
     config = build_config(preset, overrides, values, bf16, fp16)
+    if not explicit:  # a recipe for many GPUs, measured on one: its layers, fewer where they do not fit
+        config = _on_one_process(config)
+        layers = (
+            None
+            if any(o.startswith("num_layers=") for o in overrides)
+            else fitting_depth(config, preset, chosen)
+        )
+        if layers is not None:
+            config = _on_one_process(
+                build_config(preset, overrides, values | {"num_layers": layers}, bf16, fp16)
+            )
+            preset = f"{preset} ({layers} of its layers)"  # measured on fewer layers: no published row
     try:
         check_run(config, 1, family_spec(config.model.family))
     except ConfigError as err:
         fail(str(err))
-    chosen = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         if fp8:
             _show_fp8(benchmark_fp8(config, preset, iters, warmup, chosen, peak_tflops), preset, json_out)
@@ -98,6 +125,67 @@ def bench(
     console.print(table)
     console.print(f"model built as `mtk train` builds it: {result.built}", highlight=False)
     _write_json(json_out, rows)
+
+
+def _default_preset(fp8: bool) -> str:
+    """The preset of the workspace's last run, else (with --fp8) the seed's FP8 recipe, said out loud."""
+    from mtk import workspace
+
+    try:
+        has_run = workspace.latest("run", lambda record: bool(record.facts.get("preset"))) is not None
+    except workspace.WorkspaceError as err:
+        fail(str(err))
+    if not has_run and fp8:
+        console.print(f"preset: {FP8_RECIPE} (the seed's FP8 recipe: no run in this workspace; --preset "
+                      "to choose)", highlight=False)  # fmt: skip
+        return FP8_RECIPE
+    found = inherited(
+        "run", "--preset", "give --preset NAME (`mtk presets list`), or train one with `mtk train` first",
+        fits=lambda record: bool(record.facts.get("preset")), value=lambda r, path: f"{r.facts['preset']}, of {path}",
+    )  # fmt: skip
+    return found.facts["preset"]
+
+
+def _on_one_process(config):  # noqa: ANN001, ANN202 - a RunConfig
+    from dataclasses import replace
+
+    from mtk.train.build import one_process
+
+    return replace(config, parallel=one_process(config.parallel))
+
+
+def fitting_depth(config, name: str, device: str, available: int | None = None) -> int | None:  # noqa: ANN001
+    """None when training ``config`` (of preset ``name``) fits ``device``'s memory (``available``
+    bytes; default: what it has free), by mtk's own estimate (``mtk plan``), else the most layers that
+    do (saying so and by how much); the command ends when not even one layer fits."""
+    from dataclasses import replace
+
+    import torch
+
+    from mtk.models.spec import GIB, available_memory
+    from mtk.plan import HEADROOM, estimate_memory, preset_layout
+
+    where = torch.device(device)
+    available = available if available is not None else available_memory(where)
+    if available is None:
+        return None
+
+    def needed(layers: int) -> float:
+        shrunk = replace(config, model=replace(config.model, num_layers=layers))
+        return estimate_memory(shrunk, preset_layout(config), 1).total
+
+    total = config.model.num_layers
+    if needed(total) <= HEADROOM * available:
+        return None
+    layers = max((n for n in range(1, total) if needed(n) <= HEADROOM * available), default=0)
+    memory = f"this machine's {available / GIB:,.0f} GiB ({where.type}; about {needed(total) / GIB:,.0f} GiB needed)"
+    if not layers:
+        fail(f"{name} does not fit {memory}, not even one layer of it: give a smaller --preset, or a "
+             "shorter --seq-length")  # fmt: skip
+    console.print(f"{name} does not fit {memory}: benchmarking {layers} of its {total} layers, "
+                  f"{total / layers:,.1f}x fewer (per-layer figures comparable with the published table)",
+                  highlight=False)  # fmt: skip
+    return layers
 
 
 def _write_json(path: Path | None, rows: dict) -> None:

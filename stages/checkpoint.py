@@ -68,7 +68,7 @@ def convert(
         help="safetensors: every weight under mtk's names, in one file. hf: a Hugging Face folder "
         "(config.json, model.safetensors, the run's tokenizer files) that transformers loads: "
         "LlamaForCausalLM, GPT2LMHeadModel, BertForPreTraining (post-norm BERT) or "
-        "MegatronBertForPreTraining (Megatron's pre-norm BERT).",
+        "MegatronBertForPreTraining (Megatron's pre-norm BERT), T5ForConditionalGeneration (Google's T5).",
     ),
     iteration: int | None = typer.Option(None, "--iteration", help="Which checkpoint (default: the latest)."),
 ) -> None:
@@ -95,8 +95,8 @@ def convert(
 def import_hf(
     folder: Path = typer.Argument(
         ...,
-        help="A Hugging Face folder of a BERT ('bert', or Megatron's pre-norm 'megatron-bert'), Llama or "
-        "GPT-2 model: config.json and *.safetensors (or pytorch_model.bin, read "
+        help="A Hugging Face folder of a BERT ('bert', or Megatron's pre-norm 'megatron-bert'), Llama, "
+        "GPT-2 or T5 (v1.0, v1.1, Flan-T5) model: config.json and *.safetensors (or pytorch_model.bin, read "
         "without running pickled code); its tokenizer.json (BERT: vocab.txt) becomes the run's tokenizer.",
         show_default=False,
     ),
@@ -104,7 +104,7 @@ def import_hf(
         None,
         "--preset",
         help="Preset whose training settings the run takes (the model comes from the folder). Default: "
-        "bert-340m for BERT, llama3-8b for Llama, gpt3-345m for GPT-2.",
+        "bert-340m for BERT, llama3-8b for Llama, gpt3-345m for GPT-2, t5-220m for T5.",
         show_default=False,
     ),
     save: Path = typer.Option(

@@ -73,3 +73,66 @@ def reports_file_errors(command: Callable) -> Callable:
             fail(f"{paths}: {cause}" if paths and cause else str(err))
 
     return run
+
+
+def remember(kind: str, path: str | os.PathLike, stage: str, **record: Any) -> None:
+    """Record a stage's output in the workspace (``mtk.workspace.record``; rank 0 only). A workspace
+    that cannot be written is a warning: the output is there and describes itself."""
+    from rich.markup import escape
+
+    from mtk import workspace
+
+    if os.environ.get("RANK", "0") != "0":
+        return
+    try:
+        workspace.record(kind, path, stage, **record)
+    except (workspace.WorkspaceError, OSError) as err:
+        err_console.print(
+            f"[yellow]warning:[/] not recorded in the workspace: {escape(str(err))}", soft_wrap=True
+        )
+
+
+def inherited(
+    kind: str,
+    option: str,
+    remedy: str,
+    fits: Callable[[Any], bool] | None = None,
+    what: str | None = None,
+    value: Callable[[Any, str], str] | None = None,
+) -> Any:
+    """The workspace's most recent ``kind`` output that ``fits`` (a ``mtk.workspace.Record``) for a
+    left-out ``option``, said out loud in one line (``value(record, path)``: what is taken from it;
+    default its path). Ends the command with ``remedy`` (what to give or run instead) when there is
+    none, or when it was deleted or moved (never used silently)."""
+    from mtk import workspace
+
+    what = what or kind
+    try:
+        found = workspace.latest(kind, fits)
+    except workspace.WorkspaceError as err:
+        fail(str(err))
+    if found is None:
+        fail(
+            f"{option} is not given, and this workspace ({workspace.root()}) has no {what} to take: {remedy}"
+        )
+    gone = workspace.missing(found)
+    if gone:
+        fail(f"{option} is not given, and the workspace's last {what}, {found.path} ({found.stage}), is gone: "
+             f"{gone}. {remedy[0].upper()}{remedy[1:]}")  # fmt: skip
+    where = found.path if found.facts.get(workspace.NAMED) else workspace.shown(workspace.location(found))
+    changed = workspace.stale(found)
+    note = f"; stale: {', '.join(changed)} changed since" if changed else ""
+    where = value(found, where) if value else where
+    console.print(f"{option.lstrip('-')}: {where} (last {found.stage}; {option} to choose{note})",
+                  highlight=False, soft_wrap=True)  # fmt: skip
+    return found
+
+
+def last_run(families: tuple[str, ...], remedy: str) -> Any:
+    """The run directory of the workspace's most recent run of one of ``families``, for a left-out
+    ``--load``, said out loud (``inherited``)."""
+    from mtk.workspace import location
+
+    found = inherited("run", "--load", remedy, fits=lambda record: record.facts.get("family") in families,
+                      what=f"{' or '.join(families)} run")  # fmt: skip
+    return location(found)

@@ -6,16 +6,17 @@ from pathlib import Path
 
 import typer
 
-from .common import console, fail
+from .common import console, err_console, fail, last_run
 
 SUMMARY = "Generate text from a trained run (greedy, top-k, top-p; KV cache)."
 
 
 def generate(
-    load: Path = typer.Option(
-        ...,
+    load: Path | None = typer.Option(
+        None,
         "--load",
-        help="Run directory of `mtk train` (its latest checkpoint is used).",
+        help="Run directory of `mtk train` (its latest checkpoint is used). Default: the workspace's last "
+        "GPT or RETRO run.",
         show_default=False,
     ),
     prompt: str = typer.Option(
@@ -40,23 +41,47 @@ def generate(
         help="RETRO runs: the retrieval project whose index finds the neighbours of the text's chunks "
         "(embedded by the project's BERT).",
     ),
+    compile: bool | None = typer.Option(
+        None,
+        "--compile/--no-compile",
+        help="torch.compile the one-token decoding step, on a static KV cache (default: on for CUDA, "
+        "off for CPU, where the compile time does not pay). RETRO runs eager.",
+        show_default=False,
+    ),
 ) -> None:
-    """Print the prompt's continuation; generation stops at the end-of-document token. Generation runs
-    eager (no torch.compile, whatever the run's --compile): its KV cache grows by a token a step."""
+    """Print the prompt's continuation; generation stops at the end-of-document token. The console
+    (stderr) says when the decoding step is compiled (the run's own --compile is for training)."""
     from mtk.checkpoint import CheckpointError
     from mtk.generate import generate as run
-    from mtk.generate import load_run
+    from mtk.generate import generation_strategy, load_run
+    from mtk.parallel.compile import compile_choice
 
+    load = load or last_run(
+        ("gpt", "retro"), "give --load RUN, or train one with `mtk train --preset gpt-tiny` first"
+    )
     try:
         model, tokenizer = load_run(load, device)
     except (CheckpointError, FileNotFoundError, ValueError) as err:
         fail(str(err))
     retrieve = _retriever(model, retro_project)
+    compiled, reason = compile_choice(compile, device)
+    strategy = generation_strategy(model.config)
+    if compiled and not strategy.compiles:
+        compiled = False
+        err_console.print(
+            f"note: a {model.config.family} model generates eager ({strategy.description}: no static KV "
+            "cache to compile on)",
+            highlight=False,
+        )
+    elif compiled:
+        err_console.print(
+            f"torch.compile: one-token decoding step, static KV cache ({reason})", highlight=False
+        )
     try:
         ids = tokenizer.encode(prompt) if tokenizer else [int(t) for t in prompt.split()]
         produced = run(
             model, ids, max_new_tokens, temperature, top_k, top_p, tokenizer.eod if tokenizer else None, seed,
-            retrieve,
+            retrieve, compiled,
         )  # fmt: skip
     except ValueError as err:
         fail(f"--prompt: {err}")

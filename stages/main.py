@@ -17,6 +17,7 @@ from . import (
     presets,
     quickstart,
     retro,
+    status,
     tokenizer,
     train,
 )
@@ -40,6 +41,7 @@ for name, module, command in [
     ("eval-squad", eval_squad, eval_squad.eval_squad),
     ("plot", plot, plot.plot),
     ("plan", plan, plan.plan),
+    ("status", status, status.status),
 ]:
     app.command(name, help=module.SUMMARY)(reports_file_errors(command))
 app.add_typer(launch.app, name="launch", help=launch.SUMMARY)

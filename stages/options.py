@@ -32,6 +32,16 @@ Preset = Annotated[
         show_default=False,
     ),
 ]
+OptionalPreset = Annotated[
+    str | None,
+    typer.Option(
+        "--preset",
+        "-p",
+        help="Preset name (`mtk presets list`), or a preset file's path (./mine.toml). Default: the preset "
+        "of the workspace's last run.",
+        show_default=False,
+    ),
+]
 Overrides = Annotated[
     list[str],
     typer.Option(

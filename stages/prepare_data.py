@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from .common import console, fail
+from .common import console, fail, inherited, remember
 
 SUMMARY = "Tokenize JSONL, Parquet or text into Megatron-compatible .bin/.idx files, fast."
 
@@ -42,21 +42,22 @@ def prepare_data(
         ".parquet, or plain text with --text-mode.",
         show_default=False,
     ),
-    output_prefix: str = typer.Option(
-        ...,
+    output_prefix: str | None = typer.Option(
+        None,
         "--output-prefix",
         "-o",
         help="Output prefix P: writes P_<key>_document.bin/.idx (or _sentence) "
-        "and P_<key>_document.mtk.json.",
+        "and P_<key>_document.mtk.json. Default: data/<first input's name> in the workspace.",
         show_default=False,
     ),
-    tokenizer: str = typer.Option(
-        ...,
+    tokenizer: str | None = typer.Option(
+        None,
         "--tokenizer",
         "-t",
-        help="'gpt2' (GPT-2's BPE, shipped with mtk: nothing is downloaded); a tokenizer.json file, a "
-        "directory holding tokenizer.json, GPT-2 style vocab.json + merges.txt (or encoder.json + "
-        "vocab.bpe), or BERT vocab.txt; or 'null' (text is whitespace-separated ids).",
+        help="'gpt2' (GPT-2's BPE, shipped with mtk: nothing is downloaded); 'bundled' (a small BPE "
+        "trained on the bundled corpus, for trying things); a tokenizer.json file, a directory holding "
+        "tokenizer.json, GPT-2 style vocab.json + merges.txt (or encoder.json + vocab.bpe), or BERT "
+        "vocab.txt; or 'null' (text is whitespace-separated ids). Default: the workspace's last tokenizer.",
         show_default=False,
     ),
     tokenizer_type: TokenizerType = typer.Option(
@@ -135,6 +136,8 @@ def prepare_data(
     keys = [key.strip() for spec in json_keys for key in spec.split(",") if key.strip()]
     if not keys:
         fail(f"--json-keys {' '.join(json_keys)!r} names no key; e.g. --json-keys text,title")
+    tokenizer = tokenizer or _last_tokenizer()
+    output_prefix = output_prefix or _default_prefix(inputs[0])
     try:
         tok = load_tokenizer(
             tokenizer,
@@ -192,8 +195,75 @@ def prepare_data(
         console.print(
             f"[yellow]... and {stats.skipped_lines - len(stats.skipped_examples)} more skipped lines[/]"
         )
-    first = next(iter(result.outputs.values()))
-    console.print(f"Train on it with: mtk train --preset NAME --data {Path(first)}")
+    _remember(tokenizer, tok, result)
+    preset = "bert-tiny" if split_sentences else "gpt-tiny"
+    console.print(f"Train on it with: mtk train --preset {preset} (it takes this data: the workspace's last)")
+
+
+# Suffixes dropped from an input's name for the default output prefix: corpus.jsonl.gz -> corpus
+INPUT_SUFFIXES = (".gz", ".zst", ".jsonl", ".json", ".parquet", ".txt")
+
+
+def _default_prefix(first_input: str) -> str:
+    """``data/<name of the first input>`` in the workspace, said out loud."""
+    from mtk.workspace import root, shown
+
+    path = Path(first_input)
+    name = path.name if not any(c in path.name for c in "*?[") else path.parent.name
+    while Path(name).suffix in INPUT_SUFFIXES and Path(name).stem:
+        name = Path(name).stem
+    prefix = root() / "data" / (name or "corpus")
+    console.print(f"output: {shown(prefix)} (from the input's name; -o to choose)", highlight=False)
+    return str(prefix)
+
+
+def _last_tokenizer() -> str:
+    """The workspace's last tokenizer, or an end naming the choices."""
+    from mtk import workspace
+
+    remedy = (
+        "choose one: -t FILE (a tokenizer.json, a BERT vocab.txt), -t FOLDER (a Hugging Face or GPT-2 "
+        "style tokenizer folder, or one `mtk tokenizer train` wrote), -t gpt2 (GPT-2's BPE, shipped with "
+        "mtk) or -t bundled (a small BPE trained on the bundled corpus, for trying things)"
+    )
+    found = inherited("tokenizer", "--tokenizer", remedy)
+    return found.path if found.facts.get(workspace.NAMED) else str(workspace.location(found))
+
+
+def _remember(spec: str, tok, result) -> None:  # noqa: ANN001 - a Tokenizer and a PrepareResult
+    """Record the tokenizer (unless null: it needs --vocab-size) and each output dataset."""
+    if tok.kind != "null":
+        remember_tokenizer(spec, tok.kind, tok.vocab_size, "prepare-data")
+    for prefix in result.outputs.values():
+        remember_dataset(prefix, spec, "prepare-data")
+
+
+def remember_tokenizer(spec: str, kind: str, vocab_size: int, stage: str) -> None:
+    from mtk.data.tokenizer import BUNDLED, GPT2
+    from mtk.workspace import NAMED
+
+    named = {NAMED: True} if spec in (GPT2, BUNDLED) else {}
+    remember("tokenizer", spec, stage, facts={"kind": kind, "vocab_size": vocab_size} | named)
+
+
+def remember_dataset(prefix: str, tokenizer: str, stage: str) -> None:
+    """Record prepared data ``PREFIX`` with the facts and hashes of its manifest; stale when its input
+    files or tokenizer files change."""
+    from mtk.manifest import data_manifest_path, read_manifest
+    from mtk.workspace import manifest_hashes
+
+    manifest = read_manifest(data_manifest_path(prefix))
+    files = [entry["path"] for entry in manifest.get("inputs", []) + manifest["tokenizer"].get("files", [])]
+    counts, described = manifest["counts"], manifest["tokenizer"]
+    facts = {
+        "key": manifest["json_key"],
+        "level": manifest["level"],
+        "documents": counts["documents"],
+        "tokens": counts["tokens"],
+        "tokenizer": tokenizer,
+        "vocab_size": described.get("vocab_size"),
+    }
+    remember("dataset", prefix, stage, facts=facts, hashes=manifest_hashes(manifest), inputs=files)
 
 
 class _ProgressBar:

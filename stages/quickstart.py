@@ -24,6 +24,7 @@ def quickstart(
     result = run_quickstart(
         out, train_iters, show=lambda line: console.print(line, highlight=False, markup=False)
     )
+    _remember(result)
     console.print(result.sample, highlight=False, markup=False)
     console.print(
         f"\nloss {result.first_loss:.2f} -> {result.last_loss:.2f}; checkpoint and metrics in {result.run_dir}, "
@@ -36,3 +37,17 @@ def quickstart(
         highlight=False,
         markup=False,
     )
+
+
+def _remember(result) -> None:  # noqa: ANN001 - a QuickstartResult
+    """Record the bundled tokenizer, the prepared corpus and the run, as the stages do."""
+    from mtk.data.tokenizer import BUNDLED
+    from mtk.manifest import data_manifest_path, read_manifest
+
+    from .prepare_data import remember_dataset, remember_tokenizer
+    from .train import remember_run
+
+    vocab_size = read_manifest(data_manifest_path(result.data_prefix))["vocab_size"]
+    remember_tokenizer(BUNDLED, "gpt2bpe", vocab_size, "quickstart")
+    remember_dataset(result.data_prefix, BUNDLED, "quickstart")
+    remember_run("gpt-tiny", result.run_dir, "quickstart")

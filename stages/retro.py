@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -11,14 +12,20 @@ import typer
 
 from mtk.data.retro_settings import BUILD_DB_KEYS  # the keys build-db fixes; imports nothing
 
-from .common import console, fail, reports_file_errors
+from .common import console, fail, inherited, remember, reports_file_errors
 from .options import flag_of, with_config_options
 
 SUMMARY = "RETRO retrieval: chunk database, faiss index, neighbours of every training sample."
 app = typer.Typer(no_args_is_help=True, help=SUMMARY)
 
 Project = Annotated[
-    Path, typer.Option("--project", help="The project folder (one per retrieval corpus).", show_default=False)
+    Path | None,
+    typer.Option(
+        "--project",
+        help="The project folder (one per retrieval corpus). Default: build-db, retro/<data name> in the "
+        "workspace; the later stages, the workspace's last RETRO project.",
+        show_default=False,
+    ),
 ]
 Embedder = Annotated[
     Path | None,
@@ -28,7 +35,9 @@ Embedder = Annotated[
         "--bert-tokenizer folder of build-db, when it holds weights).",
     ),
 ]
-EmbedDevice = Annotated[str, typer.Option("--device", help="Where the BERT embeds: cpu or cuda.")]
+EmbedDevice = Annotated[
+    str, typer.Option("--device", help="Where the BERT embeds: cpu or cuda (each torchrun rank its GPU).")
+]
 BlockSize = Annotated[
     int, typer.Option("--block-size", min=1, help="Chunks per embedding block saved on disk (resume unit).")
 ]
@@ -90,7 +99,6 @@ RetroPreset = Annotated[
 
 @with_config_options(*BUILD_DB_KEYS)
 def build_db(
-    project: Project,
     bert_tokenizer: Annotated[
         Path,
         typer.Option(
@@ -98,6 +106,7 @@ def build_db(
         ),
     ],
     config_values: dict[str, Any],
+    project: Project = None,
     preset: RetroPreset = None,
 ) -> None:
     """Cut the train split into chunks that never cross documents, keep those BERT sees as text.
@@ -114,6 +123,8 @@ def build_db(
     except cfg.ConfigError as err:
         fail(str(err))
     settings = {key: getattr(getattr(config, cfg.section_of(key)), key) for key in BUILD_DB_KEYS}
+    if settings["data_path"] is None:
+        settings["data_path"] = _last_data()
     for key in ("data_path", "train_samples"):
         if settings[key] is None:
             fail(f"build-db needs {flag_of(key)}" + (f" (the preset {preset} sets none)" if preset else ""))
@@ -130,6 +141,7 @@ def build_db(
     )
     if settings["data_cache_path"] is not None:
         settings["data_cache_path"] = str(Path(settings["data_cache_path"]).resolve())
+    project = project or _new_project(blend[0][1])
     try:
         with _progress() as update:
             record = build(
@@ -140,7 +152,56 @@ def build_db(
     counts = record["counts"]
     console.print(f"{counts['chunks']:,} chunks from {counts['documents']:,} documents "
                   f"({counts['chunks_empty_for_bert']:,} empty for BERT dropped) -> {project}")  # fmt: skip
+    _remember(project, "retro build-db", [prefix for _, prefix in blend])
     console.print(f"Next: mtk retro index --project {project}")
+
+
+def _last_data() -> str:
+    """The workspace's last document-level prepared data, said out loud."""
+    from mtk.workspace import location
+
+    found = inherited(
+        "dataset", "--data", "give --data PREFIX, or run `mtk prepare-data FILE` first",
+        fits=lambda record: record.facts.get("level") == "document", what="document-level prepared data",
+    )  # fmt: skip
+    return str(location(found))
+
+
+def _new_project(prefix: str) -> Path:
+    """``retro/<data name>`` in the workspace, said out loud."""
+    from mtk.workspace import root, shown
+
+    project = root() / "retro" / Path(prefix).name
+    console.print(f"project: {shown(project)} (named after the data; --project to choose)", highlight=False)
+    return project
+
+
+def _last_project(project: Path | None) -> Path:
+    """``project``, else the workspace's last RETRO project, said out loud."""
+    from mtk.workspace import location
+
+    if project is not None:
+        return project
+    found = inherited("retro", "--project", "give --project DIR, or run `mtk retro build-db` first",
+                      what="RETRO project")  # fmt: skip
+    return location(found)
+
+
+def _remember(project: Path, stage: str, prefixes: list[str] | None = None) -> None:
+    """Record the project (stale when its data's manifests change); a later stage keeps build-db's inputs."""
+    from mtk import workspace
+    from mtk.manifest import data_manifest_path
+
+    if prefixes is None:  # index, query-neighbours: the data build-db recorded
+        earlier = None
+        with contextlib.suppress(workspace.WorkspaceError):  # a damaged file: remember warns of it
+            earlier = next(
+                (r for r in workspace.records("retro") if r.path == workspace.relative(project)), None
+            )
+        inputs = list(earlier.inputs) if earlier else []
+    else:
+        inputs = [data_manifest_path(prefix) for prefix in prefixes]
+    remember("retro", project, stage, inputs=inputs)
 
 
 def _embedder(project: Path, embedder: Path | None, device: str = "cpu"):
@@ -152,11 +213,27 @@ def _embedder(project: Path, embedder: Path | None, device: str = "cpu"):
     folder = embedder or Path(db["bert"])
     if not (folder / "config.json").is_file():
         fail(f"{folder}: not a Hugging Face BERT folder (config.json and weights); give --embedder DIR")
+    if device == "cuda":  # under torchrun, this rank's GPU
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     return BertEmbedder(folder, bert_tokenizer(db["bert"]), device)
 
 
+@contextlib.contextmanager
+def _ranks() -> Iterator[tuple[Any, Any]]:
+    """This process's ranks (torchrun's job, or one) and a progress callback (rank 0 draws it)."""
+    from mtk.retro.ranks import join, leave
+
+    ranks = join()
+    if ranks.main:
+        with _progress() as update:
+            yield ranks, update
+    else:
+        yield ranks, None
+    leave(ranks)
+
+
 def index(
-    project: Project,
+    project: Project = None,
     index_type: Annotated[
         str | None,
         typer.Option(
@@ -179,25 +256,31 @@ def index(
     block_size: BlockSize = 100_000,
     device: EmbedDevice = "cpu",
 ) -> None:
-    """Embed every chunk (resumable blocks), train the faiss index and add all chunks."""
+    """Embed every chunk (resumable blocks), train the faiss index and add all chunks.
+
+    Under torchrun (`mtk launch torchrun -- mtk retro index ...`) the ranks share the blocks."""
     from mtk.data.retro_project import RetroProject
     from mtk.retro.index import build_index
 
+    project = _last_project(project)
     try:
-        model = _embedder(project, embedder, device)
-        with _progress() as update:
+        with _ranks() as (ranks, update):
+            model = _embedder(project, embedder, device)
             record = build_index(RetroProject(project), model, index_type, train_chunks, nprobe, ef_search,
-                                 block_size, k_factor, update)  # fmt: skip
+                                 block_size, k_factor, update, ranks)  # fmt: skip
     except _errors() as err:
         fail(str(err))
+    if not ranks.main:
+        return
     console.print(
         f"index {record['index_type']} (nprobe {record['nprobe']}) over {record['chunks']:,} chunks"
     )
+    _remember(project, "retro index")
     console.print(f"Next: mtk retro query-neighbours --project {project}")
 
 
 def query_neighbours(
-    project: Project,
+    project: Project = None,
     num_neighbours: Annotated[
         int, typer.Option("--num-neighbours", min=1, help="Neighbours kept per chunk.")
     ] = 20,
@@ -208,21 +291,31 @@ def query_neighbours(
     ] = 1000,
     device: EmbedDevice = "cpu",
 ) -> None:
-    """Neighbours of every chunk of every training sample, none from the sample's own documents."""
+    """Neighbours of every chunk of every training sample, none from the sample's own documents.
+
+    Under torchrun the ranks share the blocks of samples."""
     from mtk.data.retro_project import RetroProject
     from mtk.retro.query import query_neighbours as query
 
+    project = _last_project(project)
     try:
-        model = _embedder(project, embedder, device)
-        with _progress() as update:
-            record = query(RetroProject(project), model, num_neighbours, query_k, block_samples, update)
+        with _ranks() as (ranks, update):
+            model = _embedder(project, embedder, device)
+            record = query(
+                RetroProject(project), model, num_neighbours, query_k, block_samples, update, ranks
+            )
     except _errors() as err:
         fail(str(err))
+    if not ranks.main:
+        return
     recall = record[f"recall_at_{num_neighbours}"]
     console.print(
         f"neighbours of {record['samples']} samples; recall@{num_neighbours} against exact search {recall}"
     )
-    console.print(f"Train: mtk train --preset retro-tiny --retro-project {project} --save RUN")
+    _remember(project, "retro query-neighbours")
+    console.print(
+        f"Train: mtk train --preset retro-tiny --retro-project {project} (or leave it out: the workspace's last)"
+    )
 
 
 def inspect(project: Annotated[Path, typer.Argument(help="The project folder.")]) -> None:

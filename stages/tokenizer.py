@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from .common import console, fail, reports_file_errors
+from .common import console, fail, remember, reports_file_errors
 
 SUMMARY = "Train a GPT-2 style byte-level BPE or a BERT WordPiece vocabulary from local files."
 app = typer.Typer(no_args_is_help=True, help=SUMMARY)
@@ -111,5 +111,11 @@ def train(
             f"[yellow]note:[/] the corpus supports {tokenizer.vocab_size:,} of the {vocab_size:,} tokens asked for"
         )
     say(f"wrote {out}/: {' '.join(sorted(path.name for path in out.iterdir()))}")
+    remember(
+        "tokenizer",
+        out,
+        "tokenizer train",
+        facts={"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size},
+    )
     extra = " --split-sentences" if kind is Kind.wordpiece else " --append-eod"
     say(f"Use it: mtk prepare-data INPUT... -o PREFIX --tokenizer {out}{extra}")

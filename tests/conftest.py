@@ -20,6 +20,15 @@ import pytest
 COUNTING_VOCAB = 64
 
 
+@pytest.fixture(autouse=True)
+def workspace(tmp_path_factory, monkeypatch) -> Path:
+    """Every test's own empty workspace (``MTK_WORKSPACE``; subprocesses inherit it): no test writes
+    into the checkout's, and none inherits what another test's stages produced."""
+    root = tmp_path_factory.mktemp("workspace")
+    monkeypatch.setenv("MTK_WORKSPACE", str(root))
+    return root
+
+
 def invoke(*args: str | os.PathLike, code: int | None = 0, **kwargs):
     """``mtk ARGS`` run in-process (typer's CliRunner; ``kwargs`` go to its ``invoke``); its result,
     after checking the exit code (``code=None``: not checked)."""

@@ -177,13 +177,17 @@ class WordPieceIds:
     def from_manifest(cls, entry: dict[str, Any] | None, family: str, sentinels: bool) -> WordPieceIds:
         """The ids of the WordPiece tokenizer a data manifest records (reloaded from its files, checked
         unchanged). ``sentinels``: T5's, the ``--vocab-extra-ids`` tokens, with [CLS] as <bos> and
-        [SEP] as <eos> (Megatron's BertWordPieceCase)."""
+        [SEP] as <eos> (Megatron's BertWordPieceCase); or T5's own tokenizer.json (``from_sentencepiece``)."""
         from mtk.data.tokenizer import EXTRA_ID, tokenizer_from_manifest
 
         if not entry:
             raise ValueError(
                 f"{family} samples need the WordPiece vocabulary of the data, which has no mtk manifest: "
                 "prepare it with `mtk prepare-data --tokenizer VOCAB.txt --split-sentences`"
+            )
+        if entry["kind"] == "hf" and sentinels:  # T5's own SentencePiece tokenizer (an imported T5)
+            return cls.from_sentencepiece(
+                tokenizer_from_manifest(entry).core.get_vocab(with_added_tokens=True)
             )
         if entry["kind"] != "wordpiece":
             raise ValueError(
@@ -201,6 +205,32 @@ class WordPieceIds:
             return cls.from_vocab(vocab)
         ids = [vocab[EXTRA_ID.format(i)] for i in range(extra)]
         return cls.from_vocab(vocab, bos=vocab["[CLS]"], eos=vocab["[SEP]"], sentinels=tuple(ids))
+
+    @classmethod
+    def from_sentencepiece(cls, vocab: dict[str, int]) -> WordPieceIds:
+        """The ids of T5's SentencePiece vocabulary (a Hugging Face tokenizer.json): ``<pad>`` starts the
+        decoder (Hugging Face's ``decoder_start_token_id``), ``</s>`` ends it and is never masked, the
+        sentinels are ``<extra_id_0>``, ``<extra_id_1>`` ... found by name (T5 puts them last,
+        ``<extra_id_0>`` the highest id), and a piece without the "▁" of a word start continues a word."""
+        from mtk.data.tokenizer import EXTRA_ID
+
+        sentinels: list[int] = []
+        while EXTRA_ID.format(len(sentinels)) in vocab:
+            sentinels.append(vocab[EXTRA_ID.format(len(sentinels))])
+        missing = [t for t in ("<pad>", "</s>") if t not in vocab] + ([] if sentinels else ["<extra_id_0>"])
+        if missing:
+            raise ValueError(
+                f"the tokenizer has no {', '.join(missing)}: T5 samples need T5's SentencePiece vocabulary "
+                "with its sentinels, or a WordPiece one prepared with --vocab-extra-ids 100"
+            )
+        pad, eos = vocab["<pad>"], vocab["</s>"]
+        special = {pad, eos, vocab.get("<unk>", pad), *sentinels}
+        continues = np.zeros(max(vocab.values()) + 1, bool)
+        continues[[i for piece, i in vocab.items() if not piece.startswith("▁") and i not in special]] = True
+        # T5 samples never hold a [CLS] or [SEP]: </s> (each encoded text's end) takes their place
+        return cls(
+            eos, eos, vocab.get("<unk>", pad), pad, continues, bos=pad, eos=eos, sentinels=tuple(sentinels)
+        )
 
 
 class SentenceSamples:

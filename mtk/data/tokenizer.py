@@ -1,7 +1,7 @@
 """Tokenizers for preprocessing: Hugging Face tokenizer.json, GPT-2 BPE, BERT WordPiece, null.
 
-``load_tokenizer(spec)`` finds out what a path holds (or takes the name ``gpt2``: GPT-2's own BPE,
-whose files ship with mtk) and returns a :class:`Tokenizer`, whose ``encode_batch`` is the hot path
+``load_tokenizer(spec)`` finds out what a path holds (or takes a name: ``gpt2``, GPT-2's own BPE,
+whose files ship with mtk; ``bundled``, the small BPE trained on the bundled corpus) and returns a :class:`Tokenizer`, whose ``encode_batch`` is the hot path
 of ``mtk prepare-data``. ``describe()`` is its manifest entry (kind, settings, files with sha256);
 ``tokenizer_identity(entry)`` says when two entries are the same tokenizer. Worker processes rebuild
 it with ``tokenizer_from_manifest(entry)``, which refuses files that changed since; pickling a
@@ -35,6 +35,9 @@ GPT2BPE_FILES = (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe"))
 # against the sha256 tiktoken pins for them (tiktoken_ext.openai_public.gpt2)
 GPT2 = "gpt2"
 GPT2_ASSETS = Path(__file__).resolve().parent.parent / "assets" / "gpt2"
+# `bundled` names the 4096-token BPE trained on the bundled corpus (mtk/assets/tokenizer): for trying things
+BUNDLED = "bundled"
+BUNDLED_ASSETS = GPT2_ASSETS.parent / "tokenizer"
 GPT2_SHA256 = {
     "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
     "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
@@ -202,14 +205,15 @@ def load_tokenizer(
     lower_case: bool | None = None,
     vocab_extra_ids: int = 0,
 ) -> Tokenizer:
-    """Load the tokenizer at ``spec`` (a path, ``gpt2`` or ``null``), of ``kind`` or of the kind its
-    files show.
+    """Load the tokenizer at ``spec`` (a path, ``gpt2``, ``bundled`` or ``null``), of ``kind`` or of
+    the kind its files show.
 
     ``hf``: a tokenizer.json or a directory with one, encoded with its special tokens added (eod: the
     ``eos_token`` of a tokenizer_config.json beside it, else a common end-of-text token in the vocabulary).
     ``gpt2bpe``: a directory with GPT-2 style vocab.json + merges.txt (or openai/gpt-2's encoder.json +
     vocab.bpe); a literal ``<|endoftext|>`` in the text is that token (the eod). ``gpt2`` (not a path:
-    ``./gpt2`` is one) is GPT-2's own gpt2bpe, from the files shipped with mtk (:func:`gpt2_folder`).
+    ``./gpt2`` is one) is GPT-2's own gpt2bpe, from the files shipped with mtk (:func:`gpt2_folder`);
+    ``bundled`` is the gpt2bpe trained on the bundled corpus (:data:`BUNDLED_ASSETS`).
     ``wordpiece``: a BERT vocab.txt or a directory with one; ``lower_case`` None takes the casing its
     folder declares (:func:`declared_lower_case`), or lower case (BERT's default) where it declares
     none; ``vocab_extra_ids`` N appends T5's sentinels ``<extra_id_0>`` ... as special tokens after the
@@ -217,6 +221,8 @@ def load_tokenizer(
     written by ``train_tokenizer`` loads as what it was trained as. Raises :class:`TokenizerError` (a
     ValueError) saying what is wrong.
     """
+    if str(spec) == BUNDLED:
+        spec = BUNDLED_ASSETS
     kind = kind or detect_kind(spec)
     if kind not in KINDS:
         raise TokenizerError(f"unknown tokenizer kind {kind!r}; expected one of {', '.join(KINDS)}")
@@ -253,12 +259,13 @@ def detect_kind(spec: str | os.PathLike) -> str:
     """The kind of tokenizer ``spec`` holds; raises TokenizerError listing what was looked for."""
     if str(spec) == "null":
         return "null"
-    if str(spec) == GPT2:
+    if str(spec) in (GPT2, BUNDLED):
         return "gpt2bpe"
     path = Path(spec)
     if not path.exists():
         raise TokenizerError(
-            f"{spec}: no such file or directory (give a tokenizer file or directory, '{GPT2}' or 'null')"
+            f"{spec}: no such file or directory (give a tokenizer file or directory, '{GPT2}', "
+            f"'{BUNDLED}' or 'null')"
         )
     if path.is_dir():
         trained = trained_manifest(path)

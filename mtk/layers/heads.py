@@ -13,15 +13,16 @@ from mtk.layers.norms import build_norm
 
 class LMHead(nn.Module):
     """Logits over the vocabulary from hidden states, projecting with the (tied) word embedding
-    ``weight`` and adding a bias per token. With ``transform`` (BERT) a dense layer, GELU and a norm
-    come first, as Megatron's BertLMHead and Hugging Face's ``cls.predictions`` do."""
+    ``weight`` and adding a bias per token (unless ``bias`` is False: T5 without biases). With
+    ``transform`` (BERT) a dense layer, GELU and a norm come first, as Megatron's BertLMHead and Hugging
+    Face's ``cls.predictions`` do."""
 
-    def __init__(self, config: ModelConfig, transform: bool) -> None:
+    def __init__(self, config: ModelConfig, transform: bool, bias: bool = True) -> None:
         super().__init__()
         hidden = config.hidden_size
         self.dense = Linear(hidden, hidden, True, config.init_method_std) if transform else None
         self.norm = build_norm(config) if transform else None
-        self.bias = nn.Parameter(torch.empty(config.padded_vocab_size()))
+        self.bias = nn.Parameter(torch.empty(config.padded_vocab_size())) if bias else None
 
     def parameter_inits(self) -> dict[str, Init]:
         return {"bias": ZEROS}
@@ -29,7 +30,8 @@ class LMHead(nn.Module):
     def forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if self.dense is not None:
             x = self.norm(F.gelu(self.dense(x)))
-        return F.linear(x, weight) + self.bias
+        logits = F.linear(x, weight)
+        return logits if self.bias is None else logits + self.bias
 
 
 class Pooler(nn.Module):

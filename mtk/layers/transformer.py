@@ -13,8 +13,6 @@ from mtk.layers.mlp import MLP
 from mtk.layers.norms import build_norm
 from mtk.layers.rotary import RotaryEmbedding, build_rotary
 
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
-
 
 def scaled_output_std(config: ModelConfig, num_layers: int) -> float:
     """Megatron's init std of the projections back into the residual stream: std / sqrt(2 x layers)."""
@@ -30,8 +28,7 @@ def layer_plan(layer: nn.Module) -> dict[str, str]:
     plan = {
         "attention_norm": "sequence",
         "attention": "gather_sequence",
-        **{f"attention.{name}": "colwise" for name in PROJECTIONS},
-        "attention.out_proj": "rowwise",
+        **{f"attention.{name}": style for name, style in layer.attention.tp_plan().items()},
         "mlp_norm": "sequence",
         "mlp": "gather_sequence",
         "mlp.fc1": "colwise",
@@ -108,7 +105,7 @@ class CrossAttentionLayer(nn.Module):
         self.attention_norm = build_norm(config)
         self.attention = Attention(config, output_std, rotary)
         self.cross_norm = build_norm(config)
-        self.cross_attention = Attention(config, output_std)
+        self.cross_attention = Attention(config, output_std, cross=True)
         self.mlp_norm = build_norm(config)
         self.mlp = MLP(config, output_std)
         self.dropout = nn.Dropout(config.hidden_dropout)
@@ -121,14 +118,18 @@ class CrossAttentionLayer(nn.Module):
         context_mask: torch.Tensor | None = None,
         causal: bool = True,
         kv_cache: KVCache | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``context_mask``: True = attend, broadcastable to (batch, heads, queries, context keys)."""
+        """``context_mask``: True = attend, broadcastable to (batch, heads, queries, context keys);
+        ``attention_mask``: the self-attention's, which overrides ``causal`` (T5's relative position
+        bias, an additive float mask)."""
+        attend = {"causal": causal, "kv_cache": kv_cache, "attention_mask": attention_mask}
         if self.post_norm:
-            x = self.attention_norm(x + self.dropout(self.attention(x, causal=causal, kv_cache=kv_cache)))
+            x = self.attention_norm(x + self.dropout(self.attention(x, **attend)))
             h = self.cross_attention(x, context=context, attention_mask=context_mask)
             x = self.cross_norm(x + self.dropout(h))
             return self.mlp_norm(x + self.dropout(self.mlp(x)))
-        x = x + self.dropout(self.attention(self.attention_norm(x), causal=causal, kv_cache=kv_cache))
+        x = x + self.dropout(self.attention(self.attention_norm(x), **attend))
         h = self.cross_attention(self.cross_norm(x), context=context, attention_mask=context_mask)
         x = x + self.dropout(h)
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
@@ -138,7 +139,9 @@ class CrossAttentionLayer(nn.Module):
         plan = layer_plan(self)
         plan["cross_norm"] = "sequence"
         plan["cross_attention"] = "gather_sequence_and_context"
-        plan.update({f"cross_attention.{name}": plan[f"attention.{name}"] for name in PROJECTIONS})
+        plan.update(
+            {f"cross_attention.{name}": style for name, style in self.cross_attention.tp_plan().items()}
+        )
         return plan
 
 
@@ -190,7 +193,7 @@ def layer_parameters(config: ModelConfig, cross_attention: bool = False) -> int:
     norm = norm_parameters(config)
     attention = hidden * q_width + 2 * hidden * kv_width + q_width * hidden
     attention += q_width + 2 * kv_width + hidden if bias else 0
-    mlp_in = 2 * ffn if config.swiglu else ffn
+    mlp_in = 2 * ffn if config.swiglu or config.geglu else ffn
     mlp = hidden * mlp_in + ffn * hidden + (mlp_in + hidden if bias else 0)
     return norm + attention + norm + mlp + (norm + attention if cross_attention else 0)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from mtk.config import ModelConfig
-from mtk.models.hf_adapter import HFAdapter, HFError, per_layer, shape, with_kinds
+from mtk.models.hf_adapter import HFAdapter, HFError, per_layer, qkv_per_layer, shape, with_kinds
 
 
 class Bert(HFAdapter):
@@ -70,9 +70,6 @@ class Bert(HFAdapter):
         model_norms, layer_norms = self.norms
         kinds = ("weight", "bias")
         layer = {
-            "attention.q_proj": "attention.self.query",
-            "attention.k_proj": "attention.self.key",
-            "attention.v_proj": "attention.self.value",
             "attention.out_proj": "attention.output.dense",
             "mlp.fc1": "intermediate.dense",
             "mlp.fc2": "output.dense",
@@ -89,6 +86,10 @@ class Bert(HFAdapter):
             **with_kinds({"lm_head.norm": "cls.predictions.transform.LayerNorm"}, kinds),
             "lm_head.bias": "cls.predictions.bias",
         }
+
+    def qkv_parts(self, config: ModelConfig) -> dict[str, tuple[str, str, str]]:
+        parts = ("attention.self.query", "attention.self.key", "attention.self.value")
+        return qkv_per_layer(config, "encoder.layers", "encoder.layer", parts, ("weight", "bias"))
 
     def tied_outputs(self, config: ModelConfig) -> dict[str, str]:
         return {"cls.predictions.decoder.weight": "embedding.weight"}

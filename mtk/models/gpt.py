@@ -86,7 +86,8 @@ class GPTModel(DecoderLM):
         if position_ids is None:
             start = 0 if kv_caches is None else kv_caches[0].length
             batch, length = tokens.shape[:2]  # token ids, or hidden states on a later pipeline stage
-            position_ids = torch.arange(start, start + length, device=tokens.device).expand(batch, length)
+            # start: a static cache's length is a tensor
+            position_ids = (start + torch.arange(length, device=tokens.device)).expand(batch, length)
         x = self.embed(tokens, position_ids) if self.pre_process else tokens
         x = self.decoder(x, kv_caches=kv_caches, position_ids=position_ids)
         return self.logits(x) if self.post_process else x
@@ -108,10 +109,13 @@ class GPTModel(DecoderLM):
             stage.output = None
         return stage
 
-    def new_kv_caches(self, batch: int, max_length: int, dtype: torch.dtype | None = None) -> list[KVCache]:
+    def new_kv_caches(
+        self, batch: int, max_length: int, dtype: torch.dtype | None = None, static: bool = False
+    ) -> list[KVCache]:
+        """Empty caches of the layers; ``static``: a tensor length, for a compiled step (``KVCache``)."""
         weight = self.embedding.weight
         return [
-            layer.attention.new_cache(batch, max_length, weight.device, dtype or weight.dtype)
+            layer.attention.new_cache(batch, max_length, weight.device, dtype or weight.dtype, static)
             for layer in self.decoder.layers.values()
         ]
 

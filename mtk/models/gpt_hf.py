@@ -9,7 +9,8 @@ from typing import Any
 import torch
 
 from mtk.config import ModelConfig
-from mtk.models.hf_adapter import HFAdapter, HFError, per_layer, shape, with_kinds
+from mtk.layers.attention import fuse_qkv, split_qkv
+from mtk.models.hf_adapter import HFAdapter, HFError, per_layer, qkv_per_layer, shape, with_kinds
 
 # Llama 3.1's RoPE scaling ("rope_type": "llama3"): Hugging Face key -> mtk's [model] key
 LLAMA3_ROPE_SCALING = {
@@ -101,9 +102,6 @@ class Llama(HFAdapter):
     def names(self, config: ModelConfig) -> dict[str, str]:
         layer = {
             "attention_norm.weight": "input_layernorm.weight",
-            "attention.q_proj.weight": "self_attn.q_proj.weight",
-            "attention.k_proj.weight": "self_attn.k_proj.weight",
-            "attention.v_proj.weight": "self_attn.v_proj.weight",
             "attention.out_proj.weight": "self_attn.o_proj.weight",
             "mlp_norm.weight": "post_attention_layernorm.weight",
             "mlp.gate.weight": "mlp.gate_proj.weight",
@@ -118,6 +116,10 @@ class Llama(HFAdapter):
         if config.untie_embeddings_and_output_weights:
             names["output.weight"] = "lm_head.weight"
         return names
+
+    def qkv_parts(self, config: ModelConfig) -> dict[str, tuple[str, str, str]]:
+        parts = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+        return qkv_per_layer(config, "decoder.layers", "layers", parts, ("weight",))
 
     def tied_outputs(self, config: ModelConfig) -> dict[str, str]:
         return {} if config.untie_embeddings_and_output_weights else {"lm_head.weight": "embedding.weight"}
@@ -208,9 +210,10 @@ class GPT2(HFAdapter):
                 fused = weights.get(f"h.{i}.attn.c_attn.{kind}")
                 if fused is None:
                     continue
-                fused = fused.t() if kind == "weight" else fused
-                for part, piece in zip("qkv", fused.chunk(3, dim=0), strict=True):
-                    out[f"decoder.layers.{i}.attention.{part}_proj.{kind}"] = piece
+                fused = fused.t() if kind == "weight" else fused  # q, k, v one after the other
+                out[f"decoder.layers.{i}.attention.qkv_proj.{kind}"] = fuse_qkv(
+                    *fused.chunk(3, dim=0), config.num_query_groups
+                )
         return out
 
     def to_hf(self, state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
@@ -218,8 +221,8 @@ class GPT2(HFAdapter):
         out = {names[o]: (t.t() if self._conv1d(names[o]) else t) for o, t in state.items() if o in names}
         for i in range(config.num_layers):
             for kind in ("weight", "bias"):
-                parts = [state[f"decoder.layers.{i}.attention.{p}_proj.{kind}"] for p in "qkv"]
-                fused = torch.cat(parts, dim=0)
+                ours = state[f"decoder.layers.{i}.attention.qkv_proj.{kind}"]
+                fused = torch.cat(split_qkv(ours, config.num_attention_heads, config.num_query_groups))
                 out[f"h.{i}.attn.c_attn.{kind}"] = fused.t() if kind == "weight" else fused
         return out
 

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import torch
 
 from mtk.config import ModelConfig
+from mtk.layers.attention import fuse_qkv, split_qkv
 
 
 class HFError(ValueError):
@@ -25,6 +26,18 @@ def per_layer(config: ModelConfig, table: dict[str, str], ours: str, theirs: str
     """``table`` (mtk suffix -> Hugging Face suffix) for every layer, under both prefixes."""
     return {
         f"{ours}.{i}.{a}": f"{theirs}.{i}.{b}" for i in range(config.num_layers) for a, b in table.items()
+    }
+
+
+def qkv_per_layer(
+    config: ModelConfig, ours: str, theirs: str, parts: tuple[str, str, str], kinds: tuple[str, ...]
+) -> dict[str, tuple[str, str, str]]:
+    """``HFAdapter.qkv_parts`` of every layer: ``{ours}.{i}.attention.qkv_proj.{kind}`` from the
+    ``parts`` (suffixes of the q, k, v projections) under ``{theirs}.{i}``."""
+    return {
+        f"{ours}.{i}.attention.qkv_proj.{kind}": tuple(f"{theirs}.{i}.{part}.{kind}" for part in parts)
+        for i in range(config.num_layers)
+        for kind in kinds
     }
 
 
@@ -72,17 +85,31 @@ class HFAdapter(ABC):
     def names(self, config: ModelConfig) -> dict[str, str]:
         """mtk parameter -> Hugging Face name (base-model names without ``base_prefix``)."""
 
+    def qkv_parts(self, config: ModelConfig) -> dict[str, tuple[str, str, str]]:
+        """mtk's fused self-attention projections (``qkv_proj``, ``mtk.layers.attention.fuse_qkv``)
+        -> the Hugging Face q, k, v parameters each is made of (for types that keep them apart)."""
+        return {}
+
     def to_mtk(self, weights: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
         names = self.names(config)
-        return {ours: weights[theirs] for ours, theirs in names.items() if theirs in weights}
+        out = {ours: weights[theirs] for ours, theirs in names.items() if theirs in weights}
+        for ours, parts in self.qkv_parts(config).items():
+            if all(part in weights for part in parts):
+                out[ours] = fuse_qkv(*(weights[part] for part in parts), config.num_query_groups)
+        return out
 
     def to_hf(self, state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-        names = self.names(config)
-        return {names[ours]: tensor for ours, tensor in state.items()}
+        names, fused = self.names(config), self.qkv_parts(config)
+        out = {names[ours]: tensor for ours, tensor in state.items() if ours not in fused}
+        for ours, parts in fused.items():
+            pieces = split_qkv(state[ours], config.num_attention_heads, config.num_query_groups)
+            out.update(zip(parts, pieces, strict=True))
+        return out
 
     def tied_outputs(self, config: ModelConfig) -> dict[str, str]:
         """Hugging Face output weights that are copies of the embedding in a tied model (exported too)."""
         return {}
 
     def used_names(self, config: ModelConfig) -> set[str]:
-        return set(self.names(config).values()) | set(self.tied_outputs(config))
+        parts = {part for group in self.qkv_parts(config).values() for part in group}
+        return set(self.names(config).values()) | parts | set(self.tied_outputs(config))

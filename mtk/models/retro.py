@@ -19,19 +19,20 @@ end-of-document tokens. The deliberate differences from Megatron, with their rea
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mtk.config import ModelConfig, RunConfig
-from mtk.layers.attention import Attention
+from mtk.layers.attention import Attention, KVCache
 from mtk.layers.loss import loss_targets
 from mtk.layers.mlp import MLP
 from mtk.layers.norms import build_norm
 from mtk.layers.rotary import RotaryEmbedding, build_rotary
 from mtk.layers.transformer import (
-    PROJECTIONS,
     CrossAttentionLayer,
     TransformerLayer,
     layer_parameters,
@@ -54,9 +55,15 @@ def retro_layer_numbers(config: ModelConfig) -> list[int]:
     return list(range(first_retro_layer(config), config.num_layers + 1, 3))
 
 
-def num_chunks(tokens: int, chunk_length: int) -> int:
-    """Chunks of a sequence of ``tokens`` (the last one may be partial, as in generation)."""
-    return -(-tokens // chunk_length)
+@dataclass
+class RetroCache:
+    """What RETRO generation keeps between steps (``RetroModel.new_cache``), so that each step runs
+    only its new tokens and encodes a chunk's neighbours once, when the chunk completes."""
+
+    kv: list[KVCache]  # each decoder layer's self-attention keys and values
+    states: torch.Tensor  # (batch, < m, d): the first CCA's input at the incomplete chunk's positions
+    encoded: torch.Tensor | None = None  # (batch, chunks, k * r, d): the complete chunks' neighbours
+    length: int = 0  # the positions run so far
 
 
 class RetrievalEncoder(nn.Module):
@@ -87,30 +94,61 @@ class RetrievalEncoder(nn.Module):
 class ChunkedCrossAttention(nn.Module):
     """Normed decoder states (batch, n, d) attend, chunk by chunk, to their encoded neighbours.
 
-    ``context``: the neighbour embeddings (batch * chunks * k, r, d) when this layer owns the encoder,
-    else the encoded neighbours (batch * chunks, k * r, d) the owner returned. Returns the update to
-    the residual stream and the encoded neighbours.
+    ``context``: the embeddings of the neighbours of the complete chunks (batch * chunks * k, r, d)
+    when this layer owns the encoder, else the encoded neighbours (batch, chunks, k * r, d) the owner
+    returned. Returns the update to the residual stream and the encoded neighbours. With a ``cache``
+    (generation), ``h`` continues the positions run before: the owner encodes only the chunks ``h``
+    completes (the cache keeps the earlier ones, and the states of an incomplete chunk).
     """
 
     def __init__(self, config: ModelConfig, output_std: float, encoder: RetrievalEncoder | None) -> None:
         super().__init__()
         self.chunk_length = config.retro_chunk_length
-        self.attention = Attention(config, output_std)
+        self.attention = Attention(config, output_std, cross=True)
         self.encoder = encoder
 
-    def forward(self, h: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        batch, n, d = h.shape
-        m = self.chunk_length
-        chunks = num_chunks(n, m)
-        whole = F.pad(h, (0, 0, 0, chunks * m - n))  # a partial last chunk (generation) padded with zeros
+    def forward(
+        self, h: torch.Tensor, context: torch.Tensor | None, cache: RetroCache | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``h``: positions ``cache.length`` on (0 without a cache) of the sequence."""
+        start = 0 if cache is None else cache.length
         if self.encoder is not None:
-            encoded = self.encoder(context, whole.reshape(batch * chunks, m, d))
-            context = encoded.reshape(batch * chunks, -1, d)
-        # Causal alignment: the queries of chunk c are tokens c*m + m-1 ... c*m + 2m-2, so a chunk's
-        # neighbours are seen from its last token on, once all of the chunk is known.
-        queries = F.pad(whole[:, m - 1 :], (0, 0, 0, m - 1)).reshape(batch * chunks, m, d)
-        out = self.attention(queries, context=context).reshape(batch, chunks * m, d)
-        return F.pad(out, (0, 0, m - 1, 0))[:, :n], context
+            context = self._encode(h, context, cache)
+        return self._attend(h, context, start), context
+
+    def _encode(
+        self, h: torch.Tensor, neighbours: torch.Tensor, cache: RetroCache | None
+    ) -> torch.Tensor | None:
+        """The encoded neighbours (batch, chunks, k * r, d) of the complete chunks: of those ``h``
+        completes (``neighbours`` is their embedding) after the cached ones. None before the first."""
+        batch, _, d = h.shape
+        m = self.chunk_length
+        states = h if cache is None else torch.cat([cache.states, h], dim=1)
+        whole = states.shape[1] // m * m  # an incomplete last chunk waits for its last token
+        encoded = None if cache is None else cache.encoded
+        if whole:
+            chunks = states[:, :whole].reshape(-1, m, d)
+            new = self.encoder(neighbours, chunks).reshape(batch, whole // m, -1, d)
+            encoded = new if encoded is None else torch.cat([encoded, new], dim=1)
+        if cache is not None:
+            cache.states, cache.encoded = states[:, whole:], encoded
+        return encoded
+
+    def _attend(self, h: torch.Tensor, context: torch.Tensor | None, start: int) -> torch.Tensor:
+        """Causal alignment: the queries of chunk c are tokens c*m + m-1 ... c*m + 2m-2, so a chunk's
+        neighbours are seen from its last token on, once all of the chunk is known; the tokens before
+        the first chunk's last see none (a zero update). ``h`` holds positions ``start`` on."""
+        batch, n, d = h.shape
+        m, end = self.chunk_length, start + n
+        first = max(start, m - 1)  # the first position of h that sees neighbours
+        if first >= end:
+            return torch.zeros_like(h)
+        lead, chunk = (first + 1) % m, (first + 1) // m - 1  # first's place among its chunk's queries
+        last = end // m  # one past the chunk of the last position
+        queries = F.pad(h[:, first - start :], (0, 0, lead, last * m + m - 1 - end))
+        keys = context[:, chunk:last].flatten(0, 1)
+        out = self.attention(queries.reshape(-1, m, d), context=keys).reshape(batch, -1, d)
+        return F.pad(out[:, lead : lead + end - first], (0, 0, first - start, 0))
 
 
 class RetroDecoderLayer(nn.Module):
@@ -141,10 +179,17 @@ class RetroDecoderLayer(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout)
 
     def forward(
-        self, x: torch.Tensor, context: torch.Tensor, position_ids: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        x = x + self.dropout(self.attention(self.attention_norm(x), position_ids=position_ids))
-        update, context = self.cross_attention(self.cross_norm(x), context)
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None,
+        position_ids: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        cache: RetroCache | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        h = self.attention(self.attention_norm(x), position_ids=position_ids, kv_cache=kv_cache)
+        x = x + self.dropout(h)
+        # the cache by keyword: tensor parallelism lays out the two positional inputs
+        update, context = self.cross_attention(self.cross_norm(x), context, cache=cache)
         x = x + self.dropout(update)
         return x + self.dropout(self.mlp(self.mlp_norm(x))), context
 
@@ -155,9 +200,8 @@ class RetroDecoderLayer(nn.Module):
         plan = layer_plan(self)
         plan["cross_norm"] = "sequence"
         plan["cross_attention"] = "chunked_cross_attention"
-        for name in PROJECTIONS:
-            plan[f"cross_attention.attention.{name}"] = "colwise"
-        plan["cross_attention.attention.out_proj"] = "rowwise_whole"
+        cca = self.cross_attention.attention.tp_plan() | {"out_proj": "rowwise_whole"}
+        plan.update({f"cross_attention.attention.{name}": style for name, style in cca.items()})
         encoder = self.cross_attention.encoder
         if encoder is not None:
             plan["cross_attention.encoder"] = "gather_output_local"
@@ -192,13 +236,20 @@ class RetroDecoder(nn.Module):
         self.layers = nn.ModuleDict({str(i): layer(i) for i in range(config.num_layers)})
         self.final_norm = build_norm(config)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: RetroCache | None = None,
+    ) -> torch.Tensor:
         """``context``: the embedded neighbours, encoded by the first RETRO layer for the others."""
         for name, layer in self.layers.items():
+            kv_cache = None if cache is None else cache.kv[int(name)]
             if int(name) in self.retro_layers:
-                x, context = layer(x, context, position_ids=position_ids)
+                x, context = layer(x, context, position_ids=position_ids, kv_cache=kv_cache, cache=cache)
             else:
-                x = layer(x, position_ids=position_ids)
+                x = layer(x, position_ids=position_ids, kv_cache=kv_cache)
         return self.final_norm(x)
 
     def tp_plan(self, prefix: str) -> dict[str, str]:
@@ -215,7 +266,8 @@ class RetroDecoder(nn.Module):
 class RetroModel(DecoderLM):
     """tokens (batch, n) and neighbour tokens (batch, chunks, k, r) -> logits (batch, n, padded vocab):
     GPT's embeddings and output around the RETRO decoder; the neighbours are embedded by the same
-    embedding. It runs the whole sequence each time (no KV cache)."""
+    embedding. With ``cache`` (``new_cache``) the tokens continue the ones run before, and only the
+    neighbours of the chunks they complete are embedded and encoded."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config, RetroDecoder(config))
@@ -225,17 +277,33 @@ class RetroModel(DecoderLM):
         tokens: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         neighbours: torch.Tensor | None = None,
+        cache: RetroCache | None = None,
     ) -> torch.Tensor:
         if neighbours is None:
             raise ValueError("a RETRO model needs the neighbour tokens of every chunk (batch, chunks, k, r)")
         batch, n = tokens.shape
+        start = 0 if cache is None else cache.length
         if position_ids is None:
-            position_ids = torch.arange(n, device=tokens.device).expand(batch, n)
+            position_ids = torch.arange(start, start + n, device=tokens.device).expand(batch, n)
         x = self.embed(tokens, position_ids)
-        r = neighbours.shape[-1]
-        flat = neighbours.reshape(-1, r)  # row (sample * chunks + chunk) * k + neighbour
+        m, r = self.config.retro_chunk_length, neighbours.shape[-1]
+        # the chunks these tokens complete (an incomplete last chunk's neighbours are never seen), as
+        # rows (sample * chunks + chunk) * k + neighbour
+        flat = neighbours[:, start // m : (start + n) // m].reshape(-1, r)
         context = self.embed(flat, torch.arange(r, device=flat.device).expand(flat.shape[0], r))
-        return self.logits(self.decoder(x, context, position_ids))
+        x = self.decoder(x, context, position_ids, cache)
+        if cache is not None:
+            cache.length += n
+        return self.logits(x)
+
+    def new_cache(self, batch: int, max_length: int) -> RetroCache:
+        """An empty generation cache of ``batch`` rows up to ``max_length`` positions (dynamic)."""
+        weight = self.embedding.weight
+        kv = [
+            layer.attention.new_cache(batch, max_length, weight.device, weight.dtype)
+            for layer in self.decoder.layers.values()
+        ]
+        return RetroCache(kv, weight.new_zeros(batch, 0, weight.shape[1]))
 
 
 class RetroFamily(TrainableFamily):

@@ -137,6 +137,8 @@ class TrainableFamily(ABC):
     # that sets one away from its default is refused (``problems``), and `mtk presets show` of another
     # family's preset lists it only when set; fields several families read (post_norm) are no one's
     config_fields: ClassVar[tuple[str, ...]] = ()
+    # the position_embedding_type values its model honours (T5's relative positions are its own)
+    position_embedding_types: ClassVar[tuple[str, ...]] = ("learned_absolute", "rope")
 
     @abstractmethod
     def num_parameters(self, config: ModelConfig, tensor_parallel: int = 1) -> int:
@@ -157,7 +159,13 @@ class TrainableFamily(ABC):
         """What in ``config`` this family cannot run (``mtk.config.check_run`` reports it): the settings
         of other families set away from their defaults (``foreign_settings``), then its own ``rules``.
         A family adds rules by overriding ``rules``, not this."""
-        return self.foreign_settings(config.model) + self.rules(config)
+        found = self.foreign_settings(config.model)
+        if config.model.position_embedding_type not in self.position_embedding_types:
+            found.append(
+                f"position_embedding_type {config.model.position_embedding_type!r}: family '{self.name}' "
+                f"takes {' or '.join(repr(kind) for kind in self.position_embedding_types)}"
+            )
+        return found + self.rules(config)
 
     def rules(self, config: RunConfig) -> list[str]:
         """This family's own rules: what in ``config`` it cannot run. By default none."""

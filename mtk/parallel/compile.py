@@ -34,7 +34,11 @@ RECOMPILES_TOLERATED = 4
 
 def compile_wanted(config: RunConfig, device: str) -> tuple[bool, str]:
     """Whether a run of ``config`` on ``device`` compiles, and why (the setting, or the default)."""
-    setting = config.train.compile
+    return compile_choice(config.train.compile, device)
+
+
+def compile_choice(setting: bool | None, device: str) -> tuple[bool, str]:
+    """``--compile/--no-compile`` (``setting``; None: the default for ``device``), and why."""
     if setting is not None:
         return setting, "--compile" if setting else "--no-compile"
     if device.startswith("cuda"):
@@ -116,4 +120,4 @@ def _naming(call: Callable, name: str, plan: CompilePlan) -> Callable:
     return named
 
 
-__all__ = ["CompilePlan", "apply_compile", "compile_wanted", "RECOMPILES_TOLERATED", "WHAT"]
+__all__ = ["CompilePlan", "apply_compile", "compile_choice", "compile_wanted", "RECOMPILES_TOLERATED", "WHAT"]

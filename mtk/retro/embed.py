@@ -2,7 +2,8 @@
 
 A chunk's text is encoded as [CLS] wordpieces [SEP] (at most 256 tokens, as Megatron); its embedding is
 the mean of the final hidden states over the wordpieces (not [CLS], [SEP] or padding), L2-normalised,
-float32.
+float32. Texts are batched by length, so that a batch pads little; the threads are the caller's
+(``mtk.retro.ranks.join`` gives each rank its share of the node's cores).
 """
 
 from __future__ import annotations
@@ -47,33 +48,31 @@ class BertEmbedder:
         return {"folder": str(self.folder.resolve()), "dim": self.dim,
                 "files": {p.name: sha256_file(p) for p in files}}  # fmt: skip
 
-    @torch.no_grad()
-    def __call__(self, texts: Sequence[str]) -> np.ndarray:
-        """(len(texts), dim) float32, L2-normalised."""
+    @torch.inference_mode()
+    def __call__(self, texts: Sequence[str], grouped: bool = True) -> np.ndarray:
+        """(len(texts), dim) float32, L2-normalised. ``grouped``: batch the texts by length (sorted by
+        wordpieces, returned in their order), so that a batch pads little; off: batches in text order."""
         # an empty chunk (whitespace only) still gets a vector: [CLS] [PAD] [SEP], as Megatron
         ids = [row[: MAX_LENGTH - 2] or [self.pad] for row in self.tokenizer.encode_batch(list(texts))]
         out = np.zeros((len(ids), self.dim), dtype=np.float32)
-        order = np.argsort([len(row) for row in ids], kind="stable")  # similar lengths pad less
+        order = np.argsort([len(row) for row in ids], kind="stable") if grouped else np.arange(len(ids))
         for first in range(0, len(order), BATCH):
             rows = order[first : first + BATCH]
-            longest = max(len(ids[i]) for i in rows) + 2
-            tokens = torch.full((len(rows), longest), self.pad, dtype=torch.long)
-            present = torch.zeros((len(rows), longest), dtype=torch.long)
-            words = torch.zeros((len(rows), longest), dtype=torch.bool)
-            for j, i in enumerate(rows):
-                piece = ids[i]
-                tokens[j, : len(piece) + 2] = torch.tensor([self.cls, *piece, self.sep])
-                present[j, : len(piece) + 2] = 1
-                words[j, 1 : len(piece) + 1] = True
-            device = self.device
-            states = (
-                self.model.hidden_states(
-                    tokens.to(device), torch.zeros_like(tokens).to(device), present.to(device)
-                )
-                .float()
-                .cpu()
-            )
-            mask = words[..., None].float()
-            mean = (states * mask).sum(1) / mask.sum(1).clamp(min=1)
-            out[rows] = torch.nn.functional.normalize(mean, dim=-1).numpy()
+            out[rows] = self._embed([ids[i] for i in rows]).numpy()
         return out
+
+    def _embed(self, batch: list[list[int]]) -> torch.Tensor:
+        """Normalised mean of the final states over each row's wordpieces (cls and sep added here)."""
+        lengths = torch.tensor([len(piece) for piece in batch])
+        tokens = torch.full((len(batch), int(lengths.max()) + 2), self.pad, dtype=torch.long)
+        for j, piece in enumerate(batch):
+            tokens[j, : len(piece) + 2] = torch.tensor([self.cls, *piece, self.sep])
+        position = torch.arange(tokens.shape[1])
+        present = position < lengths[:, None] + 2
+        words = (position >= 1) & (position <= lengths[:, None])
+        padded = not bool(present.all())  # an unpadded batch needs no attention mask
+        mask = present.long().to(self.device) if padded else None
+        states = self.model.hidden_states(tokens.to(self.device), None, mask).float()
+        words = words[..., None].to(self.device, torch.float32)
+        mean = (states * words).sum(1) / words.sum(1).clamp(min=1)
+        return torch.nn.functional.normalize(mean, dim=-1).cpu()

@@ -19,7 +19,9 @@ from typing import Any
 import numpy as np
 
 from mtk.data.retro_project import Blocks, RetroProject, RetroProjectError, check_ids
+from mtk.manifest import atomic_output
 from mtk.retro.db import ChunkReader, check_bert_tokenizer, check_inputs
+from mtk.retro.ranks import Ranks, available_cores
 
 REFERENCE_MIN_CHUNKS = 10_000_000  # from here the exact re-ranking copy (4 bytes x dim a chunk) weighs
 
@@ -56,18 +58,123 @@ def embedding_blocks(project: RetroProject, block_size: int, dim: int) -> Blocks
 
 
 def embed_database(
-    project: RetroProject, embedder, block_size: int, progress: Callable[[int, int], None] | None = None
+    project: RetroProject,
+    embedder,
+    block_size: int,
+    progress: Callable[[int, int], None] | None = None,
+    ranks: Ranks = Ranks(),
 ) -> Blocks:
-    """Embeddings of every chunk, computing only the blocks not yet on disk."""
+    """Embeddings of every chunk, computing only the blocks not yet on disk, each rank its share."""
     blocks = embedding_blocks(project, block_size, embedder.dim)
-    done = blocks.total - sum(end - start for start, end in blocks.missing())
-    reader = ChunkReader(project) if blocks.missing() else None
-    for start, end in blocks.missing():
+    mine = ranks.share(ranks.from_main(blocks.missing()))
+    reader = ChunkReader(project) if mine else None
+    total, done = sum(end - start for start, end in mine), 0
+    for start, end in mine:
         blocks.save(start, end, embedder(reader.texts(range(start, end))))
         done += end - start
         if progress is not None:
-            progress(done, blocks.total)
+            progress(done, total)
+    ranks.barrier()
     return blocks
+
+
+def _rows(blocks: Blocks, ids: np.ndarray) -> np.ndarray:
+    """Rows ``ids`` (sorted) of the blocks, reading only the blocks that hold some."""
+    parts = [
+        blocks.load(start, end)[ids[(ids >= start) & (ids < end)] - start] for start, end in blocks.ranges()
+    ]
+    return np.concatenate(parts).astype(np.float32)
+
+
+def _merge(into, shard, offset: int) -> None:
+    """Append the vectors of ``shard`` to ``into`` (copies of one trained index), their ids shifted by
+    ``offset``: the index that adding them all in order to ``into`` gives."""
+    import faiss
+
+    target, source, count = faiss.downcast_index(into), faiss.downcast_index(shard), shard.ntotal
+    # (new names: the callers' objects own the C++ indexes that these views point into)
+    if isinstance(target, faiss.IndexIVF):
+        target.merge_from(source, offset)
+    elif isinstance(target, faiss.IndexFlatCodes) and target.ntotal == offset:  # its ids are positions
+        target.merge_from(source, 0)
+    elif isinstance(target, faiss.IndexRefine | faiss.IndexPreTransform):  # RFlat, OPQ: merge the parts
+        inner = ("base_index", "refine_index") if isinstance(target, faiss.IndexRefine) else ("index",)
+        for name in inner:
+            _merge(getattr(target, name), getattr(source, name), offset)
+        target.ntotal += count
+    else:
+        raise RetroProjectError(
+            f"faiss cannot merge shards of a {type(target).__name__} index; index with one rank or another "
+            "--index-type"
+        )
+
+
+def _zero_padding(index) -> None:
+    """Zero the unused slots of each fast-scan list's last block: merging copies them uninitialised,
+    and the index file must not depend on how many ranks added the vectors."""
+    import faiss
+
+    try:
+        lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
+    except RuntimeError:  # not an IVF index
+        return
+    if not isinstance(lists, faiss.BlockInvertedLists):
+        return
+    zero, per_block = np.zeros(lists.packer.code_size, np.uint8), lists.n_per_block
+    for number in range(lists.nlist):
+        size = lists.list_size(number)
+        if size % per_block:
+            blocks = -(-size // per_block)
+            codes = faiss.rev_swig_ptr(lists.get_codes(number), blocks * lists.block_size)
+            for slot in range(size, blocks * per_block):
+                lists.packer.pack_1(zero, slot, codes.reshape(blocks, lists.block_size))
+
+
+def _train(index, index_type: str, sample: np.ndarray) -> None:
+    import faiss
+
+    faiss.omp_set_num_threads(os.cpu_count() or 1)  # the other ranks wait: all the node's cores
+    if faiss.get_num_gpus() > 0 and "IVF" in index_type:  # faiss-gpu (the gpu extra): k-means on the GPUs
+        ivf = faiss.extract_index_ivf(index)
+        ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(ivf.d))
+    try:
+        index.train(sample)
+    except RuntimeError as err:
+        raise RetroProjectError(
+            f"faiss could not train {index_type!r} on {len(sample)} chunks ({err}); give more --train-chunks "
+            "or a smaller index"
+        ) from None
+
+
+def _add(
+    project: RetroProject, blocks: Blocks, ranks: Ranks, progress: Callable[[str, int, int], None] | None
+):
+    """The trained index holding every chunk: each rank adds its contiguous part of the blocks to a
+    copy of it and writes that shard; rank 0 merges the shards in rank order (None on other ranks)."""
+    import faiss
+
+    folder = project.index_path.parent
+    index = faiss.read_index(str(folder / "trained.faiss"))
+    faiss.omp_set_num_threads(available_cores())
+    mine = ranks.part(blocks.ranges())
+    for start, end in mine:
+        index.add(np.ascontiguousarray(blocks.load(start, end), dtype=np.float32))
+        if progress:
+            progress("add", end - mine[0][0], mine[-1][1] - mine[0][0])
+    shard = folder / f"shard-{ranks.rank}.faiss"
+    if not ranks.main:
+        with atomic_output(shard) as tmp:
+            faiss.write_index(index, str(tmp))
+    ranks.barrier()
+    if not ranks.main:
+        return None
+    for rank in range(1, ranks.world):
+        part = Ranks(rank, ranks.world).part(blocks.ranges())
+        path = folder / f"shard-{rank}.faiss"
+        _merge(index, faiss.read_index(str(path)), part[0][0] if part else index.ntotal)
+        path.unlink()
+    _zero_padding(index)
+    return index
 
 
 def build_index(
@@ -80,70 +187,68 @@ def build_index(
     block_size: int = 100_000,
     k_factor: int = 8,
     progress: Callable[[str, int, int], None] | None = None,
+    ranks: Ranks = Ranks(),
 ) -> dict[str, Any]:
+    """Embed, train and add, on every rank of ``ranks`` (rank 0 records); the record, on every rank."""
     import faiss
 
     db = check_inputs(project)
     check_bert_tokenizer(project, db, embedder.tokenizer)
     total = len(project.chunks())
     described = embedder.description
-    previous = project.config().get("index")
-    previous = previous if isinstance(previous, dict) else {}
-    if previous.get("embedder") != described or previous.get("block_size", block_size) != block_size:
-        for stale in embedding_blocks(project, block_size, embedder.dim).folder.glob("*.npy"):
-            stale.unlink()  # embeddings of another model or blocking
-    project.record("index", {"embedder": described, "block_size": block_size, "complete": False,
-                             "db_sha256": db["db_sha256"]})  # fmt: skip
-    blocks = embed_database(project, embedder, block_size, lambda d, t: progress and progress("embed", d, t))
-    embeddings = blocks.concatenated().astype(np.float32)
-    default = default_index(total, embeddings.shape[1])
+    if ranks.main:
+        previous = project.config().get("index")
+        previous = previous if isinstance(previous, dict) else {}
+        if previous.get("embedder") != described or previous.get("block_size", block_size) != block_size:
+            for stale in embedding_blocks(project, block_size, embedder.dim).folder.glob("*.npy"):
+                stale.unlink()  # embeddings of another model or blocking
+        project.record("index", {"embedder": described, "block_size": block_size, "complete": False,
+                                 "db_sha256": db["db_sha256"]})  # fmt: skip
+    ranks.barrier()
+    blocks = embed_database(
+        project, embedder, block_size, lambda d, t: progress and progress("embed", d, t), ranks
+    )
+    default = default_index(total, embedder.dim)
     index_type = index_type or default
-    faiss.omp_set_num_threads(os.cpu_count() or 1)
-    try:
-        index = faiss.index_factory(embeddings.shape[1], index_type)
-    except RuntimeError as err:
-        raise RetroProjectError(f"--index-type {index_type!r}: faiss cannot build it ({err})") from None
     train_chunks = min(train_chunks or total, total)
-    sample = np.sort(project.sampled()[:train_chunks])
-    if faiss.get_num_gpus() > 0 and "IVF" in index_type:  # faiss-gpu (the gpu extra): k-means on the GPUs
-        ivf = faiss.extract_index_ivf(index)
-        ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(ivf.d))
-    try:
-        index.train(embeddings[sample])
+    trained = project.index_path.parent / "trained.faiss"
+    if ranks.main:
+        try:
+            index = faiss.index_factory(embedder.dim, index_type)
+        except RuntimeError as err:
+            raise RetroProjectError(f"--index-type {index_type!r}: faiss cannot build it ({err})") from None
+        _train(index, index_type, _rows(blocks, np.sort(project.sampled()[:train_chunks])))
         if progress:
             progress("train", 1, 1)
-    except RuntimeError as err:
-        raise RetroProjectError(
-            f"faiss could not train {index_type!r} on {train_chunks} chunks ({err}); give more --train-chunks "
-            "or a smaller index"
-        ) from None
-    add = 100_000
-    for start in range(0, total, add):
-        index.add(embeddings[start : start + add])
-        if progress:
-            progress("add", min(start + add, total), total)
-    project.index_path.parent.mkdir(parents=True, exist_ok=True)
-    from mtk.manifest import atomic_output
-
-    with atomic_output(project.index_path) as tmp:
-        faiss.write_index(index, str(tmp))
-    record = {
-        "embedder": described,
-        "block_size": block_size,
-        "complete": True,
-        "index_type": index_type,
-        "index_type_default": index_type == default,
-        "train_chunks": int(train_chunks),
-        "nprobe": nprobe or default_nprobe(index_type),
-        "ef_search": ef_search,
-        "k_factor": k_factor,
-        "chunks": total,
-        "faiss": faiss.__version__,
-        "db_sha256": db["db_sha256"],
-        "index_sha256": project.index_hash(),
-    }
-    project.record("index", record)
-    return record
+        trained.parent.mkdir(parents=True, exist_ok=True)
+        for stale in trained.parent.glob("shard-*.faiss"):  # of a killed run
+            stale.unlink()
+        with atomic_output(trained) as tmp:
+            faiss.write_index(index, str(tmp))
+    ranks.barrier()
+    index = _add(project, blocks, ranks, progress)
+    record = None
+    if ranks.main:
+        with atomic_output(project.index_path) as tmp:
+            faiss.write_index(index, str(tmp))
+        trained.unlink()
+        record = {
+            "embedder": described,
+            "block_size": block_size,
+            "complete": True,
+            "index_type": index_type,
+            "index_type_default": index_type == default,
+            "train_chunks": int(train_chunks),
+            "nprobe": nprobe or default_nprobe(index_type),
+            "ef_search": ef_search,
+            "k_factor": k_factor,
+            "chunks": total,
+            "faiss": faiss.__version__,
+            "db_sha256": db["db_sha256"],
+            "index_sha256": project.index_hash(),
+        }
+        project.record("index", record)
+    return ranks.from_main(record)
 
 
 def load_index(project: RetroProject, record: dict[str, Any]):

@@ -29,6 +29,7 @@ from mtk.data.retro_project import (
 )
 from mtk.retro.db import ChunkReader, check_bert_tokenizer, check_inputs, gpt_tokenizer
 from mtk.retro.index import embedding_blocks, load_index, search
+from mtk.retro.ranks import Ranks
 
 RECALL_QUERIES = 1000
 
@@ -101,7 +102,10 @@ def query_neighbours(
     query_k: int = 200,
     block_samples: int = 1000,
     progress: Callable[[str, int, int], None] | None = None,
+    ranks: Ranks = Ranks(),
 ) -> dict[str, Any]:
+    """Every rank of ``ranks`` queries its share of the missing blocks (rank 0 records); the record,
+    on every rank."""
     if query_k < num_neighbours:
         raise RetroProjectError(f"--query-k {query_k} is below --num-neighbours {num_neighbours}; raise it")
     db = check_inputs(project)
@@ -114,11 +118,13 @@ def query_neighbours(
         )
     index = load_index(project, record)  # verified before anything is recorded
     settings = {"num_neighbours": num_neighbours, "query_k": query_k, "index_sha256": record["index_sha256"]}
-    previous = project.config().get("query-neighbours")
     folder = project.root / "query"
-    if not isinstance(previous, dict) or {k: previous.get(k) for k in settings} != settings:
-        shutil.rmtree(folder, ignore_errors=True)  # blocks of other settings or another index
-    project.record("query-neighbours", settings | {"complete": False, "db_sha256": db["db_sha256"]})
+    if ranks.main:
+        previous = project.config().get("query-neighbours")
+        if not isinstance(previous, dict) or {k: previous.get(k) for k in settings} != settings:
+            shutil.rmtree(folder, ignore_errors=True)  # blocks of other settings or another index
+        project.record("query-neighbours", settings | {"complete": False, "db_sha256": db["db_sha256"]})
+    ranks.barrier()
     gpt = gpt_tokenizer(db["data_path"])
     table = project.chunks()
     keys = _key(table[:, 0], table[:, 1])
@@ -132,7 +138,9 @@ def query_neighbours(
         blocks = Blocks(
             folder / split, total, block_samples, np.int64, (per_sample, num_neighbours), "query-neighbours"
         )
-        for start, end in blocks.missing():
+        mine = ranks.share(ranks.from_main(blocks.missing()))
+        mine_samples, done = sum(end - start for start, end in mine), 0
+        for start, end in mine:
             texts, own = [], []
             for i in range(start, end):
                 tokens = samples[i]["tokens"].numpy()
@@ -145,19 +153,24 @@ def query_neighbours(
                 candidates = candidates[~np.isin(keys[candidates], own[row // per_sample])]
                 kept[row, : min(num_neighbours, len(candidates))] = candidates[:num_neighbours]
             blocks.save(start, end, kept.reshape(end - start, per_sample, num_neighbours))
+            done += end - start
             if progress is not None:
-                progress(split, end, blocks.total)
-        save_array(
-            project.neighbours_path(split),
-            check_ids(blocks.concatenated(), len(table), blocks.folder, "query-neighbours"),
-        )
-        shutil.rmtree(blocks.folder)
+                progress(split, done, mine_samples)
+        ranks.barrier()
+        if ranks.main:
+            save_array(
+                project.neighbours_path(split),
+                check_ids(blocks.concatenated(), len(table), blocks.folder, "query-neighbours"),
+            )
+            shutil.rmtree(blocks.folder)
         counts[split] = blocks.total
-    recall = measure_recall(project, index, record, num_neighbours)
-    result = settings | {"complete": True, "db_sha256": db["db_sha256"], "samples": counts, "chunks_per_sample": per_sample,
-                         f"recall_at_{num_neighbours}": recall}  # fmt: skip
-    project.record("query-neighbours", result)
-    return result
+    result = None
+    if ranks.main:
+        recall = measure_recall(project, index, record, num_neighbours)
+        result = settings | {"complete": True, "db_sha256": db["db_sha256"], "samples": counts,
+                             "chunks_per_sample": per_sample, f"recall_at_{num_neighbours}": recall}  # fmt: skip
+        project.record("query-neighbours", result)
+    return ranks.from_main(result)
 
 
 def measure_recall(project: RetroProject, index, record: dict[str, Any], k: int) -> float:

@@ -122,6 +122,23 @@ def test_layout_losses_match_one_process(layout, preset, reference, tmp_path):
     assert losses(tmp_path / "run") == pytest.approx(reference[preset], rel=TOLERANCE)
 
 
+# Google's T5 on t5-tiny: relative positions (a bias table per stack, split over heads by TP), RMSNorm,
+# no biases; v1.0's ReLU MLP and tied head, v1.1's gated GELU and untied output layer
+T5_SHAPES = {
+    "v1.0": ["relu=true"],
+    "v1.1": ["geglu=true", "openai_gelu=true", "untie_embeddings_and_output_weights=true"],
+}
+
+
+@pytest.mark.parametrize("shape", T5_SHAPES)
+def test_t5_relative_positions_under_tp2_match_one_process(shape, tmp_path):
+    google = ["position_embedding_type=relative", "normalization=RMSNorm", "add_bias_linear=false"]
+    args = [arg for setting in google + T5_SHAPES[shape] for arg in ("--set", setting)]
+    train("t5-tiny", tmp_path / "one", *args)
+    train("t5-tiny", tmp_path / "tp2", *args, "--tp", "2", ranks=2)
+    assert losses(tmp_path / "tp2") == pytest.approx(losses(tmp_path / "one"), rel=TOLERANCE)
+
+
 def test_gradients_reduced_in_bf16_change_the_updates_slightly(reference, tmp_path):
     train("gpt-tiny", tmp_path / "run", "--use-distributed-optimizer", "--grad-reduce-in-bf16", ranks=2)
     result = losses(tmp_path / "run")

@@ -63,13 +63,15 @@ def test_compiled_model_keeps_the_eager_parameter_names_and_says_it_compiled(rec
     assert compiled.model.compiled.blocks == ["decoder.layers.0", "decoder.layers.1"]
 
 
-def test_compile_defaults_on_for_cuda_and_off_on_cpu_and_generation_stays_eager():
+def test_compile_defaults_on_for_cuda_and_off_on_cpu_and_forward_builds_stay_eager():
     config = tiny_config("gpt-tiny")
     assert config.train.compile is None
     assert compile_wanted(config, "cuda:0")[0] and not compile_wanted(config, "cpu")[0]
     assert "the default on CPU" in build_model(config).describe()
     forward_only = build_model(tiny_config("gpt-tiny", compile=True), training=False)
-    assert not forward_only.model.compiled.enabled  # mtk generate: eager (docs/training.md)
+    assert (
+        not forward_only.model.compiled.enabled
+    )  # built for forward use: eager (mtk generate compiles its own decode step)
 
 
 def test_a_recompile_storm_is_named_once():

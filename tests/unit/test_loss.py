@@ -33,6 +33,27 @@ def test_ignored_targets_count_for_nothing():
     assert LossReduction()({"lm": (total, count)}).item() == pytest.approx(reference.item() / 9, rel=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_fused_cross_entropy_has_the_loss_and_gradient_of_torchs(dtype):
+    """Forward and backward of ``token_cross_entropy`` (softmax - one-hot written in place) against
+    ``F.cross_entropy`` with ignored targets, a scaled upstream gradient and low-precision logits."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50, 97, dtype=dtype, requires_grad=True)
+    targets = torch.randint(0, 97, (3, 50))
+    targets[0, :7] = IGNORE_INDEX
+    total, count = token_cross_entropy(logits, targets)
+    (total * 0.37).backward()
+    ours, logits.grad = logits.grad, None
+    reference = F.cross_entropy(
+        logits.float().flatten(0, -2), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    (reference * 0.37).backward()
+    assert count == 143 and total.dtype == torch.float32
+    torch.testing.assert_close(total, reference, rtol=1e-6, atol=0)
+    torch.testing.assert_close(ours, logits.grad, rtol=0, atol=1e-7)
+    assert torch.all(ours[0, :7] == 0)
+
+
 def test_terms_add_and_scale_by_micro_batches():
     terms = {"a": (torch.tensor(6.0), torch.tensor(3)), "b": (torch.tensor(1.0), torch.tensor(4))}
     assert LossReduction(scale=0.5)(terms).item() == pytest.approx(0.5 * (2.0 + 0.25))

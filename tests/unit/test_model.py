@@ -6,8 +6,10 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mtk.config import apply_overrides
+from mtk.layers.attention import fuse_qkv, split_qkv
 from mtk.layers.init import initial_values
 from mtk.models import family_spec
 from mtk.models.gpt import SPEC, GPTModel
@@ -42,17 +44,34 @@ def test_architecture_switches():
     assert isinstance(llama.decoder.final_norm, torch.nn.RMSNorm) and llama.position_embedding is None
     assert llama.output is not None and llama.decoder.layers["0"].mlp.gate is not None
     attention = llama.decoder.layers["0"].attention
-    assert attention.k_proj.out_features == 2 * attention.head_dim  # 2 query groups
-    assert attention.q_proj.bias is None
+    q, k, v = split_qkv(attention.qkv_proj.weight, attention.heads, attention.groups)
+    assert k.shape[0] == v.shape[0] == 2 * attention.head_dim  # 2 query groups
+    assert q.shape[0] == attention.heads * attention.head_dim and attention.qkv_proj.bias is None
+
+
+@pytest.mark.parametrize("heads, groups", [(4, 4), (8, 2), (6, 1)])
+def test_fused_qkv_layout_is_megatrons_and_splits_back(heads, groups):
+    """Per query group: its query heads, its key, its value (Megatron's linear_qkv); split inverts it."""
+    d = 3
+    q, k, v = (torch.randn(n * d, 5) for n in (heads, groups, groups))
+    fused = fuse_qkv(q, k, v, groups)
+    per_group = heads // groups
+    first = fused[: (per_group + 2) * d]
+    torch.testing.assert_close(first, torch.cat([q[: per_group * d], k[:d], v[:d]]), rtol=0, atol=0)
+    for got, want in zip(split_qkv(fused, heads, groups), (q, k, v), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def reference_attention(layer, x, position_ids):
     """Plain softmax attention with keys/values repeated per group and explicit RoPE."""
     att = layer.attention
     batch, seq, _ = x.shape
-    q = att.q_proj(x).view(batch, seq, att.heads, att.head_dim).transpose(1, 2)
-    k = att.k_proj(x).view(batch, seq, att.groups, att.head_dim).transpose(1, 2)
-    v = att.v_proj(x).view(batch, seq, att.groups, att.head_dim).transpose(1, 2)
+    weights = split_qkv(att.qkv_proj.weight, att.heads, att.groups)
+    biases = (None,) * 3 if att.qkv_proj.bias is None else split_qkv(att.qkv_proj.bias, att.heads, att.groups)
+    q, k, v = (
+        F.linear(x, w, b).view(batch, seq, -1, att.head_dim).transpose(1, 2)
+        for w, b in zip(weights, biases, strict=True)
+    )
     if att.rotary is not None:
         half = att.head_dim // 2
         inv_freq = 1.0 / (att.rotary.base ** (torch.arange(0, att.head_dim, 2).float() / att.head_dim))
@@ -104,10 +123,10 @@ def test_init_follows_megatron():
     )
     model = GPTModel(config.model)
     layer = model.decoder.layers["0"]
-    assert layer.attention.q_proj.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert layer.attention.qkv_proj.weight.std().item() == pytest.approx(0.02, rel=0.05)
     assert layer.attention.out_proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
     assert layer.mlp.fc2.weight.std().item() == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
-    assert torch.count_nonzero(layer.attention.q_proj.bias) == 0
+    assert torch.count_nonzero(layer.attention.qkv_proj.bias) == 0
     assert torch.all(layer.attention_norm.weight == 1)
 
 

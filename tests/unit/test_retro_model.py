@@ -77,27 +77,6 @@ def test_retro_refuses_what_it_cannot_run(overrides, message):
         check_run(config, 2 if "parallel" in str(overrides) or "context" in str(overrides) else 1, SPEC)
 
 
-def test_generation_runs_the_whole_sequence_with_its_neighbours():
-    from mtk.generate import generate
-
-    torch.manual_seed(0)
-    model = RetroModel(megatron_test_config()).eval()
-    seen: list[int] = []
-
-    def retrieve(sequence: list[int]) -> torch.Tensor:
-        seen.append(len(sequence))
-        chunks = -(-len(sequence) // 4)
-        return (torch.arange(chunks * 2 * 8).reshape(1, chunks, 2, 8) + len(sequence) // 4) % 100
-
-    prompt = [5, 6, 7, 8, 9, 10]
-    produced = generate(model, prompt, 6, temperature=0, retrieve=retrieve)
-    assert seen == list(range(6, 12)) and len(produced) == 6  # one whole-sequence step per token
-    sequence = prompt + produced[:-1]
-    with torch.no_grad():
-        logits = model(torch.tensor([sequence]), neighbours=retrieve(sequence))[0, -1]
-    assert produced[-1] == int(logits[:100].argmax())
-
-
 def test_the_default_index_follows_the_database_size():
     from mtk.retro.index import default_index, default_nprobe
 
