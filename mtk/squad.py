@@ -208,23 +208,28 @@ class SquadExamples:
         self.seed = seed
         self._order: tuple[int, np.ndarray] | None = None  # the last pass's order
         self._offsets: dict[str, list[tuple[int, int]] | None] = {}  # context -> its tokens' spans
-        prompts = tokenizer.encode_batch([f"question: {q.question} context:" for q in questions])
+        # the pieces without the tokens a tokenizer.json adds to every text (T5's </s>); those end
+        # the encoder input once, as Hugging Face's T5 is fed
+        bare = _bare(tokenizer)
+        self.tokenizer = bare
+        closing = tokenizer.encode("") if bare is not tokenizer else []
+        prompts = bare.encode_batch([f"question: {q.question} context:" for q in questions])
         texts = list(dict.fromkeys(q.context for q in questions))  # a paragraph has several questions
-        self.contexts = dict(zip(texts, tokenizer.encode_batch(texts), strict=True))
-        answers = tokenizer.encode_batch([q.answers[0] for q in questions])
+        self.contexts = dict(zip(texts, bare.encode_batch(texts), strict=True))
+        answers = bare.encode_batch([q.answers[0] for q in questions])
         self.encoder, self.kept, self.truncated, self.answers_cut = [], [], 0, 0
         for prompt, question in zip(prompts, questions, strict=True):
             context = self.contexts[question.context]
-            room = encoder_length - len(prompt)
+            room = encoder_length - len(prompt) - len(closing)
             if room < 1:
                 raise SquadError(
                     f"question {question.id!r}: the question alone fills the encoder length {encoder_length}"
                 )
-            self.encoder.append(prompt + context[:room])
+            self.encoder.append(prompt + context[:room] + closing)
             self.kept.append(min(room, len(context)))
             if len(context) > room:
                 self.truncated += 1
-                golds = tokenizer.encode_batch(list(question.answers))
+                golds = bare.encode_batch(list(question.answers))
                 self.answers_cut += all(_find(context[:room], gold) is None for gold in golds)
         self.answers = [answer[: decoder_length - 1] for answer in answers]
 
@@ -284,6 +289,13 @@ def _find(tokens: list[int], run: list[int]) -> tuple[int, int] | None:
         if tokens[start : start + length] == run:
             return start, start + length
     return None
+
+
+def _bare(tokenizer):
+    """``tokenizer`` without the special tokens a tokenizer.json adds around each text, if it adds any."""
+    if getattr(tokenizer, "add_special_tokens", False):
+        return dataclasses.replace(tokenizer, add_special_tokens=False)
+    return tokenizer
 
 
 def _offsets(tokenizer, text: str, ids: list[int]) -> list[tuple[int, int]] | None:

@@ -315,6 +315,25 @@ def test_t5_inputs_are_question_then_context(wordpiece):
     assert int(sample["loss_mask"].sum()) == len(answer) + 1 and len(first["text_enc"]) == 1024
 
 
+def test_t5_inputs_with_a_tokenizer_json_end_with_one_eos(tmp_path):
+    """A tokenizer.json that closes every text with </s> (T5's): the encoder input ends with it once,
+    and the question, context and answer are encoded without it (the label ends with one eos)."""
+    from mtk.data.masking import WordPieceIds
+    from mtk.data.tokenizer import load_tokenizer
+    from tests.integration.test_hf_t5 import write_t5_tokenizer
+
+    write_t5_tokenizer(tmp_path)
+    tokenizer = load_tokenizer(tmp_path / "tokenizer.json")
+    ids = WordPieceIds.from_manifest(tokenizer.describe(), "t5", True)
+    context = "the favourite word of anna is apple"
+    question = Question("q", "what is the favourite word of anna ?", context, ("apple",))
+    examples = SquadExamples([question], tokenizer, ids, encoder_length=64, decoder_length=8)
+    encoder = examples.encoder[0]
+    assert encoder[-1] == ids.eos and ids.eos not in encoder[:-1]
+    assert examples.answers[0] == [t for t in tokenizer.encode("apple") if t != ids.eos]
+    assert examples[0]["labels"].tolist()[: len(examples.answers[0]) + 1] == [*examples.answers[0], ids.eos]
+
+
 def raw_questions() -> list[dict]:
     data = json.loads(SLICE.read_text(encoding="utf-8"))["data"]
     return [qa for article in data for paragraph in article["paragraphs"] for qa in paragraph["qas"]]
