@@ -123,9 +123,14 @@ def inherited(
     changed = workspace.stale(found)
     note = f"; stale: {', '.join(changed)} changed since" if changed else ""
     where = value(found, where) if value else where
-    console.print(f"{option.lstrip('-')}: {where} (last {found.stage}; {option} to choose{note})",
-                  highlight=False, soft_wrap=True)  # fmt: skip
+    said(f"{option.lstrip('-')}: {where} (last {found.stage}; {option} to choose{note})")
     return found
+
+
+def said(line: str) -> None:
+    """One line of what a command took by default; once per job (rank 0 under torchrun)."""
+    if os.environ.get("RANK", "0") == "0":
+        console.print(line, highlight=False, soft_wrap=True)
 
 
 def last_run(families: tuple[str, ...], remedy: str) -> Any:

@@ -12,7 +12,7 @@ from mtk.config import Range
 from mtk.launch import MAX_PROCESSES_PER_NODE
 from mtk.workspace import location
 
-from .common import console, fail, inherited, remember
+from .common import console, fail, inherited, remember, said
 from .options import (
     BF16,
     FP16,
@@ -188,13 +188,13 @@ def _default_save(preset: str, config) -> Path:  # noqa: ANN001 - a RunConfig
     save = root() / "runs" / (Path(preset).stem if is_preset_path(preset) else preset)
     previous = _read_json(RunDir(save).config)
     if previous is None:
-        console.print(f"save: {shown(save)} (a new run of {preset}; --save to choose)", highlight=False)
+        said(f"save: {shown(save)} (a new run of {preset}; --save to choose)")
         return save
     differences = _run_differences(previous, config.to_dict())
     if differences:
         fail(f"--save is not given, and {shown(save)} holds another run of {preset} ({'; '.join(differences)}): "
              f"give --save NEW_FOLDER to start this one, or the settings of that run to resume it")  # fmt: skip
-    console.print(f"save: {shown(save)} (resuming this run of {preset}; --save to choose)", highlight=False)
+    said(f"save: {shown(save)} (resuming this run of {preset}; --save to choose)")
     return save
 
 
