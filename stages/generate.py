@@ -54,10 +54,16 @@ def generate(
     from mtk.checkpoint import CheckpointError
     from mtk.generate import generate as run
     from mtk.generate import generation_strategy, load_run
+    from mtk.models import family_names, family_spec
     from mtk.parallel.compile import compile_choice
 
+    continuing = tuple(  # the families that continue a prompt (their generation strategy says so)
+        name
+        for name in family_names()
+        if (g := family_spec(name).generation) is not None and g.continues_text
+    )
     load = load or last_run(
-        ("gpt", "retro"), "give --load RUN, or train one with `mtk train --preset gpt-tiny` first"
+        continuing, "give --load RUN, or train one with `mtk train --preset gpt-tiny` first"
     )
     try:
         model, tokenizer = load_run(load, device)

@@ -10,7 +10,6 @@ import typer
 
 from mtk.config import Range
 from mtk.launch import MAX_PROCESSES_PER_NODE
-from mtk.workspace import location
 
 from .common import console, fail, inherited, remember, said
 from .options import (
@@ -159,17 +158,18 @@ def train(
     )
 
 
-# A family's fitting data in the workspace: the RETRO project option, else the data's level
-SENTENCE_FAMILIES = ("bert", "t5")
-
-
 def _inherited_data(family: str) -> dict[str, Any]:
-    """The config value that trains ``family`` on the workspace's last fitting output, said out loud."""
-    if family == "retro":
+    """The config value that trains ``family`` on the workspace's last fitting output (its spec's
+    ``train_data``), said out loud."""
+    from mtk.models import family_spec
+    from mtk.workspace import location
+
+    wanted = family_spec(family).train_data
+    if wanted == "retro":
         found = inherited("retro", "--retro-project", "give --retro-project, or build one with "
                           "`mtk retro build-db` first (or train on --mock-data)", what="RETRO project")  # fmt: skip
         return {"retro_project": str(location(found))}
-    level = "sentence" if family in SENTENCE_FAMILIES else "document"
+    level = wanted
     split = " --split-sentences" if level == "sentence" else ""
     found = inherited(
         "dataset", "--data", f"give --data PREFIX, or run `mtk prepare-data FILE{split}` first (or train on --mock-data)",

@@ -14,6 +14,7 @@ class MaskedLMFamily(TrainableFamily):
     """A family trained on masked sentence groups (``mtk.data.masking``) of WordPiece data."""
 
     needs_sentinels: ClassVar[bool] = False  # T5: the data needs --vocab-extra-ids
+    train_data = "sentence"
 
     def layout_problems(self, config: RunConfig) -> list[str]:
         found = super().layout_problems(config)

@@ -316,6 +316,7 @@ class RetroFamily(TrainableFamily):
     tiny_preset = "retro-tiny"
     config_fields = ("retro_encoder_num_layers", "retro_num_neighbors", "retro_chunk_length")
     train_inputs = "--retro-project DIR"
+    train_data = "retro"
     megatron_script = "pretrain_retro.py"
     megatron_inputs = "--retro-project-dir DIR (it holds the data, the tokenizer and the sample counts)"
     megatron_switches = ("--retro-add-retriever",)

@@ -118,6 +118,9 @@ class TrainableFamily(ABC):
     pipeline_refusal: ClassVar[str] = "it cannot be cut into pipeline stages"  # why, for --pp > 1
     tiny_preset: ClassVar[str | None] = None  # the preset (name or path) the layout tests train it with
     train_inputs: ClassVar[str] = "--data PREFIX"  # what `mtk train` needs besides the preset
+    # what it trains on, as the workspace records outputs: prepare-data's "document" or "sentence"
+    # level, or a "retro" project
+    train_data: ClassVar[str] = "document"
     # the Hugging Face model types it imports and exports as (mtk.hf looks here; the first match exports)
     hf_adapters: ClassVar[tuple[HFAdapter, ...]] = ()
     # how its model produces text token by token (mtk.generate); None: it does not generate
