@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import os
 import typing
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
@@ -18,6 +19,7 @@ from typing import Annotated, Any, Literal
 import typer
 
 from mtk import config as cfg
+from mtk.launch import MAX_PROCESSES_PER_NODE
 
 from .common import fail
 
@@ -55,6 +57,33 @@ FP16 = Annotated[bool, typer.Option("--fp16", help="fp16 mixed precision with dy
 Device = Annotated[
     str | None, typer.Option("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available).")
 ]
+
+
+NprocPerNode = Annotated[
+    int | None,
+    typer.Option(
+        "--nproc-per-node",
+        help="Start this many local processes through torchrun, each doing its share "
+        f"(at most {MAX_PROCESSES_PER_NODE}; across nodes: mtk launch).",
+    ),
+]
+
+
+def relaunch_with_torchrun(nproc_per_node: int | None) -> None:
+    """With ``--nproc-per-node N``: run this same command as N local ranks under torchrun, and exit with
+    its status; without it, return."""
+    if nproc_per_node is None:
+        return
+    import subprocess
+    import sys
+
+    from mtk.launch import local_torchrun_command
+
+    check_option("--nproc-per-node", nproc_per_node, cfg.Range(low=1, high=MAX_PROCESSES_PER_NODE))
+    if "LOCAL_RANK" in os.environ:
+        fail("--nproc-per-node is for starting a job; under torchrun leave it out")
+    module = f"{__package__}.main"  # the CLI as this process runs it: mtk.stages, or stages in a checkout
+    raise typer.Exit(subprocess.call(local_torchrun_command(sys.argv[1:], nproc_per_node, module)))
 
 
 def check_option(flag: str, value: float | None, allowed: cfg.Range) -> None:

@@ -13,7 +13,7 @@ import typer
 from mtk.data.retro_settings import BUILD_DB_KEYS  # the keys build-db fixes; imports nothing
 
 from .common import console, fail, inherited, remember, reports_file_errors
-from .options import flag_of, with_config_options
+from .options import NprocPerNode, flag_of, relaunch_with_torchrun, with_config_options
 
 SUMMARY = "RETRO retrieval: chunk database, faiss index, neighbours of every training sample."
 app = typer.Typer(no_args_is_help=True, help=SUMMARY)
@@ -255,13 +255,16 @@ def index(
     ] = 8,
     block_size: BlockSize = 100_000,
     device: EmbedDevice = "cpu",
+    nproc_per_node: NprocPerNode = None,
 ) -> None:
     """Embed every chunk (resumable blocks), train the faiss index and add all chunks.
 
-    Under torchrun (`mtk launch torchrun -- mtk retro index ...`) the ranks share the blocks."""
+    With --nproc-per-node N, or under torchrun (`mtk launch torchrun -- mtk retro index ...`),
+    the ranks share the blocks."""
     from mtk.data.retro_project import RetroProject
     from mtk.retro.index import build_index
 
+    relaunch_with_torchrun(nproc_per_node)
     project = _last_project(project)
     try:
         with _ranks() as (ranks, update):
@@ -290,13 +293,15 @@ def query_neighbours(
         int, typer.Option("--block-samples", min=1, help="Samples per saved block.")
     ] = 1000,
     device: EmbedDevice = "cpu",
+    nproc_per_node: NprocPerNode = None,
 ) -> None:
     """Neighbours of every chunk of every training sample, none from the sample's own documents.
 
-    Under torchrun the ranks share the blocks of samples."""
+    With --nproc-per-node, or under torchrun, the ranks share the blocks of samples."""
     from mtk.data.retro_project import RetroProject
     from mtk.retro.query import query_neighbours as query
 
+    relaunch_with_torchrun(nproc_per_node)
     project = _last_project(project)
     try:
         with _ranks() as (ranks, update):

@@ -9,18 +9,19 @@ from typing import Annotated, Any
 import typer
 
 from mtk.config import Range
-from mtk.launch import MAX_PROCESSES_PER_NODE
 
 from .common import console, fail, inherited, remember, said
 from .options import (
     BF16,
     FP16,
     Device,
+    NprocPerNode,
     Overrides,
     Preset,
     build_config,
     check_option,
     flagged_keys,
+    relaunch_with_torchrun,
     with_config_options,
 )
 
@@ -84,14 +85,7 @@ def train(
         typer.Option("--num-workers", help=f"DataLoader worker processes of each rank (0 to {MAX_WORKERS})."),
     ] = 2,
     device: Device = None,
-    nproc_per_node: Annotated[
-        int | None,
-        typer.Option(
-            "--nproc-per-node",
-            help="Start this many local processes through torchrun (--tp/--pp/--cp ranks, data parallel "
-            f"for the rest; at most {MAX_PROCESSES_PER_NODE}).",
-        ),
-    ] = None,
+    nproc_per_node: NprocPerNode = None,
     async_save: Annotated[
         bool,
         typer.Option("--async-save", help="Write checkpoints in the background while training continues."),
@@ -120,11 +114,9 @@ def train(
     from mtk.train.run import TrainingError, TrainOptions, run_training
 
     check_option("--num-workers", num_workers, Range(low=0, high=MAX_WORKERS))
-    check_option("--nproc-per-node", nproc_per_node, Range(low=1, high=MAX_PROCESSES_PER_NODE))
     check_option("--timeout-minutes", timeout_minutes, Range(low=0.01, high=WEEK_MINUTES))
     check_option("--exit-after", exit_after, Range(low=1))
-    if nproc_per_node is not None:
-        _relaunch_with_torchrun(nproc_per_node)
+    relaunch_with_torchrun(nproc_per_node)
     config = build_config(preset, overrides, config_values, bf16, fp16)
     data = config.data
     if data.data_path is None and not data.mock_data and not data.retro_project:
@@ -270,16 +262,3 @@ def _printer(config):
         console.print(line, highlight=False)
 
     return show
-
-
-def _relaunch_with_torchrun(nproc_per_node: int) -> None:
-    """Run this same command as ``nproc_per_node`` local ranks under torchrun, and exit with its status."""
-    import subprocess
-    import sys
-
-    from mtk.launch import local_torchrun_command
-
-    if "LOCAL_RANK" in os.environ:
-        fail("--nproc-per-node is for starting a job; under torchrun leave it out")
-    module = f"{__package__}.main"  # the CLI as this process runs it: mtk.stages, or stages in a checkout
-    raise typer.Exit(subprocess.call(local_torchrun_command(sys.argv[1:], nproc_per_node, module)))

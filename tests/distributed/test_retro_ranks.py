@@ -116,7 +116,7 @@ def torchrun(*args: str) -> None:
 
 
 @pytest.mark.slow  # a real BERT embeds a few hundred chunks four times
-def test_the_cli_under_torchrun_equals_one_process_with_a_real_bert(tmp_path, minilm):
+def test_the_cli_under_torchrun_and_nproc_per_node_equals_one_process_with_a_real_bert(tmp_path, minilm):
     one, two = tmp_path / "one", tmp_path / "two"
     corpus = prepare_corpus(tmp_path, documents=30)
     build_db_cli(one, corpus, minilm)
@@ -126,7 +126,9 @@ def test_the_cli_under_torchrun_equals_one_process_with_a_real_bert(tmp_path, mi
     invoke("retro", "index", "--project", str(one), *index)
     invoke("retro", "query-neighbours", "--project", str(one), *query)
     torchrun("retro", "index", "--project", str(two), *index)
-    torchrun("retro", "query-neighbours", "--project", str(two), *query)
+    proc = subprocess.run([sys.executable, "-m", "stages.main", "retro", "query-neighbours", "--project", str(two),
+                           *query, "--nproc-per-node", "2"], capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
     assert files(two) == files(one)
 
 

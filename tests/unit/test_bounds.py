@@ -165,3 +165,9 @@ def test_launch_values_out_of_range_are_refused(tmp_path, args, message):
     output = run("launch", *args, *extra, "--", "mtk", "train", "--preset", "gpt-tiny", code=2)
     assert message in output
     assert not script.exists()
+
+
+@pytest.mark.parametrize("stage", ["index", "query-neighbours"])
+def test_the_retro_stages_bound_nproc_per_node(stage):
+    output = run("retro", stage, "--nproc-per-node", HUGE, code=2)
+    assert f"--nproc-per-node {HUGE} is out of range: it must be >= 1 and <= 128" in output

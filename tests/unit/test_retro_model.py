@@ -81,10 +81,11 @@ def test_the_default_index_follows_the_database_size():
     from mtk.retro.index import default_index, default_nprobe
 
     assert default_index(4095, 384) == "Flat"
-    assert (
-        default_index(290_000, 384) == "IVF512,PQ96x4fs,RFlat"
-        and default_nprobe("IVF512,PQ96x4fs,RFlat") == 128
-    )
+    assert default_index(4096, 384) == "IVF64,PQ96x4fs,RFlat"  # at least 39 chunks a list
+    assert default_nprobe("IVF64,PQ96x4fs,RFlat") == 16  # a quarter: small databases keep recall
+    assert default_index(290_000, 384) == "IVF2048,PQ96x4fs,RFlat"  # ~4 sqrt(n) lists
+    assert default_nprobe("IVF2048,PQ96x4fs,RFlat") == 160  # 5/64 of them, as measured
+    assert default_index(1_036_834, 384) == "IVF4096,PQ96x4fs,RFlat"
     assert default_index(20_000_000, 1024) == "OPQ32_64,IVF16384_HNSW8,PQ32"
     assert default_index(30_000_000_000, 1024) == "OPQ32_64,IVF65536_HNSW8,PQ32"  # the reference itself
     assert default_nprobe("OPQ32_64,IVF65536_HNSW8,PQ32") == 4096 and default_nprobe("Flat") == 1
