@@ -382,6 +382,7 @@ class SquadOptions:
     out: Path  # run directory of the fine-tuning; squad/ inside it holds the results
     finetune_iters: int = 1000
     lr: float = 1e-4
+    lr_warmup_fraction: float = 0.1
     micro_batch_size: int = 8
     global_batch_size: int = 32
     max_answer_tokens: int = 32
@@ -525,7 +526,8 @@ def write_results(folder: Path, metrics: dict[str, Any], dev_file, predictions: 
 
 def finetune_config(config: RunConfig, options: SquadOptions) -> RunConfig:
     """The config of the fine-tuning of run ``config`` on SQuAD: its model, ``options``' batches and
-    length, a linear decay from ``options.lr`` to 0 without warm-up, no evaluation, one save at the
+    length, a linear warm-up over ``options.lr_warmup_fraction`` of the steps to ``options.lr``
+    and a linear decay to 0, no evaluation, one save at the
     end, one process (the run's FP8 and recomputation kept; its data replaced by SQuAD's)."""
     from mtk.train.build import one_process
 
@@ -545,7 +547,7 @@ def finetune_config(config: RunConfig, options: SquadOptions) -> RunConfig:
         lr_wsd_decay_iters=None,
         lr_wsd_decay_samples=None,
         lr_warmup_iters=0,
-        lr_warmup_fraction=None,
+        lr_warmup_fraction=options.lr_warmup_fraction or None,
         lr_warmup_samples=None,
         eval_interval=0,
         save_interval=None,

@@ -46,6 +46,14 @@ def eval_squad(
         False, "--no-finetune", help="Evaluate the checkpoint as it is (already fine-tuned)."
     ),
     lr: float = typer.Option(1e-4, "--lr", min=0.0, help="Peak learning rate, decayed linearly to 0."),
+    lr_warmup_fraction: float = typer.Option(
+        0.1,
+        "--lr-warmup-fraction",
+        min=0.0,
+        max=1.0,
+        help="Share of the fine-tuning steps that ramp the learning rate up from 0 (without it, Adam's "
+        "first full-size steps can wash out a small encoder's token information).",
+    ),
     micro_batch_size: int = typer.Option(
         8, "--micro-batch-size", min=1, help="Questions per forward/backward."
     ),
@@ -88,6 +96,7 @@ def eval_squad(
                 out=out or default_out,
                 finetune_iters=0 if no_finetune else finetune_iters,
                 lr=lr,
+                lr_warmup_fraction=lr_warmup_fraction,
                 micro_batch_size=micro_batch_size,
                 global_batch_size=global_batch_size,
                 max_answer_tokens=max_answer_tokens,

@@ -402,3 +402,22 @@ def test_the_answer_log_resumes_cuts_a_torn_line_and_forgets_another_models_answ
     assert other.answers == {} and other.stale
     other.close()
     assert path.read_text().splitlines() == [json.dumps({**header, "iteration": 6})]
+
+
+def test_fine_tuning_warms_up_then_decays_linearly_to_zero(tmp_path):
+    from mtk.config import apply_overrides
+    from mtk.presets import load_preset
+    from mtk.squad import SquadOptions, finetune_config
+    from mtk.train.schedule import learning_rate
+
+    config = apply_overrides(load_preset("t5-tiny").sections, {"mock_data": True})
+    options = SquadOptions(
+        out=tmp_path, finetune_iters=100, lr=1e-3, global_batch_size=32, lr_warmup_fraction=0.1
+    )
+    train = finetune_config(config, options).train
+    lrs = [learning_rate(train, step * 32) for step in (0, 5, 10, 55, 100)]
+    assert lrs == pytest.approx([0.0, 5e-4, 1e-3, 5e-4, 0.0], abs=1e-9)
+    flat = finetune_config(
+        config, SquadOptions(out=tmp_path, finetune_iters=100, lr=1e-3, lr_warmup_fraction=0.0)
+    )
+    assert learning_rate(flat.train, 0) == pytest.approx(1e-3)
