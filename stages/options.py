@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 import typer
 
 from mtk import config as cfg
-from mtk.launch import MAX_PROCESSES_PER_NODE
+from mtk.launch import MAX_PROCESSES_PER_NODE, local_torchrun_command
 
 from .common import fail
 
@@ -76,8 +76,6 @@ def relaunch_with_torchrun(nproc_per_node: int | None) -> None:
         return
     import subprocess
     import sys
-
-    from mtk.launch import local_torchrun_command
 
     check_option("--nproc-per-node", nproc_per_node, cfg.Range(low=1, high=MAX_PROCESSES_PER_NODE))
     if "LOCAL_RANK" in os.environ:

@@ -199,8 +199,14 @@ def measure_recall(project: RetroProject, index, record: dict[str, Any], k: int)
         rows, cols = np.nonzero((found >= start) & (found < end))
         distances[rows, cols] = ((queries[rows] - block[found[rows, cols] - start]) ** 2).sum(axis=1)
     heap.finalize()
-    kth = heap.D[:, k - 1 : k] * (1 + 1e-5) + 1e-6  # float rounding of equal vectors' distances
-    return round(float((distances <= kth).sum() / found.size), 4)
+    return round(tie_aware_recall(distances, heap.D[:, k - 1]), 4)
+
+
+def tie_aware_recall(found: np.ndarray, kth: np.ndarray) -> float:
+    """The share of returned neighbours whose exact distances ``found`` (queries, k; inf for none) are
+    no farther than each query's k-th exact neighbour ``kth`` (queries,), with slack for the float
+    rounding of equal vectors' distances: of duplicate chunks, whichever copy comes back counts."""
+    return float((found <= kth[:, None] * (1 + 1e-5) + 1e-6).mean())
 
 
 class Retriever:
