@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from mtk.config import ConfigError, RunConfig, micro_batches_per_step, run_problems
+from mtk.layers.loss import fused_chunk_rows
 from mtk.models import family_spec
 from mtk.models.spec import GIB, available_memory
 from mtk.parallel.dims import ParallelDims
@@ -111,6 +112,11 @@ def estimate_memory(config: RunConfig, layout: Layout, world_size: int) -> Memor
     # (mtk.layers.loss) and are freed after the output layer, so a recomputed layer's transient memory
     # meets the logits alone
     logit_bytes, kept_logit_bytes = (8, 4) if train.precision == "fp32" else (10, 2)
+    # where the output layer is fused with the loss (mtk.layers.loss.projected_cross_entropy: one
+    # stage, no tensor parallelism, no fp16), a chunk of logits at a time (projected and in fp32),
+    # and the gradients of the hidden states and of the output weight kept from forward to backward
+    fused = pp == 1 and t == 1 and train.precision != "fp16" and family_spec(model.family).model_takes_targets
+    chunk = min(tokens, fused_chunk_rows(vocab)) * vocab * (4 if train.precision == "fp32" else 6)
     best = None
     for stage in ("first", "last") if pp > 1 else ("only",):
         params = layers_per_rank * layer
@@ -129,6 +135,8 @@ def estimate_memory(config: RunConfig, layout: Layout, world_size: int) -> Memor
         logit_values = tokens * vocab / t if stage in ("last", "only") else 0.0
         logits = logit_values * logit_bytes
         freed = logit_values * (logit_bytes - kept_logit_bytes)
+        if fused:
+            logits, freed = chunk + 4 * (vocab + tokens) * h, chunk
         activations = tokens * (kept * activation_layers + boundary) * stage_in_flight
         activations += max(0.0, tokens * transient - freed)
         estimate = MemoryEstimate(weights, gradients, optimizer, activations, logits)

@@ -16,7 +16,7 @@ from torch import nn
 from mtk.config import ModelConfig, RunConfig
 from mtk.layers.attention import KVCache
 from mtk.layers.init import Embedding, Linear, SeededModule
-from mtk.layers.loss import loss_targets
+from mtk.layers.loss import LossTerm, loss_targets, projected_cross_entropy
 from mtk.layers.transformer import TransformerBlock, embedding_parameters, layer_parameters, norm_parameters
 from mtk.models.generation import CachedDecoding
 from mtk.models.gpt_hf import GPT2, Llama
@@ -61,10 +61,19 @@ class DecoderLM(SeededModule):
         """The output projection: by ``output``, or by the word embedding when they are tied."""
         return self.output(x) if self.output is not None else F.linear(x, self.embedding.weight)
 
+    def head(self, x: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor | LossTerm:
+        """The logits of ``x``, or given ``targets`` the language-model loss term (the output layer
+        fused with the loss where it can be: ``mtk.layers.loss.projected_cross_entropy``)."""
+        if targets is None:
+            return self.logits(x)
+        weight = self.output.weight if self.output is not None else self.embedding.weight
+        return projected_cross_entropy(x, weight, targets, self.logits)
+
 
 class GPTModel(DecoderLM):
     """tokens (batch, seq) -> logits (batch, seq, padded vocab); with ``kv_caches``
-    (``new_kv_caches``) the tokens continue the ones run before.
+    (``new_kv_caches``) the tokens continue the ones run before; with ``targets`` (batch, seq) the
+    loss term instead of the logits (Megatron's ``labels``).
 
     A pipeline stage (``pipeline_stage``) holds only the modules it runs, the others None. It embeds
     tokens only when ``pre_process`` (Megatron's name), else takes the previous stage's hidden
@@ -82,7 +91,8 @@ class GPTModel(DecoderLM):
         tokens: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         kv_caches: list[KVCache] | None = None,
-    ) -> torch.Tensor:
+        targets: torch.Tensor | None = None,
+    ) -> torch.Tensor | LossTerm:
         if position_ids is None:
             start = 0 if kv_caches is None else kv_caches[0].length
             batch, length = tokens.shape[:2]  # token ids, or hidden states on a later pipeline stage
@@ -90,7 +100,7 @@ class GPTModel(DecoderLM):
             position_ids = (start + torch.arange(length, device=tokens.device)).expand(batch, length)
         x = self.embed(tokens, position_ids) if self.pre_process else tokens
         x = self.decoder(x, kv_caches=kv_caches, position_ids=position_ids)
-        return self.logits(x) if self.post_process else x
+        return self.head(x, targets) if self.post_process else x
 
     def pipeline_stage(self, layers: range, first: bool, last: bool) -> GPTModel:
         """A copy keeping only what one pipeline stage runs (the rest None, the layers of other stages
@@ -135,6 +145,7 @@ class GPTFamily(PipelinedFamily):
     name = "gpt"
     hf_adapters = (Llama(), GPT2())  # mtk/models/gpt_hf.py
     generation = CachedDecoding()
+    model_takes_targets = True
     tiny_preset = "gpt-tiny"
     megatron_script = "pretrain_gpt.py"
     megatron_inputs = (

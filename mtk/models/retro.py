@@ -28,7 +28,7 @@ from torch import nn
 
 from mtk.config import ModelConfig, RunConfig
 from mtk.layers.attention import Attention, KVCache
-from mtk.layers.loss import loss_targets
+from mtk.layers.loss import LossTerm, loss_targets
 from mtk.layers.mlp import MLP
 from mtk.layers.norms import build_norm
 from mtk.layers.rotary import RotaryEmbedding, build_rotary
@@ -264,7 +264,8 @@ class RetroDecoder(nn.Module):
 
 
 class RetroModel(DecoderLM):
-    """tokens (batch, n) and neighbour tokens (batch, chunks, k, r) -> logits (batch, n, padded vocab):
+    """tokens (batch, n) and neighbour tokens (batch, chunks, k, r) -> logits (batch, n, padded vocab)
+    (given ``targets``, the loss term instead):
     GPT's embeddings and output around the RETRO decoder; the neighbours are embedded by the same
     embedding. With ``cache`` (``new_cache``) the tokens continue the ones run before, and only the
     neighbours of the chunks they complete are embedded and encoded."""
@@ -278,7 +279,8 @@ class RetroModel(DecoderLM):
         position_ids: torch.Tensor | None = None,
         neighbours: torch.Tensor | None = None,
         cache: RetroCache | None = None,
-    ) -> torch.Tensor:
+        targets: torch.Tensor | None = None,
+    ) -> torch.Tensor | LossTerm:
         if neighbours is None:
             raise ValueError("a RETRO model needs the neighbour tokens of every chunk (batch, chunks, k, r)")
         batch, n = tokens.shape
@@ -294,7 +296,7 @@ class RetroModel(DecoderLM):
         x = self.decoder(x, context, position_ids, cache)
         if cache is not None:
             cache.length += n
-        return self.logits(x)
+        return self.head(x, targets)
 
     def new_cache(self, batch: int, max_length: int) -> RetroCache:
         """An empty generation cache of ``batch`` rows up to ``max_length`` positions (dynamic)."""
@@ -309,6 +311,7 @@ class RetroModel(DecoderLM):
 class RetroFamily(TrainableFamily):
     name = "retro"
     generation = RetrievalDecoding()
+    model_takes_targets = True
     flops_convention = PALM_FLOPS.replace(
         " per token (PaLM)",
         " per token (PaLM), the encoder counted for the 2k neighbour tokens it encodes per decoder token",

@@ -125,6 +125,8 @@ class TrainableFamily(ABC):
     hf_adapters: ClassVar[tuple[HFAdapter, ...]] = ()
     # how its model produces text token by token (mtk.generate); None: it does not generate
     generation: ClassVar[GenerationStrategy | None] = None
+    # its model takes ``targets=`` and returns its one "lm loss" term itself (``forward_loss``)
+    model_takes_targets: ClassVar[bool] = False
     # Megatron-LM (mtk/megatron.py): the pretrain_*.py script that trains the family (None: none does),
     # the inputs that script needs (the machine's files, never part of a preset), the switches it needs
     # to train this family and the family it trains without them, the flags it names differently
@@ -243,6 +245,14 @@ class TrainableFamily(ABC):
     @abstractmethod
     def model_batch(self, batch: dict[str, torch.Tensor]) -> ModelBatch:
         """A collated micro-batch of this family's dataset as the model and loss take it."""
+
+    def forward_loss(self, model: nn.Module, batch: ModelBatch) -> LossTerms:
+        """The loss terms of ``batch`` through ``model`` (whole, not a pipeline stage): its outputs
+        then ``loss_terms``, or, where the model takes the targets, the term it returns (a decoder
+        fuses its output layer with the loss: the logits never exist whole)."""
+        if self.model_takes_targets:
+            return {"lm loss": model(batch.inputs, **batch.extra, targets=batch.targets)}
+        return self.loss_terms(model(batch.inputs, **batch.extra), batch.targets)
 
     def loss_terms(self, outputs: Any, targets: torch.Tensor) -> LossTerms:
         """The loss of one micro-batch as named ``(sum, count)`` terms; its value is sum(sum / count).

@@ -66,8 +66,7 @@ class StepRunner:
             total = torch.zeros((), device=self.model.device)
             for batch in batches:
                 with autocast():
-                    outputs = self.model.parts[0](batch.inputs, **batch.extra)
-                loss = reduction(self.family.loss_terms(outputs, batch.targets))
+                    loss = reduction(self.family.forward_loss(self.model.parts[0], batch))
                 if backward:
                     scale_loss(loss).backward()
                 total += loss.detach()

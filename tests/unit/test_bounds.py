@@ -63,7 +63,7 @@ def test_out_of_range_values_are_refused_naming_flag_value_and_range(tmp_path, a
 def test_a_sequence_too_long_for_this_machine_is_refused_before_allocation(tmp_path):
     output = run(*T, "--save", str(tmp_path / "run"), "--seq-length", "1000000", code=2)
     assert (
-        "the run does not fit in memory: 64,362,240 parameters, and training needs about 158.3 GiB" in output
+        "the run does not fit in memory: 64,362,240 parameters, and training needs about 37.2 GiB" in output
     )
     assert "GiB available" in output and "`mtk plan` suggests a layout" in output
     assert not (tmp_path / "run").exists()

@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import mtk.layers.loss as loss_module
 from mtk.config import apply_overrides
-from mtk.layers.loss import IGNORE_INDEX, loss_targets, token_cross_entropy
+from mtk.layers.loss import IGNORE_INDEX, loss_targets, projected_cross_entropy, token_cross_entropy
 from mtk.models.gpt import SPEC
 from mtk.parallel.apply import ParallelModel
 from mtk.parallel.context import shard_sequence
@@ -52,6 +53,77 @@ def test_the_fused_cross_entropy_has_the_loss_and_gradient_of_torchs(dtype):
     torch.testing.assert_close(total, reference, rtol=1e-6, atol=0)
     torch.testing.assert_close(ours, logits.grad, rtol=0, atol=1e-7)
     assert torch.all(ours[0, :7] == 0)
+
+
+def _projected_and_reference(dtype, autocast: torch.dtype | None, chunk_rows: int, monkeypatch):
+    """(loss, hidden gradient, weight gradient) of the fused projection and of the plain one."""
+    monkeypatch.setattr(loss_module, "fused_chunk_rows", lambda vocab: chunk_rows)
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 50, 16, dtype=dtype, requires_grad=True)
+    weight = (torch.randn(97, 16, dtype=dtype) * 0.3).requires_grad_()
+    targets = torch.randint(0, 97, (3, 50))
+    targets[0, :7] = IGNORE_INDEX
+    results = []
+    for fused in (True, False):
+        context = torch.autocast("cpu", dtype=autocast) if autocast else contextlib.nullcontext()
+        with context:
+            project = lambda x: F.linear(x, weight)  # noqa: E731
+            total, count = (
+                projected_cross_entropy(hidden, weight, targets, project)
+                if fused
+                else token_cross_entropy(project(hidden), targets)
+            )
+        (total * 0.37).backward()
+        assert count == 143 and total.dtype == torch.float32
+        results.append((total.detach(), hidden.grad, weight.grad))
+        hidden.grad = weight.grad = None
+    return results
+
+
+@pytest.mark.parametrize("chunk_rows", [7, 4096])
+def test_the_output_layer_fused_with_the_loss_equals_the_projection_then_the_loss(chunk_rows, monkeypatch):
+    """``projected_cross_entropy``: the output layer and the loss in chunks of rows (7: the last chunk
+    short; 4,096: one chunk), the gradients computed in the forward and scaled in the backward."""
+    (total, hidden_grad, weight_grad), (reference, hidden_ref, weight_ref) = _projected_and_reference(
+        torch.float32, None, chunk_rows, monkeypatch
+    )
+    torch.testing.assert_close(total, reference, rtol=1e-6, atol=0)
+    torch.testing.assert_close(hidden_grad, hidden_ref, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(weight_grad, weight_ref, rtol=1e-5, atol=1e-7)
+    assert torch.all(hidden_grad[0, :7] == 0)  # ignored positions: no gradient
+
+
+def test_the_fused_output_layer_under_bf16_autocast_is_as_close_to_fp32_as_the_plain_one(monkeypatch):
+    """Under bf16 autocast both forms multiply in bf16; the fused one accumulates the weight's
+    gradient over chunks in fp32. Each is compared with the fp32 result: the fused one is no farther."""
+    exact, _ = _projected_and_reference(torch.float32, None, 7, monkeypatch)
+    fused, plain = _projected_and_reference(torch.float32, torch.bfloat16, 7, monkeypatch)
+    assert fused[1].dtype == fused[2].dtype == torch.float32
+    torch.testing.assert_close(fused[0], exact[0], rtol=1e-3, atol=0)
+    for index in (1, 2):  # the hidden states' gradient, the weight's
+        error, plain_error = ((result[index] - exact[index]).norm() for result in (fused, plain))
+        assert error <= 1.1 * plain_error and error < 1e-2 * exact[index].norm()
+
+
+def test_the_output_layer_is_not_fused_where_it_cannot_be(monkeypatch):
+    """Under no_grad the fused form computes no gradients; under fp16 (loss scaling) it gives way to
+    the projection: ``project`` is what runs."""
+    calls = []
+
+    def project(x):
+        calls.append(x.shape)
+        return F.linear(x, weight)
+
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(2, 5, 8), torch.randn(11, 8, requires_grad=True)
+    targets = torch.randint(0, 11, (2, 5))
+    with torch.no_grad():
+        total, _ = projected_cross_entropy(hidden, weight, targets, project)
+    assert calls == [] and not total.requires_grad
+    torch.testing.assert_close(total, token_cross_entropy(F.linear(hidden, weight), targets)[0].detach())
+    with torch.autocast("cpu", dtype=torch.float16):
+        projected_cross_entropy(hidden, weight, targets, project)
+    assert calls == [torch.Size([2, 5, 8])]
 
 
 def test_terms_add_and_scale_by_micro_batches():

@@ -71,7 +71,13 @@ def test_sharding_and_parallel_sizes_divide_what_they_should():
     assert zero2.weights > alone.weights > fsdp.weights  # ZeRO-2 keeps gathered weights plus its shard
     tp2 = estimate_memory(config, Layout(tp=2), 8)
     assert tp2.weights == pytest.approx(alone.weights / 2, rel=0.01)
-    assert estimate_memory(config, Layout(cp=2), 8).logits == pytest.approx(alone.logits / 2)
+    # tensor parallelism materialises the logits (sharded by vocabulary): context parallelism halves them
+    assert estimate_memory(config, Layout(tp=2, cp=2), 8).logits == pytest.approx(tp2.logits / 2)
+    # alone, the output layer is fused with the loss: a 32 MiB chunk of fp32 logits (6 bytes a value
+    # in bf16), and the gradients of the output weight and of the hidden states
+    vocab, h, tokens = config.model.padded_vocab_size(1), config.model.hidden_size, config.model.seq_length
+    rows = 32 * 2**20 // (4 * vocab)
+    assert alone.logits == rows * vocab * 6 + 4 * (vocab + tokens) * h
     full = estimate_memory(config, Layout(recompute="full"), 8)
     assert (
         full.activations

@@ -27,6 +27,7 @@ class ToyFamily(GPTFamily):
 
     name = "toy"
     megatron_script = None  # Megatron-LM has no script for it
+    model_takes_targets = False  # its loss is taken from its (scaled) logits, not GPT's fused head
 
     def new_model(self, config):
         return ToyModel(config)
