@@ -164,6 +164,11 @@ def main() -> None:
     parser.add_argument(
         "--skip-candidates", action="store_true", help="Only the stages, not the index table."
     )
+    parser.add_argument(
+        "--candidate", nargs="+", action="append", default=[], metavar=("FACTORY", "SETTINGS"),
+        help="Also measure this faiss index with these search settings "
+        "(--candidate HNSW32,Flat efSearch=64 efSearch=128). Repeatable.",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("bench-retro"))
     args = parser.parse_args()
 
@@ -244,7 +249,8 @@ def main() -> None:
     del exact
     rows = []
     sample = np.sort(project.sampled()[: min(chunks, 200_000)])
-    for factory, settings_list in candidates(chunks, embeddings.shape[1]):
+    extra = [(factory, settings) for factory, *settings in args.candidate]
+    for factory, settings_list in candidates(chunks, embeddings.shape[1]) + extra:
         index = faiss.index_factory(embeddings.shape[1], factory)
         start = time.perf_counter()
         index.train(embeddings[sample])
