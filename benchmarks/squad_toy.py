@@ -4,14 +4,15 @@ SQuAD sentences, for mtk's T5 and, as a check, Hugging Face's ``T5ForConditional
     python benchmarks/squad_toy.py make --train-file train-v1.1.json --out toy
     mtk eval-squad --load RUN --train-file toy/train.json --dev-file toy/dev.json --finetune-iters 1500 \\
         --lr 1e-3 --micro-batch-size 16 --global-batch-size 32 --eval-batch-size 64 --out toy/mtk
-    python benchmarks/squad_toy.py hf --load RUN --toy toy --steps 1500 [--lr 1e-3]
+    python benchmarks/squad_toy.py hf --load RUN --toy toy --steps 1500 [--lr 1e-3] [--megatron-init]
 
 ``make``: 2,000 training and 50 dev articles of 4 paragraphs; each paragraph is six sentences of the
 SQuAD training contexts with "the favourite word of NAME is WORD ." inserted at a random place (10
 names, 500 words), and asks "what is the favourite word of NAME ?" (about 170 tokens of context).
 ``hf``: Hugging Face's T5 of the reference run's shape (``RUN``'s hidden size, layers and heads;
 ReLU, tied embeddings, relative positions) trained from scratch in a bare PyTorch loop on the very
-examples ``eval-squad`` trains on (mtk's ``SquadExamples`` with ``RUN``'s tokenizer): batches of 32,
+examples ``eval-squad`` trains on (mtk's ``SquadExamples`` with ``RUN``'s tokenizer), initialised as
+T5 is (``--megatron-init``: every matrix from N(0, 0.02), as Megatron does): batches of 32,
 AdamW, lr warm-up over 10% then linear decay, clipping at 1.0; then greedy answers to the dev
 questions and their exact match. docs/bert-t5-squad.md has the results. Not a test.
 """
@@ -58,7 +59,7 @@ def make(train_file: Path, out: Path) -> None:
     print(f"wrote {out / 'train.json'} and {out / 'dev.json'}")
 
 
-def hf(load: Path, toy: Path, steps: int, lr: float) -> None:
+def hf(load: Path, toy: Path, steps: int, lr: float, megatron_init: bool) -> None:
     import torch
     from transformers import T5Config, T5ForConditionalGeneration
 
@@ -84,6 +85,10 @@ def hf(load: Path, toy: Path, steps: int, lr: float) -> None:
                       num_heads=heads, dropout_rate=0.0, feed_forward_proj="relu", tie_word_embeddings=True,
                       decoder_start_token_id=ids.bos, pad_token_id=ids.pad, eos_token_id=ids.eos)  # fmt: skip
     model = T5ForConditionalGeneration(config)
+    if megatron_init:  # every matrix from N(0, 0.02), as Megatron (and mtk's T5) initialise
+        for parameter in model.parameters():
+            if parameter.dim() > 1:
+                torch.nn.init.normal_(parameter, 0.0, 0.02)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     warm = max(1, steps // 10)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -132,11 +137,14 @@ def main() -> None:
     training.add_argument("--toy", type=Path, required=True, help="The folder `make` wrote.")
     training.add_argument("--steps", type=int, default=1500)
     training.add_argument("--lr", type=float, default=1e-3)
+    training.add_argument(
+        "--megatron-init", action="store_true", help="Draw every matrix from N(0, 0.02), as Megatron does."
+    )
     args = parser.parse_args()
     if args.command == "make":
         make(args.train_file, args.out)
     else:
-        hf(args.load, args.toy, args.steps, args.lr)
+        hf(args.load, args.toy, args.steps, args.lr, args.megatron_init)
 
 
 if __name__ == "__main__":
