@@ -206,6 +206,12 @@ class ModelConfig:
         False, "A separate output layer instead of the embedding matrix."
     )
     init_method_std: float = setting(0.02, "Std of the initial weights.", range=STRICTLY_POSITIVE)
+    init_method: Literal["normal", "t5"] = setting(
+        "normal",
+        "Initial weights: 'normal' as Megatron (normal(0, init_method_std), output projections scaled "
+        "down with depth); 't5' as Google's T5 (T5 only: each matrix normal(0, 1/sqrt(fan-in)), "
+        "embeddings normal(0, 1), a tied output layer's logits scaled by 1/sqrt(hidden)).",
+    )
     hidden_dropout: float = setting(0.1, "Dropout on the residual branches.", range=PROBABILITY)
     attention_dropout: float = setting(0.1, "Dropout on the attention weights.", range=PROBABILITY)
     # encoder-decoder (T5): num_layers is the encoder depth

@@ -151,10 +151,12 @@ def generate_seq2seq(
     eos: int,
     max_new_tokens: int,
     compile: bool = False,
+    choose: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> list[list[int]]:
     """Greedy answers of an encoder-decoder (T5) for a batch, through its family's strategy (the
     encoder runs once, the decoder token by token on a KV cache, compiled on a static one with
-    ``compile``); each answer ends before its ``eos`` (or after ``max_new_tokens``)."""
+    ``compile``); each answer ends before its ``eos`` (or after ``max_new_tokens``). ``choose``:
+    the next tokens from the logits (batch, vocabulary), instead of the most likely ones."""
     strategy = generation_strategy(model.config)
     if strategy.continues_text:
         raise ValueError(f"a {model.config.family} model continues a prompt; it has no encoder input")
@@ -170,5 +172,6 @@ def generate_seq2seq(
     )
     vocab = model.config.vocab_size
     start = torch.full((batch, 1), bos, device=encoder_tokens.device)
-    answers = _decode(step, start, limit, lambda logits: logits[:, :vocab].argmax(-1), eos)
+    pick = choose or (lambda logits: logits.argmax(-1))
+    answers = _decode(step, start, limit, lambda logits: pick(logits[:, :vocab]), eos)
     return [answer[:-1] if answer and answer[-1] == eos else answer for answer in answers]

@@ -247,13 +247,17 @@ class SquadExamples:
         """Question ``row``'s answer ``answer`` (token ids) as text: the context's own characters where
         the tokens are a run of its kept tokens, else their decoding."""
         context = self.questions[row].context
-        span = _find(self.contexts[context][: self.kept[row]], answer) if answer else None
+        span = _find(self.context_tokens(row), answer) if answer else None
         if span and context not in self._offsets:
             self._offsets[context] = _offsets(self.tokenizer, context, self.contexts[context])
         offsets = self._offsets[context] if span else None
         if offsets is None:
             return self.tokenizer.decode(answer) if answer else ""
         return context[offsets[span[0]][0] : offsets[span[1] - 1][1]]
+
+    def context_tokens(self, row: int) -> list[int]:
+        """The tokens of question ``row``'s context that its encoder input keeps."""
+        return self.contexts[self.questions[row].context][: self.kept[row]]
 
     def encoder_batch(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Encoder inputs and mask of questions ``rows``, padded to their longest."""
@@ -308,10 +312,37 @@ def _offsets(tokenizer, text: str, ids: list[int]) -> list[tuple[int, int]] | No
     return encoding.offsets if encoding.ids == ids else None
 
 
+class ContextSpans:
+    """Greedy choice among the tokens that keep each answer a run of its context's tokens (SQuAD v1.1's
+    answers are spans of the context): the first token any of the context's, each next one a token
+    that follows the run so far somewhere in the context, or the end once the run is one token long.
+    A ``choose`` for ``generate_seq2seq``: it follows the tokens it picks."""
+
+    def __init__(self, contexts: list[list[int]], eos: int) -> None:
+        self.contexts = [torch.tensor(context, dtype=torch.long) for context in contexts]
+        self.eos = eos
+        self.ends: list[torch.Tensor | None] = [None] * len(contexts)  # where each run may end so far
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        allowed = torch.zeros_like(logits, dtype=torch.bool)
+        nexts = []
+        for row, (context, ends) in enumerate(zip(self.contexts, self.ends, strict=True)):
+            following = torch.arange(len(context)) if ends is None else ends[ends < len(context) - 1] + 1
+            allowed[row, context[following].to(logits.device)] = True
+            allowed[row, self.eos] |= ends is not None or not len(context)
+            nexts.append(following)
+        tokens = logits.masked_fill(~allowed, float("-inf")).argmax(-1)
+        for row, (token, following) in enumerate(zip(tokens.tolist(), nexts, strict=True)):
+            self.ends[row] = following[self.contexts[row][following] == token]
+        return tokens
+
+
 def answer_questions(model, examples: SquadExamples, batch_size: int, max_answer_tokens: int, device: str,
-                     done: frozenset[str] | set[str] = frozenset(), on_batch=None) -> dict[str, str]:  # fmt: skip
+                     done: frozenset[str] | set[str] = frozenset(), on_batch=None,
+                     from_context: bool = False) -> dict[str, str]:  # fmt: skip
     """Greedy answers (batched, KV cache) to the questions of ``examples`` whose ids are not in
-    ``done``, shortest inputs first (least padding); ``on_batch(answers)`` after each batch."""
+    ``done``, shortest inputs first (least padding); ``on_batch(answers)`` after each batch.
+    ``from_context``: every answer a run of its (kept) context's tokens (``ContextSpans``)."""
     from mtk.generate import generate_seq2seq
 
     model.eval()
@@ -321,9 +352,15 @@ def answer_questions(model, examples: SquadExamples, batch_size: int, max_answer
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
         tokens, mask = examples.encoder_batch(batch)
-        answers = generate_seq2seq(
-            model, tokens.to(device), mask.to(device), examples.ids.bos, examples.ids.eos, max_answer_tokens
+        spans = (
+            ContextSpans([examples.context_tokens(r) for r in batch], examples.ids.eos)
+            if from_context
+            else None
         )
+        answers = generate_seq2seq(
+            model, tokens.to(device), mask.to(device), examples.ids.bos, examples.ids.eos, max_answer_tokens,
+            choose=spans,
+        )  # fmt: skip
         texts = {
             examples.questions[r].id: examples.answer_text(r, a) for r, a in zip(batch, answers, strict=True)
         }
@@ -386,6 +423,7 @@ class SquadOptions:
     micro_batch_size: int = 8
     global_batch_size: int = 32
     max_answer_tokens: int = 32
+    answer_from_context: bool = False  # answers restricted to runs of the context's tokens
     eval_batch_size: int = 32
     device: str = "cpu"
     log_interval: int = 50
@@ -451,7 +489,7 @@ def evaluate_squad(load: str | os.PathLike, train_file: str | None, dev_file: st
     folder = out / "squad"
     source = out if train is not None else Path(load)
     header = {"model": str(source.resolve()), "iteration": iteration, "encoder_length": encoder_length,
-              "max_answer_tokens": options.max_answer_tokens}  # fmt: skip
+              "max_answer_tokens": options.max_answer_tokens, "answer_from_context": options.answer_from_context}  # fmt: skip
     log = AnswerLog(folder / "answers.jsonl", header)
     if show is not None and log.stale:
         show(f"{log.path}: answers of another checkpoint or settings; answering every question again")
@@ -469,7 +507,7 @@ def evaluate_squad(load: str | os.PathLike, train_file: str | None, dev_file: st
     started = time.perf_counter()
     try:
         answer_questions(model, dev_examples, options.eval_batch_size, options.max_answer_tokens,
-                         options.device, set(log.answers), on_batch)  # fmt: skip
+                         options.device, set(log.answers), on_batch, options.answer_from_context)  # fmt: skip
     finally:
         log.close()
     seconds = time.perf_counter() - started
@@ -478,6 +516,7 @@ def evaluate_squad(load: str | os.PathLike, train_file: str | None, dev_file: st
         **squad_metrics(dev, predictions),
         "truncated_contexts": dev_examples.truncated,
         "answers_cut": dev_examples.answers_cut,
+        "answer_from_context": options.answer_from_context,
         "finetune_iterations": options.finetune_iters if train is not None else 0,
         "checkpoint_iteration": iteration,
         "answered_now": todo,

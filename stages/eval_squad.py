@@ -59,6 +59,13 @@ def eval_squad(
     ),
     global_batch_size: int = typer.Option(32, "--global-batch-size", min=1, help="Questions per step."),
     max_answer_tokens: int = typer.Option(32, "--max-answer-tokens", min=1, help="Longest answer generated."),
+    answer_from_context: bool = typer.Option(
+        False,
+        "--answer-from-context",
+        help="Restrict each generated answer to a run of its context's tokens (SQuAD v1.1's answers are "
+        "spans of the context): at each step the decoder picks its likeliest token among those that keep "
+        "the answer such a run. Default: free generation, as T5.",
+    ),
     eval_batch_size: int = typer.Option(32, "--eval-batch-size", min=1, help="Questions answered together."),
     out: Path | None = typer.Option(
         None,
@@ -100,6 +107,7 @@ def eval_squad(
                 micro_batch_size=micro_batch_size,
                 global_batch_size=global_batch_size,
                 max_answer_tokens=max_answer_tokens,
+                answer_from_context=answer_from_context,
                 eval_batch_size=eval_batch_size,
                 device=device,
             )

@@ -13,16 +13,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtk.config import ModelConfig
-from mtk.layers.init import ONES, ZEROS, Init
+from mtk.layers.init import ZEROS, Init
 
 
 class LayerNorm(nn.LayerNorm):
     def __init__(self, hidden_size: int, eps: float, zero_centered_gamma: bool = False) -> None:
         super().__init__(hidden_size, eps=eps)
         self.zero_centered_gamma = zero_centered_gamma
+        self.initial_gamma = 1.0
 
     def parameter_inits(self) -> dict[str, Init]:
-        return {"weight": ZEROS if self.zero_centered_gamma else ONES, "bias": ZEROS}
+        return {"weight": gamma_init(self), "bias": ZEROS}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x, self.normalized_shape, gamma(self), self.bias, self.eps)
@@ -35,15 +36,21 @@ class RMSNorm(nn.RMSNorm):
     def __init__(self, hidden_size: int, eps: float, zero_centered_gamma: bool = False) -> None:
         super().__init__(hidden_size, eps=eps)
         self.zero_centered_gamma = zero_centered_gamma
+        self.initial_gamma = 1.0
 
     def parameter_inits(self) -> dict[str, Init]:
-        return {"weight": ZEROS if self.zero_centered_gamma else ONES}
+        return {"weight": gamma_init(self)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, self.normalized_shape, gamma(self), self.eps)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", zero_centered_gamma=True" if self.zero_centered_gamma else "")
+
+
+def gamma_init(norm: LayerNorm | RMSNorm) -> Init:
+    """The weight's initial value: gamma starts at ``initial_gamma`` (1 unless a model scales it)."""
+    return Init(fill=norm.initial_gamma - 1 if norm.zero_centered_gamma else norm.initial_gamma)
 
 
 def gamma(norm: LayerNorm | RMSNorm) -> torch.Tensor:

@@ -51,7 +51,29 @@ class T5Model(SeededModule):
         untied, bias = config.untie_embeddings_and_output_weights, config.add_bias_linear
         self.lm_head = None if untied else LMHead(config, transform=False, bias=bias)
         self.output = Linear(hidden, config.padded_vocab_size(), bias, std) if untied else None
+        if config.init_method == "t5":
+            self._t5_initialisation()
         self.init_unless_meta()
+
+    def _t5_initialisation(self) -> None:
+        """Google T5's initial values (Mesh TensorFlow's; Hugging Face's ``_init_weights``): every matrix
+        normal(0, 1/sqrt(fan-in)), embeddings and an untied output layer normal(0, 1), relative
+        tables normal(0, 1/sqrt(hidden)); a tied output layer sees the decoder's output scaled by
+        1/sqrt(hidden) (its final norm starts there, as ``t5_hf`` imports the scale). T5 draws its
+        queries with a further 1/sqrt(kv_channels) where mtk's attention divides the scores by it:
+        the same scores."""
+        hidden = self.config.hidden_size
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.std = module.in_features**-0.5
+        for table in (self.embedding, self.position_embedding, self.output):
+            if table is not None:
+                table.std = 1.0
+        for bias in (self.encoder_relative_bias, self.decoder_relative_bias):
+            if bias is not None:
+                bias.table.std = hidden**-0.5
+        if self.output is None:
+            self.decoder.final_norm.initial_gamma = hidden**-0.5
 
     def embed(self, tokens: torch.Tensor, start: int | torch.Tensor = 0) -> torch.Tensor:
         x = self.embedding(tokens)
@@ -168,7 +190,7 @@ class T5Family(MaskedLMFamily):
     needs_sentinels = True
     tiny_preset = "t5-tiny"
     config_fields = ("decoder_num_layers", "decoder_seq_length", "relative_attention_num_buckets",
-                     "relative_attention_max_distance", "relu", "geglu")  # fmt: skip
+                     "relative_attention_max_distance", "relu", "geglu", "init_method")  # fmt: skip
     position_embedding_types = ("learned_absolute", "relative")
     megatron_script = "pretrain_t5.py"
     megatron_inputs = (

@@ -5,6 +5,7 @@ folders transformers loads, and an imported one fine-tunes and is scored by `mtk
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -209,3 +210,39 @@ def test_data_prepared_with_t5s_tokenizer_gives_t5_samples(tmp_path):
     decoder, encoder = sample["text_dec"].tolist(), sample["text_enc"].tolist()
     assert decoder[:2] == [0, vocab - 1]  # <pad>, then <extra_id_0>: the highest id
     assert vocab - 1 in encoder and 1 in encoder  # the first span's sentinel; the sentences' </s>
+
+
+@pytest.mark.parametrize("kind", ["v1.0", "v1.1"])
+def test_t5_initialisation_draws_as_transformers_does(kind):
+    """``init_method = "t5"``: a fresh mtk T5, exported, has every tensor of a fresh transformers T5 of
+    the same shape with the same mean and spread (queries included: mtk divides the scores by
+    sqrt(kv_channels) where T5 draws its queries that much smaller); Megatron's init does not."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from mtk.models.t5 import T5Model
+    from mtk.models.t5_hf import T5 as HFT5
+
+    v1_0 = kind == "v1.0"
+    settings = dict(vocab_size=2048, d_model=64, d_kv=16, d_ff=256, num_layers=2, num_decoder_layers=2,
+                    num_heads=4, feed_forward_proj="relu" if v1_0 else "gated-gelu", tie_word_embeddings=v1_0)  # fmt: skip
+    torch.manual_seed(0)
+    theirs = T5ForConditionalGeneration(T5Config(**settings)).state_dict()
+    adapter = HFT5()
+    config = ModelConfig(**adapter.model_config(settings), init_method="t5")
+    family_spec("t5").complete(config)
+
+    def spread(init_method: str) -> dict[str, tuple[float, float]]:
+        model = T5Model(dataclasses.replace(config, init_method=init_method))
+        exported = adapter.to_hf(model.state_dict(), config)
+        return {name: (t.mean().item(), t.std().item()) for name, t in exported.items()}
+
+    ours, megatron = spread("t5"), spread("normal")
+    assert set(ours) <= set(theirs)
+    for name, (mean, std) in ours.items():
+        expected = theirs[name].float()
+        scale = max(expected.std().item(), expected.abs().mean().item())
+        tolerance = scale * (0.05 + 4 / expected.numel() ** 0.5)  # sampling error (32 x 4 tables)
+        assert abs(mean - expected.mean().item()) < tolerance, name
+        assert abs(std - expected.std().item()) < tolerance, name
+    query = "encoder.block.0.layer.0.SelfAttention.q.weight"
+    assert ours[query][1] > 5 * megatron[query][1]  # T5's (64 x 16)**-0.5 vs Megatron's 0.02 / 4

@@ -12,6 +12,7 @@ import string
 from pathlib import Path
 
 import pytest
+import torch
 
 from mtk.squad import (
     AnswerLog,
@@ -421,3 +422,48 @@ def test_fine_tuning_warms_up_then_decays_linearly_to_zero(tmp_path):
         config, SquadOptions(out=tmp_path, finetune_iters=100, lr=1e-3, lr_warmup_fraction=0.0)
     )
     assert learning_rate(flat.train, 0) == pytest.approx(1e-3)
+
+
+# ---- answers restricted to the context -------------------------------------------------------
+
+
+def test_context_spans_pick_the_likeliest_token_that_keeps_a_run_of_the_context():
+    from mtk.squad import ContextSpans
+
+    eos = 1
+    spans = ContextSpans([[5, 6, 7, 5, 8], []], eos)
+
+    def step(*preferred: int) -> list[int]:
+        logits = torch.zeros(2, 10)
+        for rank, token in enumerate(preferred):  # the first named is the likeliest
+            logits[:, token] = 10.0 - rank
+        return spans(logits).tolist()
+
+    assert step(9, eos, 5) == [5, eos]  # 9 and the end are not a first token of the first context
+    assert step(7, 8, 6) == [8, eos]  # after 5 come 6 or 8 in the context, not 7
+    assert step(5, eos) == [eos, eos]  # 8 ends the context: only the end is left
+    assert step(5) == [eos, eos]  # and stays so once ended
+
+
+def test_answers_from_the_context_are_runs_of_its_kept_tokens(wordpiece):
+    """A random T5 answering real questions freely makes up token sequences; restricted to the
+    context, every answer is a run of the context's kept tokens and scores as the context's text."""
+    from mtk.config import ModelConfig
+    from mtk.models.t5 import T5Model
+    from mtk.squad import _find, answer_questions
+
+    tokenizer, ids = wordpiece
+    questions = read_squad(SLICE)[:12]
+    examples = SquadExamples(questions, tokenizer, ids, encoder_length=160, decoder_length=16)
+    config = ModelConfig(family="t5", num_layers=1, decoder_num_layers=1, hidden_size=32, num_attention_heads=2,
+                         seq_length=160, decoder_seq_length=16, max_position_embeddings=160,
+                         vocab_size=ids.sentinels[0] + 1, hidden_dropout=0.0, attention_dropout=0.0)  # fmt: skip
+    torch.manual_seed(0)
+    model = T5Model(config)
+    free = answer_questions(model, examples, 5, 6, "cpu")
+    spans = answer_questions(model, examples, 5, 6, "cpu", from_context=True)
+    assert sum(answer in q.context for q, answer in zip(questions, free.values(), strict=True)) < 6
+    for row, question in enumerate(questions):
+        answer = spans[question.id]
+        assert answer and answer in question.context, (answer, question.id)
+        assert _find(examples.context_tokens(row), tokenizer.encode(answer)) is not None
