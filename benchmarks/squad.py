@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--seq-length", type=int, default=256, help="Encoder tokens.")
     parser.add_argument("--pretrain-iters", type=int, default=None, help="Span-corruption steps of 32 (400).")
     parser.add_argument(
-        "--finetune-iters", type=int, default=None, help="SQuAD steps of 32 questions (1400)."
+        "--finetune-iters", type=int, default=None, help="SQuAD steps of 32 questions (5000)."
     )
     parser.add_argument("--dev-limit", type=int, default=None, help="Score only the first N dev questions.")
     parser.add_argument(
@@ -60,7 +60,7 @@ def main() -> None:
     quick = args.quick
     vocab = args.vocab_size or (2000 if quick else 8000)
     pretrain_iters = args.pretrain_iters or (20 if quick else 400)
-    finetune_iters = args.finetune_iters or (20 if quick else 1400)
+    finetune_iters = args.finetune_iters or (20 if quick else 5000)
     dev_limit = args.dev_limit or (200 if quick else None)
     paragraphs = args.corpus_paragraphs or (500 if quick else None)
     model = {**MODEL, **(QUICK if quick else {})}

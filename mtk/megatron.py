@@ -169,6 +169,10 @@ MTK_ONLY: dict[str, tuple[tuple[Any, ...] | None, str]] = {
     ),
     "relu": ((False,), "Megatron-LM's arguments choose GELU, SwiGLU or squared ReLU, not ReLU (T5 v1.0)"),
     "geglu": ((False,), "Megatron-LM's arguments have no gated GELU (T5 v1.1, Flan-T5)"),
+    "init_method": (
+        ("normal",),
+        "Megatron draws from normal(0, --init-method-std); T5's own scheme has no argument",
+    ),
     "fp8_backend": (("auto", "te"), "Megatron runs FP8 through Transformer Engine only"),
     "fp8_strict": ((False, True), "Megatron has no other FP8 backend to fall back to"),
     "compile": (
