@@ -489,7 +489,9 @@ def evaluate_squad(load: str | os.PathLike, train_file: str | None, dev_file: st
     folder = out / "squad"
     source = out if train is not None else Path(load)
     header = {"model": str(source.resolve()), "iteration": iteration, "encoder_length": encoder_length,
-              "max_answer_tokens": options.max_answer_tokens, "answer_from_context": options.answer_from_context}  # fmt: skip
+              "max_answer_tokens": options.max_answer_tokens}  # fmt: skip
+    if options.answer_from_context:  # (absent otherwise: the answer logs of earlier versions stay valid)
+        header["answer_from_context"] = True
     log = AnswerLog(folder / "answers.jsonl", header)
     if show is not None and log.stale:
         show(f"{log.path}: answers of another checkpoint or settings; answering every question again")

@@ -1,0 +1,127 @@
+"""Search variants faiss's factory strings cannot express, on the embeddings and queries that
+`benchmarks/retro.py --out OUT` left (docs/benchmarks.md, RETRO retrieval). Not a test.
+
+    python benchmarks/retro_variants.py --out bench-retro-1m implem       # the fast-scan kernels
+    python benchmarks/retro_variants.py --out bench-retro-1m spill --alpha 1.15 --nprobe 128 160
+
+``implem``: the default index searched with each of faiss's fast-scan implementations and query block
+sizes. ``spill``: an IVF fast-scan index whose chunks also sit in their second-nearest list when it
+is within ``alpha`` x the distance of the nearest (ScaNN's "spilling"); each query's results are
+deduplicated. faiss adds with given lists only through ``IndexIVFPQ.add_core``, so the codes are
+made there and copied into a fast-scan index. Recall@20 is tie-aware, as retro.py's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def rate(search, queries: np.ndarray) -> tuple[float, tuple[np.ndarray, np.ndarray]]:
+    """The better queries/s of two passes, and the results."""
+    best = 0.0
+    for _ in range(2):
+        start = time.perf_counter()
+        result = search(queries)
+        best = max(best, len(queries) / (time.perf_counter() - start))
+    return best, result
+
+
+def first_copies(distances: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``k`` results of each row with each id once (a spilled chunk comes back twice)."""
+    repeated = np.tril(ids[:, :, None] == ids[:, None, :], -1).any(2)
+    order = np.argsort(repeated, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(distances, order, 1), np.take_along_axis(ids, order, 1)
+
+
+def spilled_search(index, settings, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """20 results a query from a spilled index: 40 asked, each chunk's second copy dropped."""
+    return first_copies(*index.search(queries, 40, params=settings), 20)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, required=True, help="The folder benchmarks/retro.py wrote.")
+    parser.add_argument("--lists", type=int, default=None, help="IVF lists (default: mtk's default index's).")
+    variants = parser.add_subparsers(dest="variant", required=True)
+    variants.add_parser("implem", help="The default index under each fast-scan implementation.")
+    spill = variants.add_parser("spill", help="Chunks spilled into their second-nearest list.")
+    spill.add_argument("--alpha", type=float, nargs="+", default=[1.15])
+    spill.add_argument("--nprobe", type=int, nargs="+", default=[128, 160])
+    spill.add_argument("--k-factor", type=int, default=8)
+    args = parser.parse_args()
+
+    import faiss
+
+    from mtk.data.retro_project import RetroProject
+    from mtk.retro.index import default_index, embedding_blocks
+    from mtk.retro.query import tie_aware_recall
+
+    project = RetroProject(args.out / "project")
+    record = project.stage("index")
+    embeddings = embedding_blocks(project, record["block_size"], record["embedder"]["dim"]).concatenated()
+    queries = np.load(args.out / "queries.npy")
+    n, dim = embeddings.shape
+    exact = faiss.IndexFlatL2(dim)
+    exact.add(embeddings)
+    kth = exact.search(queries, 20)[0][:, 19]
+    del exact
+    lists = args.lists or int(default_index(n, dim).split(",")[0][3:])
+    sample = np.sort(project.sampled()[: min(n, 200_000)])
+
+    def report(row: dict, distances: np.ndarray) -> None:
+        print(json.dumps({**row, "recall_at_20": round(tie_aware_recall(distances, kth), 4)}), flush=True)
+
+    if args.variant == "implem":
+        index = faiss.index_factory(dim, f"IVF{lists},PQ{dim // 4}x4fs,RFlat")
+        index.train(embeddings[sample])
+        index.add(embeddings)
+        faiss.ParameterSpace().set_index_parameters(index, f"nprobe={lists * 5 // 64},k_factor_rf=8")
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+        for implem, qbs in ((0, 0), (10, 0), (11, 0), (12, 0), (13, 16), (13, 64), (14, 0), (15, 0)):
+            ivf.implem, ivf.qbs = implem, qbs
+            speed, (distances, _) = rate(lambda q, index=index: index.search(q, 20), queries)
+            report(
+                {"implem": implem, "qbs": qbs, "nprobe": ivf.nprobe, "queries_per_s": round(speed)}, distances
+            )
+        return
+
+    trained = faiss.IndexIVFPQ(faiss.IndexFlatL2(dim), dim, lists, dim // 4, 4)
+    trained.by_residual = False  # as the factory's fast-scan PQ
+    trained.train(embeddings[sample])
+    nearest, lists_of = trained.quantizer.search(embeddings, 2)
+    ids = np.arange(n, dtype=np.int64)
+    first = np.ascontiguousarray(lists_of[:, 0])
+    for alpha in args.alpha:
+        codes = faiss.clone_index(trained)
+        codes.add_core(n, faiss.swig_ptr(embeddings), faiss.swig_ptr(ids), faiss.swig_ptr(first))
+        spilled = np.nonzero(nearest[:, 1] <= alpha * nearest[:, 0])[0]
+        vectors, spilled_ids = np.ascontiguousarray(embeddings[spilled]), ids[spilled]
+        second = np.ascontiguousarray(lists_of[spilled, 1])
+        codes.add_core(
+            len(spilled), faiss.swig_ptr(vectors), faiss.swig_ptr(spilled_ids), faiss.swig_ptr(second)
+        )
+        fast = faiss.IndexIVFPQFastScan(codes)
+        fast.ntotal = n  # the exact copy for re-ranking holds each chunk once
+        index = faiss.IndexRefineFlat(fast, faiss.swig_ptr(embeddings))
+        settings = faiss.IndexRefineSearchParameters(k_factor=args.k_factor)
+        for nprobe in args.nprobe:
+            fast.nprobe = nprobe
+            speed, (distances, _) = rate(functools.partial(spilled_search, index, settings), queries)
+            row = {"lists": lists, "alpha": alpha, "spilled": round(len(spilled) / n, 3), "nprobe": nprobe,
+                   "k_factor": args.k_factor, "queries_per_s": round(speed)}  # fmt: skip
+            report(row, distances)
+
+
+if __name__ == "__main__":
+    main()
