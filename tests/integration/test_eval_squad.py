@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from mtk.squad import read_squad
 from tests.conftest import invoke
 
 SLICE = Path(__file__).parents[1] / "data" / "squad" / "dev-v1.1-slice.json"
@@ -76,6 +77,14 @@ def test_fine_tuning_raises_exact_match_and_resumes(wordpiece_sentences, tmp_pat
         "Prime_number",
     ]
     assert "Yuan_dynasty" in output and "99 questions answered at" in output
+    # answers kept in the context: each one the context's own text (the kept start of it)
+    invoke("eval-squad", "--load", t5, "--dev-file", SLICE, "--no-finetune", "--answer-from-context",
+           "--out", tmp_path / "spans")  # fmt: skip
+    spans = json.loads((tmp_path / "spans" / "squad" / "metrics.json").read_text())
+    assert spans["answer_from_context"] and not real["answer_from_context"] and spans["questions"] == 99
+    answers = json.loads((tmp_path / "spans" / "squad" / "predictions.json").read_text())
+    contexts = {q.id: q.context for q in read_squad(SLICE)}
+    assert all(answer and answer in contexts[qid] for qid, answer in answers.items())
 
     finetune = ["eval-squad", "--load", str(t5), "--train-file", str(tmp_path / "train.json"),
                 "--dev-file", str(tmp_path / "dev.json"), "--finetune-iters", "600", "--lr", "3e-3",
