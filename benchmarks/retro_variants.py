@@ -64,7 +64,7 @@ def main() -> None:
     import faiss
 
     from mtk.data.retro_project import RetroProject
-    from mtk.retro.index import default_index, embedding_blocks
+    from mtk.retro.index import default_index, embedding_blocks, ivf_lists
     from mtk.retro.query import tie_aware_recall
 
     project = RetroProject(args.out / "project")
@@ -76,7 +76,7 @@ def main() -> None:
     exact.add(embeddings)
     kth = exact.search(queries, 20)[0][:, 19]
     del exact
-    lists = args.lists or int(default_index(n, dim).split(",")[0][3:])
+    lists = args.lists or ivf_lists(default_index(n, dim))
     sample = np.sort(project.sampled()[: min(n, 200_000)])
 
     def report(row: dict, distances: np.ndarray) -> None:

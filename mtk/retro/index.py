@@ -40,7 +40,7 @@ def default_index(chunks: int, dim: int) -> str:
     return f"IVF{lists},PQ{dim // 4}x4fs,RFlat" if dim % 4 == 0 else f"IVF{lists},Flat"
 
 
-def _lists(index_type: str) -> int:
+def ivf_lists(index_type: str) -> int:
     """The IVF lists of a factory string (0: not an IVF index)."""
     for part in index_type.split(","):
         if part.startswith("IVF"):
@@ -52,7 +52,7 @@ def default_nprobe(index_type: str) -> int:
     """Lists searched per query: with fast-scan codes 5/64 of them (recall@20 0.95 on 290k chunks,
     measured) and at least a quarter of the first 256 (small databases: recall over speed); a
     sixteenth otherwise."""
-    lists = _lists(index_type)
+    lists = ivf_lists(index_type)
     if not lists:
         return 1
     return max(lists * 5 // 64, min(lists, 256) // 4, 1) if "fs" in index_type else max(1, lists // 16)
@@ -284,7 +284,7 @@ def load_index(project: RetroProject, record: dict[str, Any]):
             f"embedded in {dim}; {rerun}"
         )
     space = faiss.ParameterSpace()
-    if _lists(record["index_type"]):
+    if ivf_lists(record["index_type"]):
         space.set_index_parameter(index, "nprobe", record["nprobe"])
         if "HNSW" in record["index_type"]:
             space.set_index_parameter(index, "quantizer_efSearch", record["ef_search"])
