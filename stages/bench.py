@@ -20,7 +20,6 @@ from .options import (
     with_config_options,
 )
 
-SUMMARY = "Measure steady-state training speed of a preset: step time, tokens/s, TFLOP/s, MFU, memory."
 MAX_STEPS = 100_000  # of --iters and --warmup: a steady state shows within a few hundred steps
 FP8_RECIPE = "llama3-8b"  # the seed's FP8 recipe: what `mtk bench --fp8` measures with nothing to go on
 

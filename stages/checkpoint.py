@@ -9,8 +9,7 @@ import typer
 
 from .common import console, fail, reports_file_errors
 
-SUMMARY = "Inspect checkpoints, convert them to safetensors or Hugging Face, import Hugging Face BERT."
-app = typer.Typer(no_args_is_help=True, help=SUMMARY)
+app = typer.Typer(no_args_is_help=True)
 
 
 @app.command("inspect")

@@ -10,8 +10,6 @@ import typer
 
 from .common import console, fail, last_run, remember
 
-SUMMARY = "Fine-tune a T5 run on SQuAD v1.1 (text to text) and score its answers (exact match, F1)."
-
 
 def eval_squad(
     load: Path | None = typer.Option(

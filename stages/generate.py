@@ -8,8 +8,6 @@ import typer
 
 from .common import console, err_console, fail, last_run
 
-SUMMARY = "Generate text from a trained run (greedy, top-k, top-p; KV cache)."
-
 
 def generate(
     load: Path | None = typer.Option(

@@ -8,8 +8,7 @@ import typer
 
 from .common import console, fail, reports_file_errors
 
-SUMMARY = "Write the torchrun command or Slurm batch script that runs an mtk command on many nodes."
-app = typer.Typer(no_args_is_help=True, help=SUMMARY)
+app = typer.Typer(no_args_is_help=True)
 EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 

@@ -6,8 +6,6 @@ import typer
 
 from .common import console, fail
 
-SUMMARY = "Merge several prepared .bin/.idx datasets into one (same tokenizer, same dtype)."
-
 
 def merge_data(
     prefixes: list[str] = typer.Argument(

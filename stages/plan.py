@@ -9,8 +9,6 @@ import typer
 from .common import console, fail
 from .options import build_config, with_config_options
 
-SUMMARY = "Estimate per-GPU memory of a preset's parallel layout and suggest one that fits your GPUs."
-
 
 @with_config_options(
     "tensor_model_parallel_size",

@@ -8,8 +8,6 @@ import typer
 
 from .common import console, fail
 
-SUMMARY = "Draw a run's loss curve (train, valid, test) as a PNG."
-
 
 def plot(
     run_dir: Path = typer.Argument(..., help="A run directory (--save of `mtk train`).", show_default=False),

@@ -10,8 +10,6 @@ import typer
 
 from .common import console, fail, inherited, remember
 
-SUMMARY = "Tokenize JSONL, Parquet or text into Megatron-compatible .bin/.idx files, fast."
-
 
 class TokenizerType(StrEnum):
     auto = "auto"

@@ -13,11 +13,7 @@ from mtk.config import SECTIONS
 
 from .common import console, fail
 
-SUMMARY = (
-    "List the model presets (GPT-3, BERT, T5, Llama 3, RETRO, tiny), show one in full or as Megatron-LM "
-    "arguments, and import a Megatron-LM launch script as a preset."
-)
-app = typer.Typer(no_args_is_help=True, help=SUMMARY)
+app = typer.Typer(no_args_is_help=True)
 
 
 def _human(count: float) -> str:

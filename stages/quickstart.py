@@ -8,8 +8,6 @@ import typer
 
 from .common import console
 
-SUMMARY = "Prepare the bundled corpus, train a tiny GPT on CPU (~2 min), plot the loss, generate a sample."
-
 
 def quickstart(
     out: Path = typer.Option(Path("runs/quickstart"), "--out", help="Where data, run directory and plot go."),

@@ -15,8 +15,7 @@ from mtk.data.retro_settings import BUILD_DB_KEYS  # the keys build-db fixes; im
 from .common import console, fail, inherited, remember, reports_file_errors
 from .options import NprocPerNode, flag_of, relaunch_with_torchrun, with_config_options
 
-SUMMARY = "RETRO retrieval: chunk database, faiss index, neighbours of every training sample."
-app = typer.Typer(no_args_is_help=True, help=SUMMARY)
+app = typer.Typer(no_args_is_help=True)
 
 Project = Annotated[
     Path | None,

@@ -9,8 +9,6 @@ import typer
 
 from .common import console, fail
 
-SUMMARY = "Show the workspace: each stage's outputs and key facts, what is stale or gone, the next command."
-
 
 def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON, for scripts.")] = False,

@@ -10,8 +10,7 @@ import typer
 
 from .common import console, fail, remember, reports_file_errors
 
-SUMMARY = "Train a GPT-2 style byte-level BPE or a BERT WordPiece vocabulary from local files."
-app = typer.Typer(no_args_is_help=True, help=SUMMARY)
+app = typer.Typer(no_args_is_help=True)
 
 
 class Kind(StrEnum):

@@ -25,7 +25,6 @@ from .options import (
     with_config_options,
 )
 
-SUMMARY = "Train a preset (GPT-3, Llama 3 ...) on prepared or mock data; checkpoints resume exactly."
 # DataLoader workers of one rank: each is a process holding a copy of the dataset's state, and eight
 # ranks a node with 64 each are already 512 processes; more only forks a machine to a standstill
 MAX_WORKERS = 64

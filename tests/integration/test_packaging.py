@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from mtk.presets import preset_names
+from stages.main import COMMANDS
 from tests.conftest import invoke
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -93,15 +95,25 @@ def test_installed_wheel_finds_presets_outside_the_checkout(wheel, tmp_path):
 def test_help_lists_every_stage_without_importing_heavy_modules():
     code = (
         "import sys; from tests.conftest import invoke;"
-        "r = invoke('--help'); print(r.output);"
-        "print('HEAVY', sorted(m for m in ('torch', 'numpy', 'numba', 'tokenizers', 'pyarrow', 'faiss') if m in sys.modules))"
+        "r = invoke('--help', terminal_width=300); print(r.output);"
+        "print('HEAVY', sorted(m for m in ('torch', 'numpy', 'numba', 'tokenizers', 'pyarrow', 'faiss') if m in sys.modules));"
+        "print('STAGES', sorted(m for m in sys.modules if m.startswith('stages.') and m not in ('stages.main', 'stages.common')));"
+        "print('RICH_HELP', 'typer.rich_utils' in sys.modules)"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout
-    for stage in ("prepare-data", "merge-data", "presets", "tokenizer"):
-        assert stage in out
+    for name, (_, _, summary) in COMMANDS.items():
+        assert re.search(rf"│ {re.escape(name)} +{re.escape(summary[:60])}", out), name
+    assert "--install-completion" in out and "--help, -h" in out
     assert "HEAVY []" in out
+    assert "STAGES []" in out and "RICH_HELP False" in out  # each stage's module loads with its command
+
+
+def test_each_command_loads_its_stage_with_its_summary():
+    for name, (_, _, summary) in COMMANDS.items():
+        assert invoke(name, "--help", terminal_width=300).output.count(summary[:60]) == 1, name
+    assert "No such command 'tra'" in invoke("tra", code=2).output
 
 
 def test_presets_cli_list_and_show():
