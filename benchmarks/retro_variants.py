@@ -3,12 +3,17 @@
 
     python benchmarks/retro_variants.py --out bench-retro-1m implem       # the fast-scan kernels
     python benchmarks/retro_variants.py --out bench-retro-1m spill --alpha 1.15 --nprobe 128 160
+    python benchmarks/retro_variants.py --out bench-retro-1m adaptive    # lists probed per query
 
 ``implem``: the default index searched with each of faiss's fast-scan implementations and query block
 sizes. ``spill``: an IVF fast-scan index whose chunks also sit in their second-nearest list when it
 is within ``alpha`` x the distance of the nearest (ScaNN's "spilling"); each query's results are
 deduplicated. faiss adds with given lists only through ``IndexIVFPQ.add_core``, so the codes are
-made there and copied into a fast-scan index. Recall@20 is tie-aware, as retro.py's.
+made there and copied into a fast-scan index. ``adaptive``: how many lists each query needs (the
+lists of its exact neighbours, ranked by centroid distance), what probing each query just enough
+would cost (an oracle), and what a predictor trained on half of the queries (scikit-learn's quantile
+gradient boosting over a first pass's distances; `pip install scikit-learn`) gets on the other half. Recall@20 is tie-aware,
+as retro.py's, except in ``adaptive`` (the exact neighbours' ids: the lists are what is measured).
 """
 
 from __future__ import annotations
@@ -47,6 +52,54 @@ def spilled_search(index, settings, queries: np.ndarray) -> tuple[np.ndarray, np
     return first_copies(*index.search(queries, 40, params=settings), 20)
 
 
+def adaptive(embeddings: np.ndarray, queries: np.ndarray, exact_ids: np.ndarray, lists: int, sample) -> None:
+    import faiss
+
+    index = faiss.index_factory(embeddings.shape[1], f"IVF{lists},PQ{embeddings.shape[1] // 4}x4fs,RFlat")
+    index.train(embeddings[sample])
+    index.add(embeddings)
+    ivf = faiss.extract_index_ivf(index)
+    centroid_distances, order = ivf.quantizer.search(queries, lists)
+    rank = np.empty_like(order)
+    rows = np.arange(len(queries))[:, None]
+    rank[rows, order] = np.arange(lists)
+    home = ivf.quantizer.search(embeddings, 1)[1][:, 0]
+    needed = np.sort(rank[rows, home[exact_ids]], 1)  # list rank holding each exact neighbour, nearest first
+
+    def report(kind: str, nprobe: np.ndarray, part: slice = slice(None), **extra) -> None:
+        recall = float((needed[part] < nprobe[:, None]).mean())
+        row = {"kind": kind, "mean_nprobe": round(float(nprobe.mean()), 1), "recall_at_20": round(recall, 4)}
+        print(json.dumps({**row, **extra}), flush=True)
+
+    quantiles = dict(zip((50, 75, 90), np.percentile(needed[:, 18] + 1, (50, 75, 90)).tolist(), strict=True))
+    print(json.dumps({"kind": "lists for 19 of 20, quantiles", **quantiles}), flush=True)
+    for nprobe in (160, 240, 320, 480):
+        report("fixed", np.full(len(queries), nprobe))
+    grid = np.unique(np.r_[np.arange(1, 64), np.geomspace(64, lists, 100).astype(int)])
+    recall = np.stack([(needed < p).mean(1) for p in grid], 1)
+    for price in (1e-4, 3e-4, 1e-3):  # each query probes what maximises its recall - price x nprobe
+        report("oracle", grid[np.argmax(recall - price * grid, 1)], price=price)
+
+    from sklearn.ensemble import HistGradientBoostingRegressor
+
+    first = 16
+    faiss.ParameterSpace().set_index_parameters(index, f"nprobe={first},k_factor_rf=8")
+    speed, (distances, _) = rate(lambda q: index.search(q, 20), queries)
+    logs = np.log(
+        np.maximum(np.c_[distances[:, [0, 9, 19]], centroid_distances[:, [0, first - 1, 127]]], 1e-9)
+    )
+    half = len(queries) // 2
+    for quantile in (0.5, 0.7):
+        model = HistGradientBoostingRegressor(
+            loss="quantile", quantile=quantile, max_iter=200, random_state=0
+        )
+        model.fit(logs[:half], np.log1p(needed[:half, 18]))  # lists for 19 of the 20
+        for scale in (1.0, 1.5, 2.0):
+            nprobe = np.clip(np.exp(model.predict(logs[half:])) * scale, first, lists)
+            report("predicted", nprobe, slice(half, None), quantile=quantile, scale=scale,
+                   first_pass_queries_per_s=round(speed))  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -55,6 +108,7 @@ def main() -> None:
     parser.add_argument("--lists", type=int, default=None, help="IVF lists (default: mtk's default index's).")
     variants = parser.add_subparsers(dest="variant", required=True)
     variants.add_parser("implem", help="The default index under each fast-scan implementation.")
+    variants.add_parser("adaptive", help="Lists probed per query: needed, oracle, predicted.")
     spill = variants.add_parser("spill", help="Chunks spilled into their second-nearest list.")
     spill.add_argument("--alpha", type=float, nargs="+", default=[1.15])
     spill.add_argument("--nprobe", type=int, nargs="+", default=[128, 160])
@@ -74,7 +128,8 @@ def main() -> None:
     n, dim = embeddings.shape
     exact = faiss.IndexFlatL2(dim)
     exact.add(embeddings)
-    kth = exact.search(queries, 20)[0][:, 19]
+    exact_distances, exact_ids = exact.search(queries, 20)
+    kth = exact_distances[:, 19]
     del exact
     lists = args.lists or ivf_lists(default_index(n, dim))
     sample = np.sort(project.sampled()[: min(n, 200_000)])
@@ -82,6 +137,9 @@ def main() -> None:
     def report(row: dict, distances: np.ndarray) -> None:
         print(json.dumps({**row, "recall_at_20": round(tie_aware_recall(distances, kth), 4)}), flush=True)
 
+    if args.variant == "adaptive":
+        adaptive(embeddings, queries, exact_ids, lists, sample)
+        return
     if args.variant == "implem":
         index = faiss.index_factory(dim, f"IVF{lists},PQ{dim // 4}x4fs,RFlat")
         index.train(embeddings[sample])
