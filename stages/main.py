@@ -3,7 +3,6 @@ below, and a stage's module is imported only when one of its commands runs or sh
 
 from __future__ import annotations
 
-import functools
 import importlib
 
 import typer
@@ -46,9 +45,9 @@ COMMANDS = {
 }  # fmt: skip
 
 
-@functools.cache
 def load(name: str) -> TyperCommand | TyperGroup:
-    """The click command ``name``, built from its stage module."""
+    """The click command ``name``, built afresh from its stage module (a command caches its help
+    option from the first context that asks: not to be shared between invocations)."""
     from .common import reports_file_errors
 
     module, attribute, summary = COMMANDS[name]
