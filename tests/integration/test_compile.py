@@ -141,12 +141,12 @@ def test_a_checkpoint_written_one_way_resumes_the_other(first, then, tmp_path):
 
 
 @pytest.mark.slow  # training subprocesses, one killed
-def test_compiled_resume_after_sigkill_is_bit_exact(tmp_path, kill_during_training):
+def test_compiled_resume_after_sigkill_is_bit_exact(tmp_path, kill_during_training, train_process):
     args = ["--preset", "gpt-tiny", *COMMON, "--train-iters", "12", "--save-interval", "4", "--compile"]
-    train("gpt-tiny", tmp_path / "whole", "--train-iters", "12", "--compile")
+    train_process(args, tmp_path / "whole")
     run = tmp_path / "run"
     stopped_at = kill_during_training(args, run, 4)
     assert 4 <= stopped_at < 12
-    output = train("gpt-tiny", run, "--train-iters", "12", "--save-interval", "4", "--compile")
+    output = " ".join(train_process(args, run).split())
     assert f"resumed from iteration {stopped_at}" in output
     assert losses(run) == losses(tmp_path / "whole")  # bit-exact

@@ -102,12 +102,12 @@ def test_t5_without_sentinels_is_refused_with_the_flag_to_use(tmp_path, sentence
 
 @pytest.mark.slow  # training subprocesses, one killed
 @pytest.mark.parametrize("preset", ["bert-tiny", "t5-tiny"])
-def test_resume_after_sigkill_is_exact(preset, sentences, tmp_path, kill_during_training):
+def test_resume_after_sigkill_is_exact(preset, sentences, tmp_path, kill_during_training, train_process):
     args = [*train_args(preset, sentences, 24), "--set", "hidden_dropout=0.1", "--save-interval", "4"]
-    invoke("train", *args, "--save", str(tmp_path / "straight"))
+    train_process(args, tmp_path / "straight")
     run = tmp_path / "killed"
     assert kill_during_training(args, run, 8) < 24
-    invoke("train", *args, "--save", str(run))
+    train_process(args, run)
     assert latest_iteration(run) == 24
 
     def losses(folder: Path) -> dict[int, tuple]:

@@ -205,13 +205,13 @@ def test_a_run_restarts_at_once_after_sigkill_with_dataloader_workers(tmp_path):
 
 @pytest.mark.slow  # two training subprocesses with DataLoader workers, one killed
 def test_a_run_killed_with_dataloader_workers_resumes_exactly_when_restarted_at_once(
-    tmp_path, kill_during_training
+    tmp_path, kill_during_training, train_process
 ):
-    common = [*T, "--train-iters", "30", "--num-workers", "2", "--set", "hidden_dropout=0.1"]
-    run(*common, "--save", str(tmp_path / "straight"))
+    common = [*T[1:], "--train-iters", "30", "--num-workers", "2", "--set", "hidden_dropout=0.1"]
+    train_process(common, tmp_path / "straight")
     killed = tmp_path / "killed"
-    assert kill_during_training([*common[1:], "--save-interval", "4"], killed, 8) < 30
-    run(*common, "--save", str(killed), "--save-interval", "4")  # at once: the workers may still run
+    assert kill_during_training([*common, "--save-interval", "4"], killed, 8) < 30
+    train_process([*common, "--save-interval", "4"], killed)  # at once: the workers may still run
     assert [r["loss"] for r in records(killed) if "split" not in r] == [
         r["loss"] for r in records(tmp_path / "straight") if "split" not in r
     ]

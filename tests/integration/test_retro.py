@@ -214,13 +214,14 @@ def test_a_stage_refuses_a_project_built_from_other_data(ivf, corpus, tmp_path):
     assert not (folder / "index").exists() and not (folder / "embeddings").exists()  # nothing half-built
 
 
-def test_training_resumes_exactly_after_sigkill(ivf, trained, tmp_path, kill_during_training):
+def test_training_resumes_exactly_after_sigkill(ivf, tmp_path, kill_during_training, train_process):
     args = [*TRAIN, "--retro-project", str(ivf)]
+    train_process(args, tmp_path / "straight")
     run = tmp_path / "killed"
     assert kill_during_training(args, run, 8) < 20
-    invoke("train", *args, "--save", str(run))
+    train_process(args, run)
     assert latest_iteration(run) == 20
-    assert losses(trained) == losses(run)
+    assert losses(tmp_path / "straight") == losses(run)
 
 
 def test_generate_and_query_refuse_a_corrupt_index_and_an_edited_chunk_length(ivf, trained, tmp_path):

@@ -76,17 +76,19 @@ def test_resume_is_exact(tmp_path, counting_data):
 
 
 @pytest.mark.slow  # a training subprocess, killed
-def test_resume_after_sigkill_between_saves_is_exact(tmp_path, counting_data, kill_during_training):
+def test_resume_after_sigkill_between_saves_is_exact(
+    tmp_path, counting_data, kill_during_training, train_process
+):
     """Train and validation losses bit for bit: each validation reads the next batch of the valid split
     (Megatron's consumed_valid_samples, commit d98e8a64ddf34856e74b24714e3bedb2f5a39553), from the
     position the checkpoint holds."""
     common = ["--data", counting_data, "--train-iters", "40", "--set", "hidden_dropout=0.1",
               "--eval-interval", "5", "--eval-iters", "1"]  # fmt: skip
-    train(*common, "--save", str(tmp_path / "straight"))
+    train_process([*BASE, *common], tmp_path / "straight")
     run = tmp_path / "killed"
     stopped_at = kill_during_training([*BASE, *common, "--save-interval", "5"], run, 10)
     assert stopped_at < 40
-    train(*common, "--save", str(run), "--save-interval", "5")
+    train_process([*BASE, *common, "--save-interval", "5"], run)
     assert losses(tmp_path / "straight") == losses(run)
     assert eval_losses(tmp_path / "straight") == eval_losses(run)
     valid = [loss for (split, _), loss in eval_losses(run).items() if split == "valid"]

@@ -57,14 +57,11 @@ def test_fp8_is_refused_with_fp16(tmp_path):
 
 
 @pytest.mark.slow  # training subprocesses, one killed
-def test_fp8_resume_after_sigkill_is_exact(tmp_path, counting_data, kill_during_training):
+def test_fp8_resume_after_sigkill_is_exact(tmp_path, counting_data, kill_during_training, train_process):
     args = [*BASE, "--data", counting_data, "--train-iters", "24", "--fp8", "hybrid", "--save-interval", "4"]
-    runner_args = args[:]
-    result = invoke("train", *runner_args, "--save", str(tmp_path / "straight"), code=None)
-    assert result.exit_code == 0, result.output
+    train_process(args, tmp_path / "straight")
     assert kill_during_training(args, tmp_path / "killed", 8) < 24
-    result = invoke("train", *runner_args, "--save", str(tmp_path / "killed"), code=None)
-    assert result.exit_code == 0, result.output
+    train_process(args, tmp_path / "killed")
     assert latest_iteration(tmp_path / "killed") == 24
 
     def losses(run: Path) -> dict[int, float]:
