@@ -147,11 +147,11 @@ def _kill_during_training(train_args: list[str], run: Path, after_iteration: int
 
 @pytest.fixture
 def train_process():
-    """Factory: see ``_train_process``."""
-    return _train_process
+    """Factory: see ``train_subprocess``."""
+    return train_subprocess
 
 
-def _train_process(train_args: list[str], run: Path) -> str:
+def train_subprocess(train_args: list[str], run: Path) -> str:
     """``mtk train TRAIN_ARGS --save RUN`` to its end in a process of its own; its output. Runs whose
     losses are compared bit for bit (a straight run, a resumed one) each get a fresh process, as the
     killed run does: after hundreds of in-process tests, the test process has reported a loss one

@@ -24,7 +24,7 @@ from mtk.retro.db import bert_tokenizer
 from mtk.retro.embed import BertEmbedder
 from mtk.retro.query import gpt_samples
 from tests.conftest import invoke as cli
-from tests.conftest import read_metrics, train_losses
+from tests.conftest import read_metrics, train_losses, train_subprocess
 
 pytestmark = pytest.mark.slow  # a real BERT embeds a few thousand chunks
 
@@ -99,7 +99,7 @@ losses = train_losses
 @pytest.fixture(scope="module")
 def trained(ivf, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("retro-run") / "run"
-    invoke("train", *TRAIN, "--retro-project", str(ivf), "--save", str(run))
+    train_subprocess([*TRAIN, "--retro-project", str(ivf)], run)  # a process of its own: compared bit for bit
     return run
 
 
@@ -214,14 +214,13 @@ def test_a_stage_refuses_a_project_built_from_other_data(ivf, corpus, tmp_path):
     assert not (folder / "index").exists() and not (folder / "embeddings").exists()  # nothing half-built
 
 
-def test_training_resumes_exactly_after_sigkill(ivf, tmp_path, kill_during_training, train_process):
+def test_training_resumes_exactly_after_sigkill(ivf, trained, tmp_path, kill_during_training, train_process):
     args = [*TRAIN, "--retro-project", str(ivf)]
-    train_process(args, tmp_path / "straight")
     run = tmp_path / "killed"
     assert kill_during_training(args, run, 8) < 20
     train_process(args, run)
     assert latest_iteration(run) == 20
-    assert losses(tmp_path / "straight") == losses(run)
+    assert losses(trained) == losses(run)
 
 
 def test_generate_and_query_refuse_a_corrupt_index_and_an_edited_chunk_length(ivf, trained, tmp_path):
