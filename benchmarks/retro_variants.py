@@ -52,13 +52,22 @@ def spilled_search(index, settings, queries: np.ndarray) -> tuple[np.ndarray, np
     return first_copies(*index.search(queries, 40, params=settings), 20)
 
 
-def adaptive(embeddings: np.ndarray, queries: np.ndarray, exact_ids: np.ndarray, lists: int, sample) -> None:
+def fast_scan_index(embeddings: np.ndarray, lists: int, sample: np.ndarray):
+    """The kind of mtk's default index, ``IVF<lists>,PQ<dim/4>x4fs,RFlat``, trained on ``sample`` and
+    holding every embedding."""
     import faiss
 
     index = faiss.index_factory(embeddings.shape[1], f"IVF{lists},PQ{embeddings.shape[1] // 4}x4fs,RFlat")
     index.train(embeddings[sample])
     index.add(embeddings)
+    return index
+
+
+def adaptive(index, embeddings: np.ndarray, queries: np.ndarray, exact_ids: np.ndarray) -> None:
+    import faiss
+
     ivf = faiss.extract_index_ivf(index)
+    lists = ivf.nlist
     centroid_distances, order = ivf.quantizer.search(queries, lists)
     rank = np.empty_like(order)
     rows = np.arange(len(queries))[:, None]
@@ -138,12 +147,10 @@ def main() -> None:
         print(json.dumps({**row, "recall_at_20": round(tie_aware_recall(distances, kth), 4)}), flush=True)
 
     if args.variant == "adaptive":
-        adaptive(embeddings, queries, exact_ids, lists, sample)
+        adaptive(fast_scan_index(embeddings, lists, sample), embeddings, queries, exact_ids)
         return
     if args.variant == "implem":
-        index = faiss.index_factory(dim, f"IVF{lists},PQ{dim // 4}x4fs,RFlat")
-        index.train(embeddings[sample])
-        index.add(embeddings)
+        index = fast_scan_index(embeddings, lists, sample)
         faiss.ParameterSpace().set_index_parameters(index, f"nprobe={lists * 5 // 64},k_factor_rf=8")
         ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
         for implem, qbs in ((0, 0), (10, 0), (11, 0), (12, 0), (13, 16), (13, 64), (14, 0), (15, 0)):

@@ -145,12 +145,6 @@ def _kill_during_training(train_args: list[str], run: Path, after_iteration: int
     return stopped_at
 
 
-@pytest.fixture
-def train_process():
-    """Factory: see ``train_subprocess``."""
-    return train_subprocess
-
-
 def train_subprocess(train_args: list[str], run: Path) -> str:
     """``mtk train TRAIN_ARGS --save RUN`` to its end in a process of its own; its output. Runs whose
     losses are compared bit for bit (a straight run, a resumed one) each get a fresh process, as the

@@ -214,11 +214,11 @@ def test_a_stage_refuses_a_project_built_from_other_data(ivf, corpus, tmp_path):
     assert not (folder / "index").exists() and not (folder / "embeddings").exists()  # nothing half-built
 
 
-def test_training_resumes_exactly_after_sigkill(ivf, trained, tmp_path, kill_during_training, train_process):
+def test_training_resumes_exactly_after_sigkill(ivf, trained, tmp_path, kill_during_training):
     args = [*TRAIN, "--retro-project", str(ivf)]
     run = tmp_path / "killed"
     assert kill_during_training(args, run, 8) < 20
-    train_process(args, run)
+    train_subprocess(args, run)
     assert latest_iteration(run) == 20
     assert losses(trained) == losses(run)
 
