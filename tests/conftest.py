@@ -121,16 +121,12 @@ def kill_during_training():
     return _kill_during_training
 
 
-def _train_command(train_args: list[str], run: Path) -> list[str]:
-    return [sys.executable, "-m", "stages.main", "train", *train_args, "--save", str(run)]
-
-
 def _kill_during_training(train_args: list[str], run: Path, after_iteration: int) -> int:
     """Run ``mtk train TRAIN_ARGS --save RUN`` in a subprocess, SIGKILL it once a checkpoint of
     ``after_iteration`` or later is published, and return the iteration it left."""
     from mtk.checkpoint import TRACKER, latest_iteration
 
-    command = _train_command(train_args, run)
+    command = [sys.executable, "-m", "stages.main", "train", *train_args, "--save", str(run)]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, cwd=os.getcwd())
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
@@ -143,16 +139,6 @@ def _kill_during_training(train_args: list[str], run: Path, after_iteration: int
     stopped_at = latest_iteration(run)
     assert stopped_at is not None
     return stopped_at
-
-
-def train_subprocess(train_args: list[str], run: Path) -> str:
-    """``mtk train TRAIN_ARGS --save RUN`` to its end in a process of its own; its output. Runs whose
-    losses are compared bit for bit (a straight run, a resumed one) each get a fresh process, as the
-    killed run does: after hundreds of in-process tests, the test process has reported a loss one
-    float32 rounding away from a fresh process's, at random (never reproduced in a fresh process)."""
-    result = subprocess.run(_train_command(train_args, run), capture_output=True, text=True, cwd=os.getcwd())
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout
 
 
 BUNDLED_CORPUS = Path(__file__).resolve().parents[1] / "mtk" / "assets" / "sample.jsonl"

@@ -20,7 +20,7 @@ from mtk.models import family_names, family_spec
 from mtk.parallel.compile import RECOMPILES_TOLERATED, CompilePlan, compile_wanted
 from mtk.presets import load_preset
 from mtk.train.build import build_model
-from tests.conftest import invoke, read_metrics, train_subprocess
+from tests.conftest import invoke, read_metrics
 
 TOLERANCE = 1e-4
 FP8_TOLERANCE = 1e-3
@@ -143,10 +143,10 @@ def test_a_checkpoint_written_one_way_resumes_the_other(first, then, tmp_path):
 @pytest.mark.slow  # training subprocesses, one killed
 def test_compiled_resume_after_sigkill_is_bit_exact(tmp_path, kill_during_training):
     args = ["--preset", "gpt-tiny", *COMMON, "--train-iters", "12", "--save-interval", "4", "--compile"]
-    train_subprocess(args, tmp_path / "whole")
+    train("gpt-tiny", tmp_path / "whole", "--train-iters", "12", "--compile")
     run = tmp_path / "run"
     stopped_at = kill_during_training(args, run, 4)
     assert 4 <= stopped_at < 12
-    output = " ".join(train_subprocess(args, run).split())
+    output = train("gpt-tiny", run, "--train-iters", "12", "--save-interval", "4", "--compile")
     assert f"resumed from iteration {stopped_at}" in output
     assert losses(run) == losses(tmp_path / "whole")  # bit-exact

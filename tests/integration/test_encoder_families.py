@@ -10,7 +10,7 @@ import pytest
 
 from mtk.checkpoint import latest_iteration
 from tests.conftest import invoke as cli
-from tests.conftest import read_metrics, train_subprocess
+from tests.conftest import read_metrics
 
 CORPUS = Path(__file__).resolve().parents[2] / "mtk" / "assets" / "sample.jsonl"
 COMMON = ["--seq-length", "64", "--micro-batch-size", "4", "--global-batch-size", "8", "--split", "90,5,5",
@@ -104,10 +104,10 @@ def test_t5_without_sentinels_is_refused_with_the_flag_to_use(tmp_path, sentence
 @pytest.mark.parametrize("preset", ["bert-tiny", "t5-tiny"])
 def test_resume_after_sigkill_is_exact(preset, sentences, tmp_path, kill_during_training):
     args = [*train_args(preset, sentences, 24), "--set", "hidden_dropout=0.1", "--save-interval", "4"]
-    train_subprocess(args, tmp_path / "straight")
+    invoke("train", *args, "--save", str(tmp_path / "straight"))
     run = tmp_path / "killed"
     assert kill_during_training(args, run, 8) < 24
-    train_subprocess(args, run)
+    invoke("train", *args, "--save", str(run))
     assert latest_iteration(run) == 24
 
     def losses(folder: Path) -> dict[int, tuple]:

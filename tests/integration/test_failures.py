@@ -12,7 +12,7 @@ import torch
 
 from mtk.checkpoint import RunDir, latest_iteration
 from mtk.train.loop import Trainer
-from tests.conftest import invoke, run, train_subprocess
+from tests.conftest import invoke, run
 
 T = ["train", "--preset", "gpt-tiny", "--mock-data", "--num-workers", "0", "--eval-interval", "0",
      "--seq-length", "16", "--log-interval", "1", "--device", "cpu"]  # fmt: skip
@@ -207,11 +207,11 @@ def test_a_run_restarts_at_once_after_sigkill_with_dataloader_workers(tmp_path):
 def test_a_run_killed_with_dataloader_workers_resumes_exactly_when_restarted_at_once(
     tmp_path, kill_during_training
 ):
-    common = [*T[1:], "--train-iters", "30", "--num-workers", "2", "--set", "hidden_dropout=0.1"]
-    train_subprocess(common, tmp_path / "straight")
+    common = [*T, "--train-iters", "30", "--num-workers", "2", "--set", "hidden_dropout=0.1"]
+    run(*common, "--save", str(tmp_path / "straight"))
     killed = tmp_path / "killed"
-    assert kill_during_training([*common, "--save-interval", "4"], killed, 8) < 30
-    train_subprocess([*common, "--save-interval", "4"], killed)  # at once: the workers may still run
+    assert kill_during_training([*common[1:], "--save-interval", "4"], killed, 8) < 30
+    run(*common, "--save", str(killed), "--save-interval", "4")  # at once: the workers may still run
     assert [r["loss"] for r in records(killed) if "split" not in r] == [
         r["loss"] for r in records(tmp_path / "straight") if "split" not in r
     ]

@@ -24,7 +24,7 @@ from mtk.retro.db import bert_tokenizer
 from mtk.retro.embed import BertEmbedder
 from mtk.retro.query import gpt_samples
 from tests.conftest import invoke as cli
-from tests.conftest import read_metrics, train_losses, train_subprocess
+from tests.conftest import read_metrics, train_losses
 
 pytestmark = pytest.mark.slow  # a real BERT embeds a few thousand chunks
 
@@ -99,7 +99,7 @@ losses = train_losses
 @pytest.fixture(scope="module")
 def trained(ivf, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("retro-run") / "run"
-    train_subprocess([*TRAIN, "--retro-project", str(ivf)], run)  # a process of its own: compared bit for bit
+    invoke("train", *TRAIN, "--retro-project", str(ivf), "--save", str(run))
     return run
 
 
@@ -218,7 +218,7 @@ def test_training_resumes_exactly_after_sigkill(ivf, trained, tmp_path, kill_dur
     args = [*TRAIN, "--retro-project", str(ivf)]
     run = tmp_path / "killed"
     assert kill_during_training(args, run, 8) < 20
-    train_subprocess(args, run)
+    invoke("train", *args, "--save", str(run))
     assert latest_iteration(run) == 20
     assert losses(trained) == losses(run)
 

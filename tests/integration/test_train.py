@@ -22,7 +22,7 @@ from mtk.data.mock import MockGPTDataset
 from mtk.models.gpt import SPEC, GPTModel
 from mtk.presets import load_preset
 from mtk.train.loop import Trainer, TrainingError, TrainOptions
-from tests.conftest import eval_losses, invoke, read_metrics, train_losses, train_subprocess
+from tests.conftest import eval_losses, invoke, read_metrics, train_losses
 
 BASE = ["--preset", "gpt-tiny", "--seq-length", "32", "--micro-batch-size", "4", "--global-batch-size", "8",
         "--log-interval", "1", "--eval-interval", "0", "--num-workers", "0", "--device", "cpu", "--split", "90,5,5"]  # fmt: skip
@@ -82,11 +82,11 @@ def test_resume_after_sigkill_between_saves_is_exact(tmp_path, counting_data, ki
     position the checkpoint holds."""
     common = ["--data", counting_data, "--train-iters", "40", "--set", "hidden_dropout=0.1",
               "--eval-interval", "5", "--eval-iters", "1"]  # fmt: skip
-    train_subprocess([*BASE, *common], tmp_path / "straight")
+    train(*common, "--save", str(tmp_path / "straight"))
     run = tmp_path / "killed"
     stopped_at = kill_during_training([*BASE, *common, "--save-interval", "5"], run, 10)
     assert stopped_at < 40
-    train_subprocess([*BASE, *common, "--save-interval", "5"], run)
+    train(*common, "--save", str(run), "--save-interval", "5")
     assert losses(tmp_path / "straight") == losses(run)
     assert eval_losses(tmp_path / "straight") == eval_losses(run)
     valid = [loss for (split, _), loss in eval_losses(run).items() if split == "valid"]

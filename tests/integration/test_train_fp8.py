@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from mtk.checkpoint import latest_iteration
-from tests.conftest import invoke, read_metrics, train_subprocess
+from tests.conftest import invoke, read_metrics
 
 BASE = ["--preset", "llama-tiny", "--seq-length", "32", "--micro-batch-size", "4", "--global-batch-size", "8",
         "--log-interval", "1", "--eval-interval", "0", "--num-workers", "0", "--device", "cpu",
@@ -59,9 +59,12 @@ def test_fp8_is_refused_with_fp16(tmp_path):
 @pytest.mark.slow  # training subprocesses, one killed
 def test_fp8_resume_after_sigkill_is_exact(tmp_path, counting_data, kill_during_training):
     args = [*BASE, "--data", counting_data, "--train-iters", "24", "--fp8", "hybrid", "--save-interval", "4"]
-    train_subprocess(args, tmp_path / "straight")
+    runner_args = args[:]
+    result = invoke("train", *runner_args, "--save", str(tmp_path / "straight"), code=None)
+    assert result.exit_code == 0, result.output
     assert kill_during_training(args, tmp_path / "killed", 8) < 24
-    train_subprocess(args, tmp_path / "killed")
+    result = invoke("train", *runner_args, "--save", str(tmp_path / "killed"), code=None)
+    assert result.exit_code == 0, result.output
     assert latest_iteration(tmp_path / "killed") == 24
 
     def losses(run: Path) -> dict[int, float]:
