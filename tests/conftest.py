@@ -72,6 +72,60 @@ def eval_losses(run_dir: str | os.PathLike) -> dict[tuple[str, int], float]:
     return {(r["split"], r["iteration"]): r["loss"] for r in read_metrics(run_dir) if "split" in r}
 
 
+def state_differences(run_a: Path, run_b: Path) -> str:
+    """Where two runs' checkpoints differ, iteration by iteration: the tensors (model and optimizer:
+    how many elements, by how much) and the trainer state's fields. Said beside a failed comparison of
+    two runs' losses, it tells a difference in what was trained from one in what was reported."""
+    import tempfile
+
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from mtk.checkpoint import read_trainer_state
+
+    def flat(nested: dict) -> dict:
+        pending, out = [("", nested)], {}
+        while pending:
+            name, value = pending.pop()
+            if isinstance(value, dict | list | tuple):
+                items = value.items() if isinstance(value, dict) else enumerate(value)
+                pending += [(f"{name}.{key}" if name else str(key), item) for key, item in items]
+            else:
+                out[name] = value
+        return out
+
+    def state(folder: Path) -> dict:
+        with tempfile.TemporaryDirectory() as tmp:
+            dcp_to_torch_save(folder, f"{tmp}/state.pt")
+            tensors = torch.load(f"{tmp}/state.pt", weights_only=False)
+        return flat({"trainer": read_trainer_state(folder), **tensors})
+
+    def same(a, b) -> bool:
+        tensors = isinstance(a, torch.Tensor) + isinstance(b, torch.Tensor)
+        return torch.equal(a, b) if tensors == 2 else tensors == 0 and a == b
+
+    def what(name: str, a, b) -> str:
+        if (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.is_floating_point()
+            and a.shape == b.shape
+        ):
+            return f"{name} ({int((a != b).sum())} elements, up to {(a - b).abs().max().item():.3g})"
+        return name if isinstance(a, torch.Tensor) else f"{name} ({a!r:.40} vs {b!r:.40})"
+
+    lines = []
+    for iteration in sorted({p.name for p in run_a.glob("iter_*")} & {p.name for p in run_b.glob("iter_*")}):
+        a, b = state(run_a / iteration), state(run_b / iteration)
+        differ = [
+            what(name, a.get(name), b.get(name))
+            for name in sorted(a.keys() | b.keys())
+            if not same(a.get(name), b.get(name))
+        ]
+        lines.append(f"{iteration}: " + ("the same" if not differ else "differ in " + ", ".join(differ[:8])))
+    return "; ".join(lines)
+
+
 @pytest.fixture
 def write_corpus(tmp_path):
     """Factory: write ``documents`` (token lists, one sequence each) as ``tmp_path/NAME.bin/.idx``.

@@ -20,7 +20,7 @@ from mtk.models import family_names, family_spec
 from mtk.parallel.compile import RECOMPILES_TOLERATED, CompilePlan, compile_wanted
 from mtk.presets import load_preset
 from mtk.train.build import build_model
-from tests.conftest import invoke, read_metrics
+from tests.conftest import invoke, read_metrics, state_differences
 
 TOLERANCE = 1e-4
 FP8_TOLERANCE = 1e-3
@@ -149,4 +149,4 @@ def test_compiled_resume_after_sigkill_is_bit_exact(tmp_path, kill_during_traini
     assert 4 <= stopped_at < 12
     output = train("gpt-tiny", run, "--train-iters", "12", "--save-interval", "4", "--compile")
     assert f"resumed from iteration {stopped_at}" in output
-    assert losses(run) == losses(tmp_path / "whole")  # bit-exact
+    assert losses(run) == losses(tmp_path / "whole"), state_differences(tmp_path / "whole", run)  # bit-exact

@@ -10,7 +10,7 @@ import pytest
 
 from mtk.checkpoint import latest_iteration
 from tests.conftest import invoke as cli
-from tests.conftest import read_metrics
+from tests.conftest import read_metrics, state_differences
 
 CORPUS = Path(__file__).resolve().parents[2] / "mtk" / "assets" / "sample.jsonl"
 COMMON = ["--seq-length", "64", "--micro-batch-size", "4", "--global-batch-size", "8", "--split", "90,5,5",
@@ -113,4 +113,4 @@ def test_resume_after_sigkill_is_exact(preset, sentences, tmp_path, kill_during_
     def losses(folder: Path) -> dict[int, tuple]:
         return {r["iteration"]: (r["loss"], r.get("sop_loss")) for r in records(folder) if "split" not in r}
 
-    assert losses(tmp_path / "straight") == losses(run)
+    assert losses(tmp_path / "straight") == losses(run), state_differences(tmp_path / "straight", run)

@@ -12,7 +12,7 @@ import torch
 
 from mtk.checkpoint import RunDir, latest_iteration
 from mtk.train.loop import Trainer
-from tests.conftest import invoke, run
+from tests.conftest import invoke, run, state_differences
 
 T = ["train", "--preset", "gpt-tiny", "--mock-data", "--num-workers", "0", "--eval-interval", "0",
      "--seq-length", "16", "--log-interval", "1", "--device", "cpu"]  # fmt: skip
@@ -214,7 +214,7 @@ def test_a_run_killed_with_dataloader_workers_resumes_exactly_when_restarted_at_
     run(*common, "--save", str(killed), "--save-interval", "4")  # at once: the workers may still run
     assert [r["loss"] for r in records(killed) if "split" not in r] == [
         r["loss"] for r in records(tmp_path / "straight") if "split" not in r
-    ]
+    ], state_differences(tmp_path / "straight", killed)
 
 
 def test_no_write_follows_a_symbolic_link(tmp_path, trained_run):

@@ -24,7 +24,7 @@ from mtk.retro.db import bert_tokenizer
 from mtk.retro.embed import BertEmbedder
 from mtk.retro.query import gpt_samples
 from tests.conftest import invoke as cli
-from tests.conftest import read_metrics, train_losses
+from tests.conftest import read_metrics, state_differences, train_losses
 
 pytestmark = pytest.mark.slow  # a real BERT embeds a few thousand chunks
 
@@ -220,7 +220,7 @@ def test_training_resumes_exactly_after_sigkill(ivf, trained, tmp_path, kill_dur
     assert kill_during_training(args, run, 8) < 20
     invoke("train", *args, "--save", str(run))
     assert latest_iteration(run) == 20
-    assert losses(trained) == losses(run)
+    assert losses(trained) == losses(run), state_differences(trained, run)
 
 
 def test_generate_and_query_refuse_a_corrupt_index_and_an_edited_chunk_length(ivf, trained, tmp_path):

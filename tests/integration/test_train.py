@@ -22,7 +22,7 @@ from mtk.data.mock import MockGPTDataset
 from mtk.models.gpt import SPEC, GPTModel
 from mtk.presets import load_preset
 from mtk.train.loop import Trainer, TrainingError, TrainOptions
-from tests.conftest import eval_losses, invoke, read_metrics, train_losses
+from tests.conftest import eval_losses, invoke, read_metrics, state_differences, train_losses
 
 BASE = ["--preset", "gpt-tiny", "--seq-length", "32", "--micro-batch-size", "4", "--global-batch-size", "8",
         "--log-interval", "1", "--eval-interval", "0", "--num-workers", "0", "--device", "cpu", "--split", "90,5,5"]  # fmt: skip
@@ -87,7 +87,7 @@ def test_resume_after_sigkill_between_saves_is_exact(tmp_path, counting_data, ki
     stopped_at = kill_during_training([*BASE, *common, "--save-interval", "5"], run, 10)
     assert stopped_at < 40
     train(*common, "--save", str(run), "--save-interval", "5")
-    assert losses(tmp_path / "straight") == losses(run)
+    assert losses(tmp_path / "straight") == losses(run), state_differences(tmp_path / "straight", run)
     assert eval_losses(tmp_path / "straight") == eval_losses(run)
     valid = [loss for (split, _), loss in eval_losses(run).items() if split == "valid"]
     assert len(set(valid)) == len(valid) == 8  # every 5 iterations and the final one, each on other samples

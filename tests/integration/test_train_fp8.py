@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from mtk.checkpoint import latest_iteration
-from tests.conftest import invoke, read_metrics
+from tests.conftest import invoke, read_metrics, state_differences
 
 BASE = ["--preset", "llama-tiny", "--seq-length", "32", "--micro-batch-size", "4", "--global-batch-size", "8",
         "--log-interval", "1", "--eval-interval", "0", "--num-workers", "0", "--device", "cpu",
@@ -70,7 +70,9 @@ def test_fp8_resume_after_sigkill_is_exact(tmp_path, counting_data, kill_during_
     def losses(run: Path) -> dict[int, float]:
         return {r["iteration"]: r["loss"] for r in records(run)}
 
-    assert losses(tmp_path / "straight") == losses(tmp_path / "killed")
+    assert losses(tmp_path / "straight") == losses(tmp_path / "killed"), state_differences(
+        tmp_path / "straight", tmp_path / "killed"
+    )
 
 
 @pytest.mark.parametrize(
