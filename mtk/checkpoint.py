@@ -1024,10 +1024,12 @@ def _checked_description(description: Any, source: Path) -> dict[str, Any]:
     return description
 
 
-def load_checkpoint(root: str | os.PathLike, iteration: int | None = None) -> dict[str, Any]:
-    """A checkpoint as plain full tensors in this process: ``model`` (name -> tensor) and the trainer
-    state, after checking every file. For tools (inspect, convert, generate); training resumes shard
-    by shard instead."""
+def load_checkpoint(
+    root: str | os.PathLike, iteration: int | None = None, parts: tuple[str, ...] = ("model",)
+) -> dict[str, Any]:
+    """A checkpoint as plain full tensors in this process: ``model`` (name -> tensor; with ``parts``
+    naming ``optimizer`` too, the optimizer's state) and the trainer state, after checking every file.
+    For tools (inspect, convert, generate); training resumes shard by shard instead."""
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
     path = RunDir(root).checkpoint_path(iteration)
@@ -1038,9 +1040,9 @@ def load_checkpoint(root: str | os.PathLike, iteration: int | None = None) -> di
     state: dict[str, Any] = {}
     with single_process_quietly():
         _load_state_dict(
-            state, storage_reader=_safe_reader(path), planner=_safe_planner(keys={"model"}), no_dist=True
+            state, storage_reader=_safe_reader(path), planner=_safe_planner(keys=set(parts)), no_dist=True
         )
-    return {**read_trainer_state(path), "model": state["model"]}
+    return {**read_trainer_state(path), **{part: state[part] for part in parts}}
 
 
 def export_safetensors(root: str | os.PathLike, out: str | os.PathLike, iteration: int | None = None) -> Path:

@@ -76,12 +76,9 @@ def state_differences(run_a: Path, run_b: Path) -> str:
     """Where two runs' checkpoints differ, iteration by iteration: the tensors (model and optimizer:
     how many elements, by how much) and the trainer state's fields. Said beside a failed comparison of
     two runs' losses, it tells a difference in what was trained from one in what was reported."""
-    import tempfile
-
     import torch
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    from mtk.checkpoint import read_trainer_state
+    from mtk.checkpoint import RunDir, load_checkpoint
 
     def flat(nested: dict) -> dict:
         pending, out = [("", nested)], {}
@@ -93,12 +90,6 @@ def state_differences(run_a: Path, run_b: Path) -> str:
             else:
                 out[name] = value
         return out
-
-    def state(folder: Path) -> dict:
-        with tempfile.TemporaryDirectory() as tmp:
-            dcp_to_torch_save(folder, f"{tmp}/state.pt")
-            tensors = torch.load(f"{tmp}/state.pt", weights_only=False)
-        return flat({"trainer": read_trainer_state(folder), **tensors})
 
     def same(a, b) -> bool:
         tensors = isinstance(a, torch.Tensor) + isinstance(b, torch.Tensor)
@@ -115,14 +106,17 @@ def state_differences(run_a: Path, run_b: Path) -> str:
         return name if isinstance(a, torch.Tensor) else f"{name} ({a!r:.40} vs {b!r:.40})"
 
     lines = []
-    for iteration in sorted({p.name for p in run_a.glob("iter_*")} & {p.name for p in run_b.glob("iter_*")}):
-        a, b = state(run_a / iteration), state(run_b / iteration)
+    for iteration in sorted(set(RunDir(run_a).checkpoints()) & set(RunDir(run_b).checkpoints())):
+        a, b = (flat(load_checkpoint(run, iteration, parts=("model", "optimizer"))) for run in (run_a, run_b))
         differ = [
             what(name, a.get(name), b.get(name))
             for name in sorted(a.keys() | b.keys())
             if not same(a.get(name), b.get(name))
         ]
-        lines.append(f"{iteration}: " + ("the same" if not differ else "differ in " + ", ".join(differ[:8])))
+        lines.append(
+            f"iteration {iteration}: "
+            + ("the same" if not differ else f"{len(differ)} entries differ: " + ", ".join(differ[:8]))
+        )
     return "; ".join(lines)
 
 

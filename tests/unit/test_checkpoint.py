@@ -87,6 +87,11 @@ def test_publish_prunes_and_describes_and_load_restores(tmp_path):
     restored = [s["exp_avg"] for s in other_optimizer.state.values()]
     assert all(torch.equal(a, b) for a, b in zip(moments, restored, strict=True))
     assert load_checkpoint(tmp_path, 4)["model"].keys() == model.state_dict().keys()
+    with_optimizer = load_checkpoint(tmp_path, 6, parts=("model", "optimizer"))["optimizer"]
+    saved = {name: with_optimizer[f"state.{name}.exp_avg"] for name, _ in model.named_parameters()}
+    assert all(
+        torch.equal(saved[name], optimizer.state[p]["exp_avg"]) for name, p in model.named_parameters()
+    )
 
 
 def test_load_prefers_the_load_directory_and_finds_nothing_in_an_empty_one(tmp_path):
